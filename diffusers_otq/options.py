@@ -1,0 +1,93 @@
+"""Allowed quantization options and their validation, shared by :func:`quantize_tensor` and the configs.
+
+Every check raises ``ValueError``/``TypeError`` naming the bad value, what is allowed and how to fix it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .functional.fitters import METHODS
+
+
+__all__ = [
+    "METHODS",
+    "GRANULARITIES",
+    "CODEBOOK_SCOPES",
+    "CODEBOOK_DTYPES",
+    "check_bits",
+    "check_method",
+    "check_granularity",
+    "check_codebook_scope",
+    "check_codebook_dtype",
+    "check_group_size",
+]
+
+GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")
+CODEBOOK_SCOPES: tuple[str, ...] = ("channel", "tensor")
+CODEBOOK_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_bits(bits: object) -> int:
+    """Return ``bits`` if it is an int in 1..8."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits={bits!r} ({type(bits).__name__}) is not an int; pass an integer from 1 to 8, e.g. bits=3.")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits} is out of range; expected an integer from 1 to 8 (codes are stored in uint8).")
+    return bits
+
+
+def check_method(method: object) -> str:
+    """Return ``method`` if it names a known codebook fitter."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; expected one of {list(METHODS)} (default 'ot').")
+    return method  # type: ignore[return-value]
+
+
+def check_granularity(granularity: object) -> str:
+    """Return ``granularity`` if it is 'tensor', 'channel' or 'group'."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"granularity={granularity!r} is unknown; expected one of {list(GRANULARITIES)} "
+            "('group' also needs group_size)."
+        )
+    return granularity  # type: ignore[return-value]
+
+
+def check_codebook_scope(scope: object) -> str:
+    """Return ``scope`` if it is 'channel' or 'tensor'."""
+    if scope not in CODEBOOK_SCOPES:
+        raise ValueError(f"codebook_scope={scope!r} is unknown; expected one of {list(CODEBOOK_SCOPES)}.")
+    return scope  # type: ignore[return-value]
+
+
+def check_codebook_dtype(dtype: object) -> torch.dtype | None:
+    """Return ``dtype`` if it is None (automatic) or one of float16, bfloat16, float32."""
+    if dtype is not None and dtype not in CODEBOOK_DTYPES:
+        raise ValueError(
+            f"codebook_dtype={dtype!r} is not supported; expected None (automatic) or one of "
+            f"{[str(d) for d in CODEBOOK_DTYPES]}."
+        )
+    return dtype  # type: ignore[return-value]
+
+
+def check_group_size(granularity: str, group_size: object, input_dim: int | None = None) -> int | None:
+    """Validate ``group_size`` for ``granularity`` and, when known, the input dimension it must divide."""
+    if granularity != "group":
+        if group_size is not None:
+            raise ValueError(
+                f"group_size={group_size!r} only applies to granularity='group', got granularity={granularity!r}; "
+                "drop group_size or use granularity='group'."
+            )
+        return None
+    if group_size is None:
+        raise ValueError("granularity='group' needs group_size, e.g. group_size=64.")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be a positive int, e.g. 64.")
+    if input_dim is not None and input_dim % group_size != 0:
+        divisors = [d for d in range(8, min(input_dim, 256) + 1) if input_dim % d == 0][-4:]
+        raise ValueError(
+            f"group_size={group_size} does not divide the input dimension {input_dim}; pick a divisor "
+            f"(e.g. {divisors or [input_dim]}) or use granularity='channel'."
+        )
+    return group_size

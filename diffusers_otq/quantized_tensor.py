@@ -1,0 +1,326 @@
+"""The packed storage format (:class:`QuantizedTensor`) and :func:`quantize_tensor`, the one way to fill it.
+
+Layout of a weight of shape ``S`` with ``numel`` elements, ``b`` bits and ``K = min(2**b, n)`` codewords:
+
+* rows: the weight viewed as ``(R, n)``; ``R = S[0]`` and ``n = numel / S[0]`` for ``"channel"`` and
+  ``"group"`` (the input dimension of a conv weight ``(out, in, kh, kw)`` is ``in * kh * kw``), ``R = 1`` for
+  ``"tensor"`` and for 1-D weights (one codebook, as in the paper).
+* ``packed``: uint8 ``(ceil(numel * b / 8),)``, the codes of all elements in row-major order, bit-packed
+  with the layout of :mod:`diffusers_otq.functional.packing` (no per-row padding).
+* ``codebook``: ``(C, K)`` ascending rows in 16-bit (fp16, bf16 for bf16 weights) or fp32; ``C = R`` for
+  per-channel codebooks, ``C = 1`` for one codebook per tensor.
+* ``"group"`` only: the row is cut into contiguous groups of ``group_size`` values, each divided by its absmax
+  scale before fitting (the codebook holds normalised values); scales are 8-bit log codes ``(R, n / group_size)``
+  plus ``(R,)`` fp32 row maxima and one fp32 step (:mod:`diffusers_otq.functional.scales`).
+
+``dequantize()`` is ``codebook[c, code] * scale`` reshaped to ``S``. Every byte of these tensors is counted
+in :attr:`QuantizedTensor.nbytes`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from .functional.fitters import fit_codebook
+from .functional.packing import pack_codes, packed_num_bytes, unpack_codes
+from .functional.scales import GroupScales, decode_group_scales, encode_group_scales
+from .options import (
+    check_bits,
+    check_codebook_dtype,
+    check_codebook_scope,
+    check_granularity,
+    check_group_size,
+    check_method,
+)
+
+
+__all__ = ["QuantizedTensor", "quantize_tensor", "row_layout"]
+
+_ELEMENTS_PER_CHUNK = 1 << 22  # rows are fitted in chunks of about this many values to bound scratch memory
+_FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def row_layout(shape: tuple[int, ...], granularity: str) -> tuple[int, int]:
+    """``(R, n)``: the row view of a weight of ``shape`` (see the module docstring)."""
+    numel = math.prod(shape)
+    if granularity == "tensor" or len(shape) < 2:
+        return 1, numel
+    return shape[0], numel // shape[0]
+
+
+@dataclass
+class QuantizedTensor:
+    """A weight stored as packed low-bit codes plus codebooks (and group scales).
+
+    Attributes:
+        packed: (ceil(numel * bits / 8),) uint8 bit-packed codes.
+        codebook: (C, K) codewords, ascending along dim 1.
+        shape: shape of the original weight.
+        dtype: dtype of the original weight (the default of :meth:`dequantize`).
+        bits: code width, 1..8.
+        method: the codebook fitter that produced it.
+        granularity: "tensor", "channel" or "group".
+        group_size: values per scale group (granularity "group" only).
+        scale_codes: (R, n / group_size) uint8 log-domain scale codes (granularity "group" only).
+        scale_max: (R,) float32 largest group scale of each row (granularity "group" only).
+        scale_step: (1,) float32 log2 step between scale codes (granularity "group" only).
+
+    Example:
+        >>> import torch
+        >>> from diffusers_otq import quantize_tensor
+        >>> q = quantize_tensor(torch.randn(64, 128), bits=3)
+        >>> q.dequantize().shape, q.dequantize().dtype
+        (torch.Size([64, 128]), torch.float32)
+        >>> q.bits_per_weight  # 3 bits of code + 8 fp16 codewords per row of 128 weights
+        4.0
+    """
+
+    packed: torch.Tensor
+    codebook: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    bits: int
+    method: str
+    granularity: str
+    group_size: int | None = None
+    scale_codes: torch.Tensor | None = None
+    scale_max: torch.Tensor | None = None
+    scale_step: torch.Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        """Number of weights represented."""
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """``(R, n)`` row view of the weight."""
+        return row_layout(tuple(self.shape), self.granularity)
+
+    @property
+    def nbytes(self) -> int:
+        """Every stored byte: packed codes + codebooks + scale codes + scale metadata."""
+        total = self.packed.numel() * self.packed.element_size()
+        total += self.codebook.numel() * self.codebook.element_size()
+        for t in (self.scale_codes, self.scale_max, self.scale_step):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``nbytes * 8 / numel``: effective bits per weight including all metadata."""
+        return self.nbytes * 8 / self.numel
+
+    def codes(self) -> torch.Tensor:
+        """(R, n) uint8 codeword indices, unpacked."""
+        rows, n = self.rows
+        return unpack_codes(self.packed, self.bits, self.numel).view(rows, n)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Reconstruct the weight: ``codebook[c, code] * scale``, shape :attr:`shape`, dtype ``dtype`` or :attr:`dtype`."""
+        out_dtype = self.dtype if dtype is None else dtype
+        rows, n = self.rows
+        codes = self.codes().to(torch.int64)  # (R, n)
+        if self.codebook.shape[0] == 1:
+            values = self.codebook[0][codes]
+        else:
+            values = self.codebook.gather(1, codes)
+        if self.scale_codes is None:
+            return values.to(out_dtype).reshape(self.shape)
+        scales = decode_group_scales(self.scale_codes, self.scale_max, self.scale_step)  # (R, G) float32
+        groups = scales.shape[1]
+        values = values.to(torch.float32).view(rows, groups, n // groups) * scales[:, :, None]
+        return values.to(out_dtype).reshape(self.shape)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name: ``packed``, ``codebook`` and, for groups, ``scale_codes/max/step``."""
+        out = {"packed": self.packed, "codebook": self.codebook}
+        if self.scale_codes is not None:
+            out.update(scale_codes=self.scale_codes, scale_max=self.scale_max, scale_step=self.scale_step)
+        return out
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        """A copy with every stored tensor on ``device`` (values unchanged)."""
+        moved = {k: v.to(device) for k, v in self.tensors().items()}
+        return replace(self, **moved)
+
+
+def _describe(name: str | None) -> str:
+    return f"weight of layer {name!r}" if name else "the tensor"
+
+
+def _check_weight(weight: object, name: str | None) -> torch.Tensor:
+    what = _describe(name)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(weight).__name__}.")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(
+            f"{what} has dtype {weight.dtype}; only floating-point tensors can be quantized "
+            "(convert with .float() first, or leave integer tensors unquantized)."
+        )
+    if weight.dim() == 0:
+        raise ValueError(f"{what} is 0-d (a scalar); quantize tensors with at least one dimension.")
+    if weight.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(weight.shape)}); there is nothing to quantize.")
+    if weight.device.type == "meta":
+        raise ValueError(f"{what} is on the meta device and holds no values; load its weights before quantizing.")
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"{what} contains {bad} NaN/Inf value(s) out of {weight.numel()}; a codebook cannot represent them. "
+            "Fix the checkpoint, or exclude this layer (modules_to_not_convert)."
+        )
+    return weight
+
+
+def _resolve_codebook_dtype(requested: torch.dtype | None, weight_dtype: torch.dtype) -> torch.dtype:
+    if requested is not None:
+        return requested
+    return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float16
+
+
+def _nearest_codes(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """(R, n) index of the nearest codeword of each value (ties to the lower one); codebook rows ascending."""
+    cb = codebook.to(values.dtype)
+    midpoints = ((cb[:, 1:] + cb[:, :-1]) * 0.5).contiguous()  # (C, K-1)
+    if midpoints.shape[0] == 1 and values.shape[0] != 1:
+        midpoints = midpoints.expand(values.shape[0], -1).contiguous()
+    return torch.searchsorted(midpoints, values)
+
+
+def _fit_rows(
+    values: torch.Tensor,
+    bits: int,
+    method: str,
+    weights: torch.Tensor | None,
+    storage_dtype: torch.dtype,
+    what: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit every row of ``values`` (R, n) in chunks; return the stored codebook (R, K) and uint8 codes (R, n)."""
+    rows, n = values.shape
+    levels = 1 << bits
+    codes = torch.empty(rows, n, dtype=torch.uint8, device=values.device)
+    codebooks = []
+    chunk = max(1, _ELEMENTS_PER_CHUNK // n)
+    for start in range(0, rows, chunk):
+        x = values[start : start + chunk]
+        if n <= levels:  # as many codewords as values: store the row itself, losslessly
+            sorted_x, order = x.sort(dim=1, stable=True)
+            codebook = sorted_x
+            chunk_codes = torch.empty_like(order)
+            chunk_codes.scatter_(1, order, torch.arange(n, device=x.device).expand_as(order))
+        else:
+            w = None if weights is None else weights[start : start + chunk]
+            fit = fit_codebook(x, levels, method, w)
+            codebook = fit.codebook
+            chunk_codes = fit.codes
+        if storage_dtype == torch.float16 and bool(codebook.abs().amax() > _FLOAT16_MAX):
+            raise ValueError(
+                f"{what} has codewords up to {codebook.abs().amax().item():.4g}, beyond the float16 range "
+                f"({_FLOAT16_MAX}); pass codebook_dtype=torch.float32 (or torch.bfloat16)."
+            )
+        stored = codebook.to(storage_dtype)
+        if chunk_codes is None:
+            chunk_codes = _nearest_codes(x, stored)
+        codes[start : start + chunk] = chunk_codes
+        codebooks.append(stored)
+    return torch.cat(codebooks), codes
+
+
+def quantize_tensor(
+    weight: torch.Tensor,
+    bits: int = 4,
+    method: str = "ot",
+    granularity: str = "channel",
+    group_size: int | None = None,
+    *,
+    codebook_dtype: torch.dtype | None = None,
+    codebook_scope: str = "channel",
+    name: str | None = None,
+) -> QuantizedTensor:
+    """Quantize a floating-point tensor to ``bits``-bit codes plus codebooks.
+
+    Args:
+        weight: floating tensor with at least one dimension; dim 0 is the output channel.
+        bits: code width, 1..8; every codebook has ``K = min(2**bits, n)`` codewords.
+        method: codebook fitter, one of ``"ot"`` (W2-optimal, default), ``"ot-equal-mass"`` (the paper's),
+            ``"uniform"``, ``"piecewise"``, ``"log2"`` (the paper's baselines); see
+            :mod:`diffusers_otq.functional.fitters`.
+        granularity: ``"tensor"`` (one codebook), ``"channel"`` (one per output channel, the paper's choice)
+            or ``"group"`` (absmax scale per ``group_size`` values along the input dimension, codebook over the
+            normalised values).
+        group_size: values per scale group; must divide the input dimension (``granularity="group"`` only).
+        codebook_dtype: storage dtype of the codebooks: float16, bfloat16 or float32. Default: bfloat16 for
+            bfloat16 weights, float16 otherwise. Rows with at most ``2**bits`` values (and constant rows) are
+            reproduced exactly whenever the codebook dtype can represent their values (always for fp16/bf16
+            weights with the default, and for any weight with float32).
+        codebook_scope: for ``"group"``: one normalised codebook per output channel (``"channel"``) or one
+            shared by the whole tensor (``"tensor"``).
+        name: layer name used in error messages.
+
+    Returns:
+        The :class:`QuantizedTensor` on the device of ``weight``.
+
+    Raises:
+        TypeError: ``weight`` is not a floating tensor, or ``bits`` is not an int.
+        ValueError: bad bits/method/granularity/group_size/codebook options; 0-d, empty, meta or non-finite weight;
+            codewords outside the float16 range.
+    """
+    what = _describe(name)
+    check_bits(bits)
+    check_method(method)
+    check_granularity(granularity)
+    check_codebook_dtype(codebook_dtype)
+    check_codebook_scope(codebook_scope)
+    weight = _check_weight(weight, name)
+    shape = tuple(weight.shape)
+    rows, n = row_layout(shape, granularity)
+    try:
+        check_group_size(granularity, group_size, n)
+    except ValueError as err:
+        raise ValueError(f"{what} (shape {shape}): {err}") from None
+
+    work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    x = weight.detach().reshape(rows, n).to(work_dtype)
+    scales: GroupScales | None = None
+    weights = None
+    if granularity == "group":
+        groups = n // group_size
+        scales = encode_group_scales(x.view(rows, groups, group_size).abs().amax(dim=2))
+        decoded = decode_group_scales(scales.codes, scales.row_max, scales.step, work_dtype)  # (R, G)
+        expanded = decoded[:, :, None].expand(rows, groups, group_size).reshape(rows, n)
+        x = torch.where(expanded > 0, x / expanded.clamp_min(torch.finfo(work_dtype).tiny), torch.zeros_like(x))
+        if method == "ot":  # the error of a normalised value costs scale^2 in the weight
+            weights = expanded.square()
+        del expanded
+        storage_dtype = codebook_dtype or torch.float16  # normalised values: fp16 is the precise 16-bit choice
+    else:
+        storage_dtype = _resolve_codebook_dtype(codebook_dtype, weight.dtype)
+
+    shared = granularity == "group" and codebook_scope == "tensor"
+    fit_values = x.reshape(1, -1) if shared else x
+    fit_weights = None if weights is None else (weights.reshape(1, -1) if shared else weights)
+    codebook, codes = _fit_rows(fit_values, bits, method, fit_weights, storage_dtype, what)
+    return QuantizedTensor(
+        packed=pack_codes(codes, bits),
+        codebook=codebook,
+        shape=torch.Size(shape),
+        dtype=weight.dtype,
+        bits=bits,
+        method=method,
+        granularity=granularity,
+        group_size=group_size,
+        scale_codes=None if scales is None else scales.codes,
+        scale_max=None if scales is None else scales.row_max,
+        scale_step=None if scales is None else scales.step,
+    )
+
+
+def expected_packed_bytes(shape: tuple[int, ...], bits: int) -> int:
+    """Bytes of ``packed`` for a weight of ``shape``: ``ceil(numel * bits / 8)``."""
+    return packed_num_bytes(math.prod(shape), bits)

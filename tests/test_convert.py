@@ -1,0 +1,132 @@
+"""quantize_model / dequantize_model on real diffusers models built from small configs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from diffusers_otq import OTQConv2d, OTQLinear, dequantize_model, quantize_model
+from diffusers_otq.convert import matches_module_name
+
+
+def tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ).eval()
+
+
+def _float_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def test_quantize_model_replaces_every_linear_and_conv() -> None:
+    model = tiny_unet()
+    expected = _float_layers(model)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        reference = model(x, t).sample
+    names = quantize_model(model, bits=8, progress=False)
+    assert names == expected
+    assert not _float_layers(model)
+    assert any(isinstance(m, OTQLinear) for m in model.modules()) and any(isinstance(m, OTQConv2d) for m in model.modules())
+    with torch.no_grad():
+        out = model(x, t).sample
+    cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
+    assert cosine > 0.999
+
+
+def test_modules_to_not_convert_matches_name_components() -> None:
+    model = tiny_unet()
+    names = quantize_model(model, bits=4, modules_to_not_convert=["conv_in", "time_embedding"], progress=False)
+    assert "conv_in" not in names and not any(n.startswith("time_embedding") for n in names)
+    assert type(model.conv_in) is nn.Conv2d
+    assert type(model.time_embedding.linear_1) is nn.Linear
+    assert isinstance(model.conv_out, OTQConv2d)
+
+
+@pytest.mark.parametrize(
+    "name,patterns,expected",
+    [
+        ("proj_out", ["proj_out"], True),
+        ("blocks.0.proj_out", ["proj_out"], True),
+        ("blocks.0.proj_out_2", ["proj_out"], False),
+        ("blocks.0.attn.to_q", ["blocks.0"], True),
+        ("blocks.10.attn.to_q", ["blocks.1"], False),
+        ("down.1.attn.to_k", ["*.to_k"], True),
+        ("anything", [], False),
+    ],
+)
+def test_matches_module_name(name: str, patterns: list[str], expected: bool) -> None:
+    assert matches_module_name(name, patterns) is expected
+
+
+def test_summary_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="diffusers_otq.convert"):
+        quantize_model(tiny_unet(), bits=3, progress=False)
+    text = caplog.text
+    assert "bits/weight" in text and "mean W2" in text and "layers" in text
+
+
+def test_nan_weight_names_the_layer() -> None:
+    model = tiny_unet()
+    with torch.no_grad():
+        model.conv_out.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'conv_out'"):
+        quantize_model(model, bits=4, progress=False)
+
+
+def test_shared_module_is_quantized_once() -> None:
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    names = quantize_model(model, bits=4, progress=False)
+    assert names == ["0", "2"]
+    assert model[0] is model[2]
+
+
+def test_no_target_layers_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="diffusers_otq.convert"):
+        assert quantize_model(nn.Sequential(nn.ReLU()), bits=4, progress=False) == []
+    assert "found no nn.Linear/nn.Conv2d" in caplog.text
+
+
+def test_dequantize_model_restores_plain_layers() -> None:
+    model = tiny_unet()
+    quantize_model(model, bits=4, granularity="group", group_size=8, progress=False)
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([3])
+    with torch.no_grad():
+        quantized_out = model(x, t).sample
+    names = dequantize_model(model)
+    assert names and not any(isinstance(m, (OTQLinear, OTQConv2d)) for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(model(x, t).sample, quantized_out, atol=1e-5)
+
+
+def test_quantized_model_state_dict_reloads_exactly() -> None:
+    model = tiny_unet()
+    quantize_model(model, bits=3, progress=False)
+    other = tiny_unet()
+    quantize_model(other, bits=3, method="uniform", progress=False)
+    other.load_state_dict(model.state_dict())
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([7])
+    with torch.no_grad():
+        assert torch.equal(other(x, t).sample, model(x, t).sample)
+
+
+def test_bad_options_fail_before_touching_the_model() -> None:
+    model = tiny_unet()
+    with pytest.raises(ValueError, match="bits=12"):
+        quantize_model(model, bits=12, progress=False)
+    assert _float_layers(model) == _float_layers(tiny_unet())

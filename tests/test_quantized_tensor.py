@@ -1,0 +1,189 @@
+"""quantize_tensor / QuantizedTensor: shapes, storage accounting, exact cases, group scales and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffusers_otq import GRANULARITIES, METHODS, QuantizedTensor, quantize_tensor, relative_mse
+
+
+def _group_kwargs(granularity: str) -> dict:
+    return {"group_size": 16} if granularity == "group" else {}
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_roundtrip_shape_dtype_and_error_bound(method: str, granularity: str, dtype: torch.dtype) -> None:
+    weight = torch.randn(24, 8, 2, 2).to(dtype)  # conv-shaped, rows of 32
+    q = quantize_tensor(weight, bits=4, method=method, granularity=granularity, **_group_kwargs(granularity))
+    restored = q.dequantize()
+    assert restored.shape == weight.shape and restored.dtype == dtype
+    assert q.dequantize(torch.float64).dtype == torch.float64
+    # 4 bits keeps even the crudest baseline well below the signal power.
+    assert relative_mse(weight.float(), restored.float()) < 0.35, method
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_nbytes_counts_every_stored_byte(bits: int, granularity: str) -> None:
+    weight = torch.randn(10, 48)
+    q = quantize_tensor(weight, bits=bits, granularity=granularity, **_group_kwargs(granularity))
+    assert q.packed.dtype == torch.uint8 and q.packed.numel() == math.ceil(weight.numel() * bits / 8)
+    stored = sum(t.numel() * t.element_size() for t in q.tensors().values())
+    assert q.nbytes == stored
+    assert q.bits_per_weight == pytest.approx(stored * 8 / weight.numel())
+    rows = 1 if granularity == "tensor" else 10
+    n = weight.numel() // rows
+    assert q.codebook.shape == (rows, min(2**bits, n))
+    assert q.codebook.dtype == torch.float16
+    assert torch.all(q.codebook[:, 1:] >= q.codebook[:, :-1]), "codebook rows must be ascending"
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5])
+def test_channel_codebook_has_at_most_2_pow_bits_values_per_row(bits: int) -> None:
+    q = quantize_tensor(torch.randn(8, 200), bits=bits)
+    restored = q.dequantize()
+    for row in restored:
+        assert row.unique().numel() <= 2**bits
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "dtype,codebook_dtype",
+    [(torch.float32, torch.float32), (torch.float16, None), (torch.bfloat16, None)],
+    ids=["fp32+fp32-codebook", "fp16", "bf16"],
+)
+def test_short_rows_are_exact(method: str, dtype: torch.dtype, codebook_dtype: torch.dtype | None) -> None:
+    weight = torch.randn(5, 7).to(dtype)  # 7 values per row < 2**3 codewords
+    q = quantize_tensor(weight, bits=3, method=method, codebook_dtype=codebook_dtype)
+    assert torch.equal(q.dequantize(), weight)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_constant_and_zero_rows_are_exact(method: str, granularity: str) -> None:
+    weight = torch.randn(6, 64)
+    weight[1] = 0.3721
+    weight[3] = 0.0
+    weight[4] = -2.5
+    kwargs = _group_kwargs(granularity)
+    if granularity == "tensor":
+        weight = torch.full((6, 64), 0.3721)
+    q = quantize_tensor(weight, bits=2, method=method, granularity=granularity, codebook_dtype=torch.float32, **kwargs)
+    restored = q.dequantize()
+    rows = range(6) if granularity == "tensor" else (1, 3, 4)
+    for r in rows:
+        assert torch.equal(restored[r], weight[r]), f"row {r} changed"
+
+
+def test_one_dimensional_tensors_use_one_codebook() -> None:
+    q = quantize_tensor(torch.randn(300), bits=3, granularity="channel")
+    assert q.codebook.shape == (1, 8)
+
+
+def test_group_scales_are_counted_and_help_on_heavy_tails() -> None:
+    weight = torch.distributions.StudentT(3.0).sample((64, 512))
+    per_channel = quantize_tensor(weight, bits=4, granularity="channel")
+    grouped = quantize_tensor(weight, bits=4, granularity="group", group_size=64)
+    assert grouped.scale_codes.shape == (64, 8) and grouped.scale_codes.dtype == torch.uint8
+    assert grouped.scale_max.shape == (64,) and grouped.scale_max.dtype == torch.float32
+    assert grouped.scale_step.shape == (1,) and grouped.scale_step.dtype == torch.float32
+    expected = grouped.packed.numel() + grouped.codebook.numel() * 2 + 64 * 8 + 64 * 4 + 4
+    assert grouped.nbytes == expected
+    assert relative_mse(weight, grouped.dequantize()) < relative_mse(weight, per_channel.dequantize())
+
+
+def test_group_shared_codebook_scope() -> None:
+    weight = torch.randn(32, 256)
+    q = quantize_tensor(weight, bits=3, granularity="group", group_size=64, codebook_scope="tensor")
+    assert q.codebook.shape == (1, 8)
+    assert relative_mse(weight, q.dequantize()) < 0.05
+
+
+def test_group_codebook_beats_bitsandbytes_nf4_at_equal_bits() -> None:
+    """peers.md §0.3: block-64 absmax scales + one OT codebook per tensor vs NF4 (block 64, double quant)."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    for weight in (torch.randn(128, 3072), torch.distributions.StudentT(5.0).sample((128, 3072))):
+        packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+        nf4 = bnb_functional.dequantize_4bit(packed, state)
+        # 4-bit codes, uint8 absmax per 64, fp32 absmax per 256 blocks, fp32 offset (code tables ignored).
+        nf4_bits = (packed.numel() + state.absmax.numel() + 4 * state.state2.absmax.numel() + 4) * 8 / weight.numel()
+        ours = quantize_tensor(weight, bits=4, granularity="group", group_size=64, codebook_scope="tensor")
+        assert ours.bits_per_weight <= nf4_bits + 0.01
+        assert relative_mse(weight, ours.dequantize()) < relative_mse(weight, nf4)
+
+
+def test_to_device_and_codes(device: str) -> None:
+    weight = torch.randn(4, 40, device=device)
+    q = quantize_tensor(weight, bits=3)
+    assert q.packed.device.type == device
+    moved = q.to("cpu")
+    assert torch.equal(moved.dequantize(), q.dequantize().cpu())
+    codes = q.codes()
+    assert codes.shape == (4, 40) and int(codes.max()) < 8
+
+
+def test_quantized_tensor_is_plain_data() -> None:
+    q = quantize_tensor(torch.randn(3, 20), bits=2)
+    assert isinstance(q, QuantizedTensor)
+    assert set(q.tensors()) == {"packed", "codebook"}
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,fragment",
+    [
+        ({"bits": 0}, ValueError, "bits=0"),
+        ({"bits": 9}, ValueError, "1 to 8"),
+        ({"bits": 3.0}, TypeError, "bits=3.0"),
+        ({"bits": True}, TypeError, "bits=True"),
+        ({"method": "kmeans"}, ValueError, "'kmeans'"),
+        ({"granularity": "row"}, ValueError, "'row'"),
+        ({"granularity": "group"}, ValueError, "needs group_size"),
+        ({"granularity": "group", "group_size": 7}, ValueError, "does not divide the input dimension 48"),
+        ({"group_size": 16}, ValueError, "only applies to granularity='group'"),
+        ({"codebook_dtype": torch.int8}, ValueError, "codebook_dtype"),
+        ({"codebook_scope": "row"}, ValueError, "codebook_scope"),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_bad_options(kwargs: dict, error: type[Exception], fragment: str) -> None:
+    with pytest.raises(error, match=None) as info:
+        quantize_tensor(torch.randn(4, 48), **kwargs)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "weight,error,fragment",
+    [
+        (torch.arange(12).reshape(3, 4), TypeError, "torch.int64"),
+        (torch.tensor(1.0), ValueError, "0-d"),
+        (torch.empty(0, 4), ValueError, "empty"),
+        (torch.empty(3, 4, device="meta"), ValueError, "meta"),
+        ([1.0, 2.0], TypeError, "torch.Tensor"),
+    ],
+    ids=["int", "scalar", "empty", "meta", "list"],
+)
+def test_bad_tensors(weight: object, error: type[Exception], fragment: str) -> None:
+    with pytest.raises(error) as info:
+        quantize_tensor(weight, bits=2, name="blocks.0.proj")
+    assert fragment in str(info.value) and "blocks.0.proj" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_name_the_layer(bad: float) -> None:
+    weight = torch.randn(4, 16)
+    weight[2, 3] = bad
+    with pytest.raises(ValueError, match=r"'down\.conv'.*1 NaN/Inf"):
+        quantize_tensor(weight, name="down.conv")
+
+
+def test_float16_codebook_overflow_is_an_error_not_inf() -> None:
+    weight = torch.randn(4, 64) * 1e6
+    with pytest.raises(ValueError, match="codebook_dtype=torch.float32"):
+        quantize_tensor(weight, bits=2)
+    q = quantize_tensor(weight, bits=2, codebook_dtype=torch.float32)
+    assert torch.isfinite(q.dequantize()).all()
