@@ -91,7 +91,7 @@ def quantize_model(
     modules_to_not_convert: Iterable[str] | None = None,
     *,
     codebook_dtype: torch.dtype | None = None,
-    codebook_scope: str = "channel",
+    codebook_scope: str = "tensor",
     progress: bool = True,
     compute_metrics: bool = True,
 ) -> list[str]:

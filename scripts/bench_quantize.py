@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     for bits in args.bits:
         for method in args.methods:
             for layout in args.layouts:
-                q, seconds, extra = measure(lambda: quantize_tensor(weight, bits, method, **LAYOUTS[layout]))
+                kwargs = LAYOUTS[layout]
+                q, seconds, extra = measure(lambda: quantize_tensor(weight, bits, method, **kwargs))  # noqa: B023
                 restored = q.dequantize()
                 w2 = float("nan") if reference_sorted is None else sorted_w2(reference_sorted, restored)
                 mem = f"{extra / matrix_mib:6.2f}" if extra is not None else "   n/a"

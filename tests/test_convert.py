@@ -102,6 +102,15 @@ def test_no_target_layers_warns(caplog: pytest.LogCaptureFixture) -> None:
     assert "found no nn.Linear/nn.Conv2d" in caplog.text
 
 
+def test_group_granularity_falls_back_per_layer(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_unet()
+    with caplog.at_level(logging.WARNING, logger="diffusers_otq.convert"):
+        quantize_model(model, bits=4, granularity="group", group_size=8, progress=False)
+    assert model.conv_in.granularity == "channel"  # 1 input channel x 3 x 3 = 9 values per row
+    assert model.conv_out.granularity == "group" and model.conv_out.group_size == 8
+    assert "conv_in" in caplog.text and "per-channel" in caplog.text
+
+
 def test_dequantize_model_restores_plain_layers() -> None:
     model = tiny_unet()
     quantize_model(model, bits=4, granularity="group", group_size=8, progress=False)

@@ -107,7 +107,7 @@ def _dp_codebook(
         num_levels: K.
 
     Returns:
-        (R, K) atoms (weighted cell means; 0 for a cell that covers only empty micro-bins), ascending.
+        (R, K) atoms (weighted cell means; the heaviest cell's atom for a cell of empty micro-bins), ascending.
     """
     rows, m_plus_1 = edges.shape
     cum_wx = prefix_wx.gather(1, edges)
@@ -134,7 +134,11 @@ def _dp_codebook(
     cuts.append(torch.zeros(rows, 1, dtype=torch.int64, device=cost.device))
     bounds = edges.gather(1, torch.cat(cuts[::-1], dim=1))  # (R, K+1) sorted positions
     mass, sum_wx = _cell_stats(prefix_w, prefix_wx, bounds)
-    return (sum_wx / mass.clamp_min(torch.finfo(mass.dtype).tiny)).sort(dim=1).values
+    means = sum_wx / mass.clamp_min(torch.finfo(mass.dtype).tiny)
+    # A cell made only of empty micro-bins has no mean; reuse the heaviest cell's atom so the codebook stays
+    # inside the data range (Lloyd's split repair revives it if that lowers the error).
+    heaviest = means.gather(1, mass.argmax(dim=1, keepdim=True))
+    return torch.where(mass > 0, means, heaviest).sort(dim=1).values
 
 
 def _companding_codebook(sorted_values: torch.Tensor, edges: torch.Tensor, num_levels: int) -> torch.Tensor:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .lloyd_max import accumulation_dtype
+
 
 __all__ = ["GroupScales", "encode_group_scales", "decode_group_scales"]
 
@@ -43,15 +45,17 @@ class GroupScales:
 def encode_group_scales(scales: torch.Tensor) -> GroupScales:
     """Encode non-negative (rows, groups) absmax scales; see the module docstring."""
     s = scales.to(torch.float32)
-    tiny = torch.finfo(torch.float32).tiny
     s_max = s.amax(dim=1, keepdim=True)  # (rows, 1)
     nonzero = s > 0
-    s_min = torch.where(nonzero, s, torch.full_like(s, float("inf"))).amin(dim=1, keepdim=True)
-    s_min = torch.where(torch.isfinite(s_min), s_min, s_max)
-    spread = torch.where(s_max > 0, torch.log2(s_max / s_min.clamp_min(tiny)), 0.0)  # (rows, 1)
-    step = spread.amax().reshape(1) / 254
+    s, s_max_log = s.to(accumulation_dtype(s.device)), s_max.to(accumulation_dtype(s.device))  # precise logs
+    # log2 of each value separately: a ratio s_max / s_min could overflow, and subnormal scales must not be clamped.
+    log_s = torch.log2(torch.where(nonzero, s, torch.ones_like(s)))
+    log_max = torch.log2(torch.where(s_max_log > 0, s_max_log, torch.ones_like(s_max_log)))
+    log_min = torch.where(nonzero, log_s, torch.full_like(log_s, float("inf"))).amin(dim=1, keepdim=True)
+    spread = torch.where(torch.isfinite(log_min), log_max - log_min, torch.zeros_like(log_max))  # (rows, 1)
+    step = (spread.amax().reshape(1) / 254).to(torch.float32)
     safe_step = torch.where(step > 0, step, torch.ones_like(step))
-    offset = torch.round(torch.log2(s_max / s.clamp_min(tiny)) / safe_step)
+    offset = torch.round((log_max - log_s) / safe_step.to(log_s.dtype))
     offset = torch.where(step > 0, offset, torch.zeros_like(offset)).clamp(0, 254)
     codes = torch.where(nonzero, 255 - offset, torch.zeros_like(offset)).to(torch.uint8)
     return GroupScales(codes, s_max.reshape(-1), step)
@@ -62,5 +66,8 @@ def decode_group_scales(
 ) -> torch.Tensor:
     """Decode to (rows, groups) scales in ``dtype`` (computed in float32)."""
     s_max = row_max.to(torch.float32)[:, None]
-    decoded = s_max * torch.exp2(-(255.0 - codes.to(torch.float32)) * step.to(torch.float32))
+    # exp2 of the summed logs: s_max * exp2(-k * step) would underflow for very wide spreads.
+    log_max = torch.log2(torch.where(s_max > 0, s_max, torch.ones_like(s_max)))
+    decoded = torch.exp2(log_max - (255.0 - codes.to(torch.float32)) * step.to(torch.float32))
+    decoded = torch.where(codes == 255, s_max, decoded)  # the row maximum is exact
     return torch.where(codes == 0, torch.zeros_like(decoded), decoded).to(dtype)
