@@ -28,6 +28,7 @@ QUANTIZED_BUFFERS: tuple[str, ...] = ("packed", "codebook", "scale_codes", "scal
 class OTQLayerMixin:
     """Shared storage and bookkeeping of the OTQ layers (must come before ``nn.Module`` in the bases)."""
 
+    float_type: type[nn.Module]
     bits: int
     method: str
     granularity: str
@@ -46,6 +47,35 @@ class OTQLayerMixin:
         self.weight_dtype = quantized.dtype
         for key, tensor in quantized.tensors().items():
             self.register_buffer(key, tensor)
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        bits: int = 4,
+        method: str = "ot",
+        granularity: str = "channel",
+        group_size: int | None = None,
+        *,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> OTQLayerMixin:
+        """Quantize a float layer of the matching type (extra kwargs go to :func:`quantize_tensor`)."""
+        if not isinstance(module, cls.float_type):
+            raise TypeError(
+                f"{cls.__name__}.from_module needs an nn.{cls.float_type.__name__}, "
+                f"got {type(module).__name__} ({name or 'unnamed'})."
+            )
+        quantized = quantize_tensor(module.weight, bits, method, granularity, group_size, name=name, **kwargs)
+        return cls._from_float(quantized, module)
+
+    @classmethod
+    def _from_float(cls, quantized: QuantizedTensor, module: nn.Module) -> OTQLayerMixin:
+        raise NotImplementedError
+
+    def _init_bias(self, bias: torch.Tensor | None) -> None:
+        """Keep the float bias (original precision and requires_grad) as a parameter."""
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     def quantized_weight(self) -> QuantizedTensor:
         """A :class:`QuantizedTensor` view of the stored buffers (no copy)."""
@@ -107,30 +137,18 @@ class OTQLinear(OTQLayerMixin, nn.Module):
         torch.Size([2, 32])
     """
 
+    float_type = nn.Linear
+
     def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         if len(quantized.shape) != 2:
             raise ValueError(f"OTQLinear needs a 2-D weight (out, in), got shape {tuple(quantized.shape)}.")
         self.out_features, self.in_features = quantized.shape
         self._init_quantized(quantized)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        self._init_bias(bias)
 
     @classmethod
-    def from_module(
-        cls,
-        module: nn.Linear,
-        bits: int = 4,
-        method: str = "ot",
-        granularity: str = "channel",
-        group_size: int | None = None,
-        *,
-        name: str | None = None,
-        **kwargs: Any,
-    ) -> OTQLinear:
-        """Quantize a float ``nn.Linear`` (extra kwargs go to :func:`quantize_tensor`)."""
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"OTQLinear.from_module needs an nn.Linear, got {type(module).__name__} ({name or 'unnamed'}).")
-        quantized = quantize_tensor(module.weight, bits, method, granularity, group_size, name=name, **kwargs)
+    def _from_float(cls, quantized: QuantizedTensor, module: nn.Module) -> OTQLinear:
         return cls(quantized, module.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -162,6 +180,8 @@ class OTQConv2d(OTQLayerMixin, nn.Module):
         torch.Size([1, 16, 5, 5])
     """
 
+    float_type = nn.Conv2d
+
     def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None, conv: nn.Conv2d) -> None:
         super().__init__()
         if len(quantized.shape) != 4:
@@ -176,24 +196,10 @@ class OTQConv2d(OTQLayerMixin, nn.Module):
         self.padding_mode = conv.padding_mode
         self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
         self._init_quantized(quantized)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        self._init_bias(bias)
 
     @classmethod
-    def from_module(
-        cls,
-        module: nn.Conv2d,
-        bits: int = 4,
-        method: str = "ot",
-        granularity: str = "channel",
-        group_size: int | None = None,
-        *,
-        name: str | None = None,
-        **kwargs: Any,
-    ) -> OTQConv2d:
-        """Quantize a float ``nn.Conv2d`` (extra kwargs go to :func:`quantize_tensor`)."""
-        if not isinstance(module, nn.Conv2d):
-            raise TypeError(f"OTQConv2d.from_module needs an nn.Conv2d, got {type(module).__name__} ({name or 'unnamed'}).")
-        quantized = quantize_tensor(module.weight, bits, method, granularity, group_size, name=name, **kwargs)
+    def _from_float(cls, quantized: QuantizedTensor, module: nn.Module) -> OTQConv2d:
         return cls(quantized, module.bias, module)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

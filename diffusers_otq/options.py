@@ -31,7 +31,9 @@ CODEBOOK_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch
 def check_bits(bits: object) -> int:
     """Return ``bits`` if it is an int in 1..8."""
     if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"bits={bits!r} ({type(bits).__name__}) is not an int; pass an integer from 1 to 8, e.g. bits=3.")
+        raise TypeError(
+            f"bits={bits!r} ({type(bits).__name__}) is not an int; pass an integer from 1 to 8, e.g. bits=3."
+        )
     if not 1 <= bits <= 8:
         raise ValueError(f"bits={bits} is out of range; expected an integer from 1 to 8 (codes are stored in uint8).")
     return bits

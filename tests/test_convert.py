@@ -41,7 +41,9 @@ def test_quantize_model_replaces_every_linear_and_conv() -> None:
     names = quantize_model(model, bits=8, progress=False)
     assert names == expected
     assert not _float_layers(model)
-    assert any(isinstance(m, OTQLinear) for m in model.modules()) and any(isinstance(m, OTQConv2d) for m in model.modules())
+    assert any(isinstance(m, OTQLinear) for m in model.modules()) and any(
+        isinstance(m, OTQConv2d) for m in model.modules()
+    )
     with torch.no_grad():
         out = model(x, t).sample
     cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)

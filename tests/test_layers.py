@@ -18,7 +18,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("granularity", ["channel", "group"])
 def test_linear_forward_equals_f_linear_with_dequantized_weight(dtype: torch.dtype, granularity: str) -> None:
     linear = nn.Linear(64, 24).to(dtype)
-    layer = OTQLinear.from_module(linear, bits=3, granularity=granularity, group_size=16 if granularity == "group" else None)
+    layer = OTQLinear.from_module(
+        linear, bits=3, granularity=granularity, group_size=16 if granularity == "group" else None
+    )
     x = torch.randn(5, 64, dtype=dtype)
     expected = F.linear(x, layer.dequantize_weight(dtype), linear.bias)
     assert torch.equal(layer(x), expected)
@@ -50,7 +52,9 @@ def test_conv_forward_equals_conv_with_dequantized_weight(case: str) -> None:
     conv = nn.Conv2d(**CONV_CASES[case])
     layer = OTQConv2d.from_module(conv, bits=4)
     reference = conv.__class__(**CONV_CASES[case])
-    reference.load_state_dict({"weight": layer.dequantize_weight(), **({"bias": conv.bias} if conv.bias is not None else {})})
+    reference.load_state_dict(
+        {"weight": layer.dequantize_weight(), **({"bias": conv.bias} if conv.bias is not None else {})}
+    )
     x = torch.randn(2, 4, 9, 9)
     assert torch.equal(layer(x), reference(x))
     plain = layer.dequantize()
@@ -69,7 +73,13 @@ def test_buffers_state_dict_and_safetensors_roundtrip(tmp_path) -> None:
     layer = OTQLinear.from_module(nn.Linear(96, 40), bits=3, granularity="group", group_size=32)
     state = layer.state_dict()
     assert set(state) == {"packed", "codebook", "scale_codes", "scale_max", "scale_step", "bias"}
-    assert {name for name, _ in layer.named_buffers()} == {"packed", "codebook", "scale_codes", "scale_max", "scale_step"}
+    assert {name for name, _ in layer.named_buffers()} == {
+        "packed",
+        "codebook",
+        "scale_codes",
+        "scale_max",
+        "scale_step",
+    }
     save_file(state, tmp_path / "layer.safetensors")
     loaded = load_file(tmp_path / "layer.safetensors")
     other = OTQLinear.from_module(nn.Linear(96, 40), bits=3, granularity="group", group_size=32)
@@ -91,8 +101,12 @@ def test_dequantize_returns_plain_linear() -> None:
 
 
 def test_extra_repr_shows_the_quantization() -> None:
-    text = repr(OTQLinear.from_module(nn.Linear(64, 8), bits=3, method="ot-equal-mass", granularity="group", group_size=16))
-    assert "bits=3" in text and "method=ot-equal-mass" in text and "granularity=group" in text and "group_size=16" in text
+    text = repr(
+        OTQLinear.from_module(nn.Linear(64, 8), bits=3, method="ot-equal-mass", granularity="group", group_size=16)
+    )
+    assert (
+        "bits=3" in text and "method=ot-equal-mass" in text and "granularity=group" in text and "group_size=16" in text
+    )
     conv_text = repr(OTQConv2d.from_module(nn.Conv2d(2, 4, 3, groups=2), bits=2))
     assert "groups=2" in conv_text and "bits=2" in conv_text
 

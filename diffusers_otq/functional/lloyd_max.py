@@ -116,7 +116,9 @@ def _dp_codebook(
     # cost[r, i, j] = SSE of micro-bins i..j-1 = sum wx^2 - (sum wx)^2 / sum w, for i < j.
     seg_w = cum_w[:, None, :] - cum_w[:, :, None]  # (R, M+1, M+1)
     seg_wx = cum_wx[:, None, :] - cum_wx[:, :, None]
-    cost = (cum_wxx[:, None, :] - cum_wxx[:, :, None]) - seg_wx.square() / seg_w.clamp_min(torch.finfo(seg_w.dtype).tiny)
+    cost = (cum_wxx[:, None, :] - cum_wxx[:, :, None]) - seg_wx.square() / seg_w.clamp_min(
+        torch.finfo(seg_w.dtype).tiny
+    )
     del seg_w, seg_wx
     invalid = torch.ones(m_plus_1, m_plus_1, dtype=torch.bool, device=cost.device).tril()  # i >= j
     # Costs need float64 (a difference of large sums); the min-plus recursion only adds them, so float32 is enough.
@@ -362,7 +364,9 @@ def lloyd_max_codebook(
         chunk = max(1, _DP_ELEMENTS_PER_CHUNK // (edges.shape[1] ** 2))
         codebook = torch.cat(
             [
-                _dp_codebook(*(None if t is None else t[s : s + chunk] for t in stats), edges[s : s + chunk], num_levels)
+                _dp_codebook(
+                    *(None if t is None else t[s : s + chunk] for t in stats), edges[s : s + chunk], num_levels
+                )
                 for s in range(0, rows, chunk)  # bounds the (R, M+1, M+1) cost tensor
             ]
         )

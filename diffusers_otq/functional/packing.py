@@ -97,7 +97,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tenso
     """
     _check_bits(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise TypeError(f"packed must be a 1-D uint8 tensor, got dtype {packed.dtype} and shape {tuple(packed.shape)}.")
+        raise TypeError(
+            f"packed must be a 1-D uint8 tensor, got dtype {packed.dtype} and shape {tuple(packed.shape)}."
+        )
     expected = packed_num_bytes(num_codes, bits)
     if packed.numel() != expected:
         raise ValueError(
