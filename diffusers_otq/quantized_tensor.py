@@ -188,8 +188,8 @@ def _nearest_codes(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     """(R, n) index of the nearest codeword of each value (ties to the lower one); codebook rows ascending."""
     cb = codebook.to(values.dtype)
     midpoints = ((cb[:, 1:] + cb[:, :-1]) * 0.5).contiguous()  # (C, K-1)
-    if midpoints.shape[0] == 1 and values.shape[0] != 1:
-        midpoints = midpoints.expand(values.shape[0], -1).contiguous()
+    if midpoints.shape[0] == 1:  # one shared codebook: a 1-D boundary list serves every row
+        return torch.searchsorted(midpoints[0], values)
     return torch.searchsorted(midpoints, values)
 
 

@@ -44,21 +44,22 @@ class GroupScales:
 
 def encode_group_scales(scales: torch.Tensor) -> GroupScales:
     """Encode non-negative (rows, groups) absmax scales; see the module docstring."""
-    s = scales.to(torch.float32)
-    s_max = s.amax(dim=1, keepdim=True)  # (rows, 1)
+    s32 = scales.to(torch.float32)
+    s = s32.to(accumulation_dtype(scales.device))  # precise logs
     nonzero = s > 0
-    s, s_max_log = s.to(accumulation_dtype(s.device)), s_max.to(accumulation_dtype(s.device))  # precise logs
     # log2 of each value separately: a ratio s_max / s_min could overflow, and subnormal scales must not be clamped.
     log_s = torch.log2(torch.where(nonzero, s, torch.ones_like(s)))
-    log_max = torch.log2(torch.where(s_max_log > 0, s_max_log, torch.ones_like(s_max_log)))
+    log_max = torch.where(nonzero, log_s, torch.full_like(log_s, -float("inf"))).amax(dim=1, keepdim=True)
     log_min = torch.where(nonzero, log_s, torch.full_like(log_s, float("inf"))).amin(dim=1, keepdim=True)
-    spread = torch.where(torch.isfinite(log_min), log_max - log_min, torch.zeros_like(log_max))  # (rows, 1)
+    has_scale = torch.isfinite(log_max)  # (rows, 1): False for an all-zero row
+    log_max = torch.where(has_scale, log_max, torch.zeros_like(log_max))
+    spread = torch.where(has_scale, log_max - log_min, torch.zeros_like(log_max))
     step = (spread.amax().reshape(1) / 254).to(torch.float32)
-    safe_step = torch.where(step > 0, step, torch.ones_like(step))
-    offset = torch.round((log_max - log_s) / safe_step.to(log_s.dtype))
+    safe_step = torch.where(step > 0, step, torch.ones_like(step)).to(s.dtype)
+    offset = torch.round((log_max - log_s) / safe_step)
     offset = torch.where(step > 0, offset, torch.zeros_like(offset)).clamp(0, 254)
     codes = torch.where(nonzero, 255 - offset, torch.zeros_like(offset)).to(torch.uint8)
-    return GroupScales(codes, s_max.reshape(-1), step)
+    return GroupScales(codes, s32.amax(dim=1), step)
 
 
 def decode_group_scales(
