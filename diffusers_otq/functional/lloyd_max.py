@@ -12,9 +12,10 @@ Algorithm (everything vectorised over rows; the only Python loops run over K or 
 
 1. Sort each row once and build prefix sums of ``w`` and ``w * x`` (float64), so the mass and mean of any
    contiguous cell cost O(1).
-2. Short rows (``K (n+1)^2 <= 2^22``, e.g. n <= 511 at 4 bits): exact dynamic programming over every point,
-   ``D_k[j] = min_i D_{k-1}[i] + SSE(i..j-1)``. This is the exact optimum and nothing else runs.
-3. Long rows, K <= 16: the same DP over M = 128 micro-bins whose edges are the union of equal-count edges
+2. Short rows (n <= M = 128, where micro-bins would not be coarser than the points): exact dynamic programming
+   over every point, ``D_k[j] = min_i D_{k-1}[i] + SSE(i..j-1)``. This is the exact optimum and nothing else
+   runs. Its O(K n^2) cost per row is why longer rows take the micro-bin route below.
+3. Longer rows, K <= 16: the same DP over M = 128 micro-bins whose edges are the union of equal-count edges
    (bulk) and equal-width edges (tails). It is the exact optimum among partitions that cut at micro-bin
    edges, which puts the search in the basin of the global optimum; plain Lloyd from a quantile start
    gets stuck in local minima on multimodal or heavy-tailed rows. K > 16: atoms at the quantiles of
@@ -39,7 +40,6 @@ __all__ = ["lloyd_max_codebook", "accumulation_dtype"]
 
 _MAX_DP_LEVELS = 16  # DP initialisation up to 4 bits; it costs O(K * M^2) per row
 _DP_ELEMENTS_PER_CHUNK = 1 << 22  # bound on rows * (M + 1)^2 for the DP cost matrix
-_EXACT_DP_BUDGET = 1 << 22  # rows with K * (n + 1)^2 below this get the exact DP over every point
 
 
 def accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -110,19 +110,23 @@ def _dp_codebook(
         (R, K) atoms (weighted cell means; the heaviest cell's atom for a cell of empty micro-bins), ascending.
     """
     rows, m_plus_1 = edges.shape
+    cum_w = edges.to(prefix_wx.dtype) if prefix_w is None else prefix_w.gather(1, edges)
     cum_wx = prefix_wx.gather(1, edges)
     cum_wxx = prefix_wxx.gather(1, edges)
-    cum_w = edges.to(prefix_wx.dtype) if prefix_w is None else prefix_w.gather(1, edges)
+    # Centre each row (SSE is shift-invariant) so the cost matrix can be built in float32: it only chooses the
+    # starting partition, which Lloyd and the banded DP then polish with the float64 prefix sums.
+    total_w = cum_w[:, -1:].clamp_min(torch.finfo(cum_w.dtype).tiny)
+    mean = cum_wx[:, -1:] / total_w
+    cum_wxx = (cum_wxx - 2 * mean * cum_wx + mean.square() * cum_w).to(torch.float32)
+    cum_wx = (cum_wx - mean * cum_w).to(torch.float32)
+    cum_w = cum_w.to(torch.float32)
     # cost[r, i, j] = SSE of micro-bins i..j-1 = sum wx^2 - (sum wx)^2 / sum w, for i < j.
     seg_w = cum_w[:, None, :] - cum_w[:, :, None]  # (R, M+1, M+1)
-    seg_wx = cum_wx[:, None, :] - cum_wx[:, :, None]
-    cost = (cum_wxx[:, None, :] - cum_wxx[:, :, None]) - seg_wx.square() / seg_w.clamp_min(
-        torch.finfo(seg_w.dtype).tiny
-    )
-    del seg_w, seg_wx
+    cost = (cum_wx[:, None, :] - cum_wx[:, :, None]).square_().div_(seg_w.clamp_min_(torch.finfo(torch.float32).tiny))
+    del seg_w
+    cost = torch.sub(cum_wxx[:, None, :] - cum_wxx[:, :, None], cost, out=cost).clamp_min_(0.0)
     invalid = torch.ones(m_plus_1, m_plus_1, dtype=torch.bool, device=cost.device).tril()  # i >= j
-    # Costs need float64 (a difference of large sums); the min-plus recursion only adds them, so float32 is enough.
-    cost = cost.clamp_min_(0.0).masked_fill_(invalid, float("inf")).to(torch.float32)
+    cost.masked_fill_(invalid, float("inf"))
 
     best = cost[:, 0, :]  # (R, M+1): one cell covering micro-bins 0..j-1
     argmins = []
@@ -355,12 +359,12 @@ def lloyd_max_codebook(
     prefix_w, prefix_wx, prefix_wxx = _prefix_sums(sorted_values, sorted_weights, acc)
     stats = (prefix_w, prefix_wx, prefix_wxx)
 
-    exact = num_levels * (n + 1) ** 2 <= _EXACT_DP_BUDGET
+    exact = n <= num_microbins  # the DP over every point costs no more than the DP over micro-bins
     if exact or num_levels <= _MAX_DP_LEVELS:
         if exact:
             edges = torch.arange(n + 1, device=sorted_values.device).expand(rows, n + 1)
-        else:
-            edges = _microbin_edges(sorted_values, num_microbins)
+        else:  # ~8 points per micro-bin on medium rows: the DP's O(K M^2) stays below the O(n) passes
+            edges = _microbin_edges(sorted_values, min(num_microbins, max(32, n // 8)))
         chunk = max(1, _DP_ELEMENTS_PER_CHUNK // (edges.shape[1] ** 2))
         codebook = torch.cat(
             [
