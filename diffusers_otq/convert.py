@@ -1,12 +1,17 @@
-"""Model conversion: one flat walk over ``named_modules()`` that swaps Linear/Conv2d for OTQ layers."""
+"""Model conversion: plan which Linear/Conv2d layers to quantize, then swap them for OTQ layers in place.
+
+The plan (:func:`plan_layers`) depends only on module names, types and weight shapes, so the same plan is
+rebuilt on a meta skeleton when a checkpoint is loaded (:func:`replace_with_empty_layers`) and on real weights
+when quantizing (:func:`convert_model`, or layer by layer with :func:`quantize_layer`).
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import logging
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -14,17 +19,21 @@ from tqdm.auto import tqdm
 
 from .functional.metrics import relative_mse, wasserstein2
 from .layers import OTQConv2d, OTQLayerMixin, OTQLinear
-from .options import (
-    check_bits,
-    check_codebook_dtype,
-    check_codebook_scope,
-    check_granularity,
-    check_group_size,
-    check_method,
-)
+from .options import LayerSpec
+from .quantized_tensor import quantize_tensor
 
 
-__all__ = ["quantize_model", "dequantize_model", "matches_module_name", "LayerReport"]
+__all__ = [
+    "LayerReport",
+    "PlannedLayer",
+    "SpecFn",
+    "convert_model",
+    "dequantize_model",
+    "matches_module_name",
+    "plan_layers",
+    "quantize_layer",
+    "replace_with_empty_layers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +42,7 @@ _LAYER_TYPES: dict[type[nn.Module], type[OTQLayerMixin]] = {nn.Linear: OTQLinear
 
 @dataclass(frozen=True)
 class LayerReport:
-    """Per-layer outcome of :func:`quantize_model`."""
+    """Per-layer outcome of :func:`convert_model` (metrics are NaN when not computed)."""
 
     name: str
     parameters: int
@@ -62,6 +71,20 @@ def matches_module_name(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
+SpecFn = Callable[[str, nn.Module], LayerSpec | None]
+"""Decides per module: ``spec_fn(name, module)`` is the :class:`LayerSpec` to quantize it with, or None to skip."""
+
+
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One layer :func:`plan_layers` selected: where it is, what it becomes and how it is quantized."""
+
+    name: str
+    module: nn.Module
+    target: type[OTQLayerMixin]
+    spec: LayerSpec
+
+
 def _target_class(module: nn.Module) -> type[OTQLayerMixin] | None:
     if isinstance(module, OTQLayerMixin):
         return None
@@ -73,7 +96,8 @@ def _target_class(module: nn.Module) -> type[OTQLayerMixin] | None:
 
 def _input_dim(module: nn.Module) -> int:
     """Values per output channel of the weight (``in_features``, or ``in/groups * kh * kw`` for a conv)."""
-    return module.weight[0].numel()
+    shape = module.weight.shape
+    return math.prod(shape[1:]) if len(shape) > 1 else shape[0]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -82,107 +106,112 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def quantize_model(
-    model: nn.Module,
-    bits: int = 4,
-    method: str = "ot",
-    granularity: str = "channel",
-    group_size: int | None = None,
-    modules_to_not_convert: Iterable[str] | None = None,
-    *,
-    codebook_dtype: torch.dtype | None = None,
-    codebook_scope: str = "tensor",
-    progress: bool = True,
-    compute_metrics: bool = True,
-) -> list[str]:
-    """Replace every ``nn.Linear``/``nn.Conv2d`` of ``model`` in place by an :class:`OTQLinear`/:class:`OTQConv2d`.
+def plan_layers(model: nn.Module, spec_fn: SpecFn, *, warn: bool = True) -> list[PlannedLayer]:
+    """Every ``nn.Linear``/``nn.Conv2d`` of ``model`` that ``spec_fn`` selects, in ``named_modules()`` order.
 
-    Args:
-        model: any ``nn.Module``; its Linear/Conv2d weights must hold real values (not meta).
-        bits, method, granularity, group_size, codebook_dtype, codebook_scope: see :func:`quantize_tensor`.
-        modules_to_not_convert: module-name patterns to keep in full precision (see :func:`matches_module_name`).
-            With ``granularity="group"``, layers whose input dimension ``group_size`` does not divide (e.g. a
-            3x3 conv on 1 channel) fall back to per-channel codebooks, with a warning naming them.
-        progress: show a tqdm bar over the layers.
-        compute_metrics: measure relative MSE and W2 per layer for the logged summary (costs one sort per layer).
-
-    Returns:
-        The names of the replaced modules, in ``named_modules()`` order.
+    Works on meta models (only shapes are read). A group spec whose ``group_size`` does not divide the layer's
+    input dimension (e.g. a 3x3 conv on 1 channel) falls back to per-channel codebooks, with one warning that
+    names those layers (``warn=False`` silences it when rebuilding a saved checkpoint's skeleton); the fallback
+    is deterministic, so that skeleton matches the saved layout.
     """
-    check_bits(bits)
-    check_method(method)
-    check_granularity(granularity)
-    check_codebook_dtype(codebook_dtype)
-    check_codebook_scope(codebook_scope)
-    check_group_size(granularity, group_size)
-    skip = list(modules_to_not_convert or [])
-    targets = [
-        (name, module, cls)
-        for name, module in model.named_modules(remove_duplicate=False)
-        if name and (cls := _target_class(module)) is not None and not matches_module_name(name, skip)
-    ]
-    if not targets:
-        logger.warning("quantize_model found no nn.Linear/nn.Conv2d to quantize in %s.", type(model).__name__)
-        return []
-
-    done: dict[int, nn.Module] = {}  # a module registered under several names is quantized once
-    reports: list[LayerReport] = []
+    planned: list[PlannedLayer] = []
     per_channel_fallback: list[str] = []
-    for name, module, cls in tqdm(targets, desc=f"OTQ {method} {bits}-bit", unit="layer", disable=not progress):
-        if id(module) not in done:
-            layer_granularity, layer_group_size = granularity, group_size
-            if granularity == "group" and _input_dim(module) % group_size != 0:
-                layer_granularity, layer_group_size = "channel", None
-                per_channel_fallback.append(name)
-            layer = cls.from_module(
-                module,
-                bits,
-                method,
-                layer_granularity,
-                layer_group_size,
-                name=name,
-                codebook_dtype=codebook_dtype,
-                codebook_scope=codebook_scope,
-            )
-            done[id(module)] = layer
-            if compute_metrics:
-                restored = layer.dequantize_weight(module.weight.dtype)
-                reports.append(
-                    LayerReport(
-                        name=name,
-                        parameters=module.weight.numel(),
-                        bits_per_weight=layer.quantized_weight().bits_per_weight,
-                        relative_mse=relative_mse(module.weight, restored),
-                        w2=wasserstein2(module.weight, restored),
-                    )
-                )
-        _set_submodule(model, name, done[id(module)])
-    if per_channel_fallback:
+    for name, module in model.named_modules(remove_duplicate=False):
+        target = _target_class(module)
+        if not name or target is None or (spec := spec_fn(name, module)) is None:
+            continue
+        if spec.granularity == "group" and _input_dim(module) % spec.group_size != 0:
+            spec = replace(spec, granularity="channel", group_size=None)
+            per_channel_fallback.append(name)
+        planned.append(PlannedLayer(name, module, target, spec))
+    if per_channel_fallback and warn:
         logger.warning(
-            "%d layer(s) have an input dimension that group_size=%d does not divide and use per-channel codebooks: %s",
+            "%d layer(s) have an input dimension that their group_size does not divide and use per-channel "
+            "codebooks: %s",
             len(per_channel_fallback),
-            group_size,
             ", ".join(per_channel_fallback),
         )
-    _log_summary(reports, len(done))
-    return [name for name, _, _ in targets]
+    return planned
 
 
-def _log_summary(reports: list[LayerReport], layers: int) -> None:
-    if not reports:
-        logger.info("Quantized %d layers.", layers)
-        return
+def quantize_layer(layer: PlannedLayer, weight: torch.Tensor | None = None) -> OTQLayerMixin:
+    """The OTQ layer for ``layer``, quantized from ``weight`` (default: the module's own weight)."""
+    weight = layer.module.weight if weight is None else weight
+    quantized = quantize_tensor(weight, name=layer.name, **layer.spec.quantize_kwargs())
+    return layer.target.from_quantized(quantized, layer.module)
+
+
+def replace_with_empty_layers(
+    model: nn.Module, plan: list[PlannedLayer], dtype: torch.dtype | None = None, device: str = "meta"
+) -> None:
+    """Swap each planned layer for an uninitialised OTQ layer with the exact storage layout (checkpoint skeleton)."""
+    for layer in plan:
+        _set_submodule(model, layer.name, layer.target.empty_like(layer.module, layer.spec, dtype, device))
+
+
+def convert_model(
+    model: nn.Module, plan: list[PlannedLayer], *, progress: bool = True, compute_metrics: bool = True
+) -> list[LayerReport]:
+    """Replace every planned layer of ``model`` in place by its quantized OTQ layer.
+
+    Args:
+        model: any ``nn.Module``; the planned weights must hold real values (not meta).
+        plan: the layers to quantize, from :func:`plan_layers`.
+        progress: show a tqdm bar over the layers.
+        compute_metrics: measure relative MSE and W2 per layer (costs one sort per layer); otherwise the
+            reports carry NaN for both.
+
+    Returns:
+        One :class:`LayerReport` per replaced module name, in ``named_modules()`` order.
+    """
+    if not plan:
+        logger.warning("Found no nn.Linear/nn.Conv2d to quantize in %s.", type(model).__name__)
+        return []
+    done: dict[int, tuple[OTQLayerMixin, LayerReport]] = {}  # a module registered under several names: once
+    reports: list[LayerReport] = []
+    for layer in tqdm(plan, desc="OTQ quantize", unit="layer", disable=not progress):
+        if id(layer.module) not in done:
+            quantized = quantize_layer(layer)
+            done[id(layer.module)] = (quantized, _report(layer, quantized, compute_metrics))
+        quantized, report = done[id(layer.module)]
+        _set_submodule(model, layer.name, quantized)
+        reports.append(replace(report, name=layer.name))
+    _log_summary(reports)
+    return reports
+
+
+def _report(layer: PlannedLayer, quantized: OTQLayerMixin, compute_metrics: bool) -> LayerReport:
+    original = layer.module.weight
+    mse = w2 = float("nan")
+    if compute_metrics:
+        restored = quantized.dequantize_weight(original.dtype)
+        mse, w2 = relative_mse(original, restored), wasserstein2(original, restored)
+    return LayerReport(
+        name=layer.name,
+        parameters=original.numel(),
+        bits_per_weight=quantized.quantized_weight().bits_per_weight,
+        relative_mse=mse,
+        w2=w2,
+    )
+
+
+def _log_summary(reports: list[LayerReport]) -> None:
     params = sum(r.parameters for r in reports)
     bpw = sum(r.bits_per_weight * r.parameters for r in reports) / params
+    measured = [r for r in reports if not math.isnan(r.relative_mse)]
+    if not measured:
+        logger.info("Quantized %d layers, %s parameters: %.3f bits/weight.", len(reports), f"{params:,}", bpw)
+        return
+    worst = max(measured, key=lambda r: r.relative_mse)
     logger.info(
         "Quantized %d layers, %s parameters: %.3f bits/weight, mean W2 %.4g, mean relative MSE %.4g, worst %s (%.4g).",
-        layers,
+        len(reports),
         f"{params:,}",
         bpw,
-        math.fsum(r.w2 for r in reports) / len(reports),
-        math.fsum(r.relative_mse for r in reports) / len(reports),
-        max(reports, key=lambda r: r.relative_mse).name,
-        max(r.relative_mse for r in reports),
+        math.fsum(r.w2 for r in measured) / len(measured),
+        math.fsum(r.relative_mse for r in measured) / len(measured),
+        worst.name,
+        worst.relative_mse,
     )
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .options import LayerSpec
 from .quantized_tensor import QuantizedTensor, quantize_tensor
 
 
@@ -67,11 +68,25 @@ class OTQLayerMixin:
                 f"got {type(module).__name__} ({name or 'unnamed'})."
             )
         quantized = quantize_tensor(module.weight, bits, method, granularity, group_size, name=name, **kwargs)
-        return cls._from_float(quantized, module)
+        return cls.from_quantized(quantized, module)
 
     @classmethod
-    def _from_float(cls, quantized: QuantizedTensor, module: nn.Module) -> OTQLayerMixin:
+    def from_quantized(cls, quantized: QuantizedTensor, module: nn.Module) -> OTQLayerMixin:
+        """Wrap ``quantized`` as the weight of a layer shaped like the float ``module`` (whose bias is copied)."""
         raise NotImplementedError
+
+    @classmethod
+    def empty_like(
+        cls, module: nn.Module, spec: LayerSpec, dtype: torch.dtype | None = None, device: torch.device | str = "meta"
+    ) -> OTQLayerMixin:
+        """An uninitialised layer with the storage layout of ``module``'s weight quantized by ``spec``.
+
+        Used to build the skeleton a pre-quantized checkpoint is loaded into; ``dtype`` is the compute dtype
+        (default: the float weight's dtype).
+        """
+        weight = module.weight
+        quantized = QuantizedTensor.empty(tuple(weight.shape), dtype or weight.dtype, spec, device=device)
+        return cls.from_quantized(quantized, module)
 
     def _init_bias(self, bias: torch.Tensor | None) -> None:
         """Keep the float bias (original precision and requires_grad) as a parameter."""
@@ -148,7 +163,7 @@ class OTQLinear(OTQLayerMixin, nn.Module):
         self._init_bias(bias)
 
     @classmethod
-    def _from_float(cls, quantized: QuantizedTensor, module: nn.Module) -> OTQLinear:
+    def from_quantized(cls, quantized: QuantizedTensor, module: nn.Module) -> OTQLinear:
         return cls(quantized, module.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -199,7 +214,7 @@ class OTQConv2d(OTQLayerMixin, nn.Module):
         self._init_bias(bias)
 
     @classmethod
-    def _from_float(cls, quantized: QuantizedTensor, module: nn.Module) -> OTQConv2d:
+    def from_quantized(cls, quantized: QuantizedTensor, module: nn.Module) -> OTQConv2d:
         return cls(quantized, module.bias, module)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

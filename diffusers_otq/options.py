@@ -5,12 +5,15 @@ Every check raises ``ValueError``/``TypeError`` naming the bad value, what is al
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .functional.fitters import METHODS
 
 
 __all__ = [
+    "LayerSpec",
     "METHODS",
     "GRANULARITIES",
     "CODEBOOK_SCOPES",
@@ -93,3 +96,43 @@ def check_group_size(granularity: str, group_size: object, input_dim: int | None
             f"(e.g. {divisors or [input_dim]}) or use granularity='channel'."
         )
     return group_size
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one weight is quantized: the arguments of :func:`~diffusers_otq.quantize_tensor`, validated.
+
+    Attributes:
+        bits: code width, 1..8.
+        method: codebook fitter (one of :data:`METHODS`).
+        granularity: "tensor", "channel" or "group".
+        group_size: values per scale group (granularity "group" only).
+        codebook_dtype: storage dtype of the codebooks, or None for the automatic choice.
+        codebook_scope: "tensor" (one normalised codebook per weight) or "channel" (granularity "group" only).
+    """
+
+    bits: int = 4
+    method: str = "ot"
+    granularity: str = "channel"
+    group_size: int | None = None
+    codebook_dtype: torch.dtype | None = None
+    codebook_scope: str = "tensor"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_method(self.method)
+        check_granularity(self.granularity)
+        check_group_size(self.granularity, self.group_size)
+        check_codebook_dtype(self.codebook_dtype)
+        check_codebook_scope(self.codebook_scope)
+
+    def quantize_kwargs(self) -> dict[str, object]:
+        """Keyword arguments of :func:`~diffusers_otq.quantize_tensor` (all but the weight and name)."""
+        return {
+            "bits": self.bits,
+            "method": self.method,
+            "granularity": self.granularity,
+            "group_size": self.group_size,
+            "codebook_dtype": self.codebook_dtype,
+            "codebook_scope": self.codebook_scope,
+        }

@@ -28,6 +28,7 @@ from .functional.fitters import fit_codebook
 from .functional.packing import pack_codes, packed_num_bytes, unpack_codes
 from .functional.scales import GroupScales, decode_group_scales, encode_group_scales
 from .options import (
+    LayerSpec,
     check_bits,
     check_codebook_dtype,
     check_codebook_scope,
@@ -37,7 +38,7 @@ from .options import (
 )
 
 
-__all__ = ["QuantizedTensor", "quantize_tensor", "row_layout"]
+__all__ = ["QuantizedTensor", "quantize_tensor", "row_layout", "storage_layout", "resolve_codebook_dtype"]
 
 _ELEMENTS_PER_CHUNK = 1 << 22  # rows are fitted in chunks of about this many values to bound scratch memory
 _FLOAT16_MAX = torch.finfo(torch.float16).max
@@ -49,6 +50,50 @@ def row_layout(shape: tuple[int, ...], granularity: str) -> tuple[int, int]:
     if granularity == "tensor" or len(shape) < 2:
         return 1, numel
     return shape[0], numel // shape[0]
+
+
+def resolve_codebook_dtype(
+    codebook_dtype: torch.dtype | None, weight_dtype: torch.dtype, granularity: str
+) -> torch.dtype:
+    """The codebook storage dtype: ``codebook_dtype`` if given, else float16 (bfloat16 for bfloat16 weights).
+
+    Group codebooks hold normalised values in [-1, 1], where float16 is the more precise 16-bit type.
+    """
+    if codebook_dtype is not None:
+        return codebook_dtype
+    if granularity != "group" and weight_dtype == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float16
+
+
+def storage_layout(
+    shape: tuple[int, ...], spec: LayerSpec, codebook_dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``name -> (shape, dtype)`` of every tensor :func:`quantize_tensor` stores for a weight of ``shape``.
+
+    ``packed`` is ``(ceil(numel * bits / 8),)`` uint8; ``codebook`` is ``(C, min(2**bits, values per codebook))``;
+    group granularity adds ``scale_codes (R, n / group_size)`` uint8, ``scale_max (R,)`` and ``scale_step (1,)``
+    float32.
+
+    Example:
+        >>> from diffusers_otq.options import LayerSpec
+        >>> storage_layout((32, 64), LayerSpec(bits=3), torch.float16)["codebook"]
+        ((32, 8), torch.float16)
+    """
+    rows, n = row_layout(shape, spec.granularity)
+    if spec.granularity == "group" and spec.codebook_scope == "tensor":
+        codebook_rows, values_per_codebook = 1, rows * n
+    else:
+        codebook_rows, values_per_codebook = rows, n
+    layout = {
+        "packed": ((packed_num_bytes(rows * n, spec.bits),), torch.uint8),
+        "codebook": ((codebook_rows, min(1 << spec.bits, values_per_codebook)), codebook_dtype),
+    }
+    if spec.granularity == "group":
+        layout["scale_codes"] = ((rows, n // spec.group_size), torch.uint8)
+        layout["scale_max"] = ((rows,), torch.float32)
+        layout["scale_step"] = ((1,), torch.float32)
+    return layout
 
 
 @dataclass
@@ -143,6 +188,31 @@ class QuantizedTensor:
             out.update(scale_codes=self.scale_codes, scale_max=self.scale_max, scale_step=self.scale_step)
         return out
 
+    @classmethod
+    def empty(
+        cls,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        spec: LayerSpec,
+        *,
+        device: torch.device | str = "meta",
+    ) -> QuantizedTensor:
+        """Uninitialised storage with the exact layout :func:`quantize_tensor` produces (for loading checkpoints)."""
+        codebook_dtype = resolve_codebook_dtype(spec.codebook_dtype, dtype, spec.granularity)
+        tensors = {
+            name: torch.empty(tensor_shape, dtype=tensor_dtype, device=device)
+            for name, (tensor_shape, tensor_dtype) in storage_layout(shape, spec, codebook_dtype).items()
+        }
+        return cls(
+            shape=torch.Size(shape),
+            dtype=dtype,
+            bits=spec.bits,
+            method=spec.method,
+            granularity=spec.granularity,
+            group_size=spec.group_size,
+            **tensors,
+        )
+
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """A copy with every stored tensor on ``device`` (values unchanged)."""
         moved = {k: v.to(device) for k, v in self.tensors().items()}
@@ -176,12 +246,6 @@ def _check_weight(weight: object, name: str | None) -> torch.Tensor:
             "Fix the checkpoint, or exclude this layer (modules_to_not_convert)."
         )
     return weight
-
-
-def _resolve_codebook_dtype(requested: torch.dtype | None, weight_dtype: torch.dtype) -> torch.dtype:
-    if requested is not None:
-        return requested
-    return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float16
 
 
 def _nearest_codes(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -328,9 +392,7 @@ def quantize_tensor(
         if method == "ot":  # the error of a normalised value costs scale^2 in the weight
             weights = expanded.square()
         del expanded
-        storage_dtype = codebook_dtype or torch.float16  # normalised values: fp16 is the precise 16-bit choice
-    else:
-        storage_dtype = _resolve_codebook_dtype(codebook_dtype, weight.dtype)
+    storage_dtype = resolve_codebook_dtype(codebook_dtype, weight.dtype, granularity)
 
     if granularity == "group" and codebook_scope == "tensor":
         codebook, codes = _fit_shared(x, bits, method, weights, storage_dtype, what)
@@ -349,8 +411,3 @@ def quantize_tensor(
         scale_max=None if scales is None else scales.row_max,
         scale_step=None if scales is None else scales.step,
     )
-
-
-def expected_packed_bytes(shape: tuple[int, ...], bits: int) -> int:
-    """Bytes of ``packed`` for a weight of ``shape``: ``ceil(numel * bits / 8)``."""
-    return packed_num_bytes(math.prod(shape), bits)

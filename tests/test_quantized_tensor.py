@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffusers_otq import GRANULARITIES, METHODS, QuantizedTensor, quantize_tensor, relative_mse
+from diffusers_otq import GRANULARITIES, METHODS, LayerSpec, QuantizedTensor, quantize_tensor, relative_mse
 
 
 def _group_kwargs(granularity: str) -> dict:
@@ -189,3 +189,33 @@ def test_float16_codebook_overflow_is_an_error_not_inf() -> None:
         quantize_tensor(weight, bits=2)
     q = quantize_tensor(weight, bits=2, codebook_dtype=torch.float32)
     assert torch.isfinite(q.dequantize()).all()
+
+
+_LAYOUT_CASES = [
+    (shape, granularity, group_size, scope)
+    for shape in [(16, 24), (40,), (8, 3, 3, 3), (4, 2)]
+    for granularity, group_size, scope in [
+        ("tensor", None, "tensor"),
+        ("channel", None, "tensor"),
+        ("group", 8, "tensor"),
+        ("group", 8, "channel"),
+    ]
+    if granularity != "group" or (len(shape) > 1 and math.prod(shape[1:]) % group_size == 0)
+]
+
+
+@pytest.mark.parametrize("shape,granularity,group_size,scope", _LAYOUT_CASES)
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_layout_matches_quantize_tensor(
+    shape: tuple[int, ...], bits: int, granularity: str, group_size: int | None, scope: str, dtype: torch.dtype
+) -> None:
+    """The checkpoint skeleton (QuantizedTensor.empty) has exactly the tensors quantize_tensor stores."""
+    weight = torch.randn(shape).to(dtype)
+    spec = LayerSpec(bits=bits, granularity=granularity, group_size=group_size, codebook_scope=scope)
+    real = quantize_tensor(weight, **spec.quantize_kwargs())
+    empty = QuantizedTensor.empty(shape, dtype, spec)
+    assert {k: (v.shape, v.dtype) for k, v in empty.tensors().items()} == {
+        k: (v.shape, v.dtype) for k, v in real.tensors().items()
+    }
+    assert all(v.device.type == "meta" for v in empty.tensors().values())
