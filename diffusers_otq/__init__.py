@@ -1,29 +1,48 @@
 """diffusers-otq: optimal-transport codebook quantization (2-8 bits per weight) for flow-matching models.
 
+Importing the package registers the ``"otq"`` quantization backend with diffusers and transformers, which is
+what lets ``from_pretrained`` load OTQ checkpoints:
+
 >>> import torch
->>> from diffusers_otq import quantize_tensor
+>>> from diffusers_otq import OTQConfig, quantize_tensor
 >>> q = quantize_tensor(torch.randn(256, 512), bits=3, method="ot", granularity="channel")
 >>> w_hat = q.dequantize()
+>>> OTQConfig(bits=3).quant_method.value
+'otq'
 """
 
-from .convert import dequantize_model, quantize_model
+from .api import quantize_model
+from .config import FORMAT_VERSION, OTQConfig
+from .convert import LayerReport, dequantize_model
 from .functional.metrics import relative_mse, wasserstein2
+from .hub import push_to_hub
 from .layers import OTQConv2d, OTQLinear
-from .options import GRANULARITIES, METHODS
+from .options import GRANULARITIES, METHODS, LayerSpec
 from .quantized_tensor import QuantizedTensor, quantize_tensor
+from .quantizer import OTQQuantizer
+from .registration import register
 
+
+register()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FORMAT_VERSION",
     "GRANULARITIES",
+    "LayerReport",
+    "LayerSpec",
     "METHODS",
+    "OTQConfig",
     "OTQConv2d",
     "OTQLinear",
+    "OTQQuantizer",
     "QuantizedTensor",
     "dequantize_model",
+    "push_to_hub",
     "quantize_model",
     "quantize_tensor",
+    "register",
     "relative_mse",
     "wasserstein2",
 ]

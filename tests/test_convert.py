@@ -6,26 +6,12 @@ import logging
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 from torch import nn
 
 from diffusers_otq import OTQConv2d, OTQLinear, dequantize_model, quantize_model
 from diffusers_otq.convert import matches_module_name
 
-
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=8,
-    ).eval()
+from .tiny_models import tiny_unet
 
 
 def _float_layers(model: nn.Module) -> list[str]:
@@ -38,7 +24,7 @@ def test_quantize_model_replaces_every_linear_and_conv() -> None:
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
     with torch.no_grad():
         reference = model(x, t).sample
-    names = quantize_model(model, bits=8, progress=False)
+    names = [r.name for r in quantize_model(model, bits=8, progress=False)]
     assert names == expected
     assert not _float_layers(model)
     assert any(isinstance(m, OTQLinear) for m in model.modules()) and any(
@@ -52,7 +38,8 @@ def test_quantize_model_replaces_every_linear_and_conv() -> None:
 
 def test_modules_to_not_convert_matches_name_components() -> None:
     model = tiny_unet()
-    names = quantize_model(model, bits=4, modules_to_not_convert=["conv_in", "time_embedding"], progress=False)
+    reports = quantize_model(model, bits=4, modules_to_not_convert=["conv_in", "time_embedding"], progress=False)
+    names = [r.name for r in reports]
     assert "conv_in" not in names and not any(n.startswith("time_embedding") for n in names)
     assert type(model.conv_in) is nn.Conv2d
     assert type(model.time_embedding.linear_1) is nn.Linear
@@ -77,9 +64,11 @@ def test_matches_module_name(name: str, patterns: list[str], expected: bool) -> 
 
 def test_summary_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="diffusers_otq.convert"):
-        quantize_model(tiny_unet(), bits=3, progress=False)
+        reports = quantize_model(tiny_unet(), bits=3, progress=False)
     text = caplog.text
     assert "bits/weight" in text and "mean W2" in text and "layers" in text
+    assert len(reports) == 51 and all(r.relative_mse >= 0 and r.w2 >= 0 and r.bits_per_weight >= 3 for r in reports)
+    assert sum(r.relative_mse for r in reports) > 0
 
 
 def test_nan_weight_names_the_layer() -> None:
@@ -93,7 +82,7 @@ def test_nan_weight_names_the_layer() -> None:
 def test_shared_module_is_quantized_once() -> None:
     shared = nn.Linear(16, 16)
     model = nn.Sequential(shared, nn.ReLU(), shared)
-    names = quantize_model(model, bits=4, progress=False)
+    names = [r.name for r in quantize_model(model, bits=4, progress=False)]
     assert names == ["0", "2"]
     assert model[0] is model[2]
 
@@ -101,7 +90,7 @@ def test_shared_module_is_quantized_once() -> None:
 def test_no_target_layers_warns(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="diffusers_otq.convert"):
         assert quantize_model(nn.Sequential(nn.ReLU()), bits=4, progress=False) == []
-    assert "found no nn.Linear/nn.Conv2d" in caplog.text
+    assert "Found no nn.Linear/nn.Conv2d" in caplog.text
 
 
 def test_group_granularity_falls_back_per_layer(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,0 +1,90 @@
+"""Post-hoc quantization of an already loaded model: :func:`quantize_model`.
+
+On a diffusers ``ModelMixin`` the result is indistinguishable from ``from_pretrained(...,
+quantization_config=config)`` (same layers, same codes, same config entry and quantizer), so it saves with
+``save_pretrained`` and reloads with ``from_pretrained`` like any OTQ checkpoint.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from torch import nn
+
+from .config import OTQConfig
+from .convert import LayerReport, PlannedLayer, convert_model, plan_layers
+
+
+__all__ = ["quantize_model"]
+
+
+def quantize_model(
+    model: nn.Module,
+    config: OTQConfig | None = None,
+    *,
+    progress: bool = True,
+    compute_metrics: bool = True,
+    **config_kwargs: Any,
+) -> list[LayerReport]:
+    """Quantize ``model`` in place: every ``nn.Linear``/``nn.Conv2d`` that ``config`` selects becomes an OTQ layer.
+
+    Args:
+        model: any ``nn.Module``; a diffusers ``ModelMixin`` also gets its ``quantization_config`` and quantizer,
+            so ``save_pretrained`` writes a loadable OTQ checkpoint. Its ``_keep_in_fp32_modules`` stay float.
+        config: the :class:`OTQConfig`; or leave it out and pass its fields as keywords
+            (``quantize_model(model, bits=3, modules_to_not_convert=["proj_out"])``).
+        progress: show a tqdm bar over the layers.
+        compute_metrics: measure relative MSE and W2 per layer (one sort per layer) for the reports and log.
+
+    Returns:
+        One :class:`~diffusers_otq.convert.LayerReport` per quantized module (name, parameters, bits/weight,
+        relative MSE, W2), in ``named_modules()`` order.
+
+    Raises:
+        TypeError: ``config`` is not an OTQConfig, or both ``config`` and keywords were given.
+        ValueError: invalid options; the model is already quantized.
+    """
+    if config is None:
+        config = OTQConfig(**config_kwargs)
+    elif config_kwargs:
+        raise TypeError(f"Pass either an OTQConfig or its fields as keywords, not both (got {sorted(config_kwargs)}).")
+    elif not isinstance(config, OTQConfig):
+        raise TypeError(
+            f"config must be an OTQConfig, got {type(config).__name__} ({config!r}); e.g. OTQConfig(bits=3)."
+        )
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError(
+            f"{type(model).__name__} is already quantized ({getattr(model, 'quantization_method', 'unknown')}); "
+            "quantize the original float model instead (or call model.dequantize() first)."
+        )
+    skip = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    plan = plan_layers(model, partial(config.layer_spec, skip=skip))
+    if _is_diffusers_model(model):
+        return _quantize_diffusers_model(model, config, plan, progress, compute_metrics)
+    return convert_model(model, plan, progress=progress, compute_metrics=compute_metrics)
+
+
+def _is_diffusers_model(model: nn.Module) -> bool:
+    from diffusers import ModelMixin
+
+    return isinstance(model, ModelMixin)
+
+
+def _quantize_diffusers_model(
+    model: nn.Module, config: OTQConfig, plan: list[PlannedLayer], progress: bool, compute_metrics: bool
+) -> list[LayerReport]:
+    """Convert, then attach what ``from_pretrained`` would: quantizer, flags and the config entry."""
+    from .hub import attach_model_card
+    from .quantizer import OTQQuantizer
+
+    quantizer = OTQQuantizer(config, pre_quantized=True)  # "pre-quantized" from now on: reloads skip fitting
+    quantizer.plan = {layer.name: layer for layer in plan}
+    original_dtype = model.dtype
+    reports = convert_model(model, plan, progress=progress, compute_metrics=compute_metrics)
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    model.hf_quantizer = quantizer
+    model.register_to_config(quantization_config=config, _pre_quantization_dtype=original_dtype)
+    attach_model_card(model)
+    return reports

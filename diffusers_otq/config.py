@@ -1,0 +1,251 @@
+"""``OTQConfig``: the quantization config diffusers (and transformers) pass to the "otq" quantizer.
+
+It is saved as ``quantization_config`` in each quantized model's ``config.json`` and rebuilt with
+``OTQConfig(**that_dict)`` on reload, so every field is JSON-safe and the constructor validates everything:
+
+>>> from diffusers_otq import OTQConfig
+>>> config = OTQConfig(bits=3, modules_to_not_convert=["proj_out"], module_overrides={"attn*": {"bits": 4}})
+>>> config
+OTQConfig(bits=3, method='ot', granularity='channel', modules_to_not_convert=['proj_out'], module_overrides={'attn*': {'bits': 4}})
+>>> OTQConfig.from_dict(config.to_dict()) == config
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import fields, replace
+from enum import Enum
+from typing import Any
+
+import torch
+from diffusers.quantizers.quantization_config import QuantizationConfigMixin as DiffusersQuantizationConfigMixin
+from torch import nn
+
+from .convert import matches_module_name
+from .options import CODEBOOK_DTYPES, LayerSpec
+
+
+try:  # transformers is optional for diffusers; with it, the same config also serves text encoders
+    from transformers.utils.quantization_config import (
+        QuantizationConfigMixin as TransformersQuantizationConfigMixin,
+    )
+except ImportError:  # pragma: no cover - transformers is a dependency of this package
+    TransformersQuantizationConfigMixin = object  # type: ignore[misc,assignment]
+
+
+__all__ = ["FORMAT_VERSION", "OTQConfig", "OTQMethod"]
+
+FORMAT_VERSION = 1
+"""Version of the packed checkpoint layout (see :mod:`diffusers_otq.quantized_tensor`); bumped on any change."""
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in CODEBOOK_DTYPES}
+_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+_OVERRIDABLE = tuple(f.name for f in fields(LayerSpec))
+
+
+class OTQMethod(str, Enum):
+    """The ``quant_method`` of :class:`OTQConfig` (diffusers reads ``.value``)."""
+
+    OTQ = "otq"
+
+
+def _dtype_name(value: object, what: str) -> str | None:
+    """Normalise a codebook dtype (torch dtype or name) to its JSON name ("float16", ...), or None."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        name = str(value).removeprefix("torch.")
+    elif isinstance(value, str):
+        name = _DTYPE_ALIASES.get(value.removeprefix("torch."), value.removeprefix("torch."))
+    else:
+        name = ""
+    if name not in _DTYPE_NAMES:
+        raise ValueError(
+            f"{what}={value!r} is not supported; expected None (automatic) or one of {list(_DTYPE_NAMES)}."
+        )
+    return name
+
+
+def _spec_kwargs(options: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Validate a mapping of :class:`LayerSpec` fields (codebook dtype given by name) and return it as kwargs."""
+    unknown = sorted(set(options) - set(_OVERRIDABLE))
+    if unknown:
+        raise ValueError(f"{what} has unknown option(s) {unknown}; allowed: {list(_OVERRIDABLE)}.")
+    kwargs = dict(options)
+    if "codebook_dtype" in kwargs:
+        kwargs["codebook_dtype"] = _DTYPE_NAMES.get(_dtype_name(kwargs["codebook_dtype"], f"{what} codebook_dtype"))
+    return kwargs
+
+
+class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfigMixin):
+    """Optimal-transport codebook quantization of every ``nn.Linear``/``nn.Conv2d`` weight of a model.
+
+    Args:
+        bits: code width, 1..8 (2-4 is the intended range); each codebook has ``2**bits`` entries.
+        method: codebook fitter: ``"ot"`` (W2-optimal Lloyd-Max, default), ``"ot-equal-mass"`` (the paper's),
+            ``"uniform"``, ``"piecewise"`` or ``"log2"`` (the paper's baselines).
+        granularity: ``"channel"`` (one codebook per output channel, default), ``"group"`` (absmax scale per
+            ``group_size`` inputs plus a normalised codebook) or ``"tensor"`` (one codebook per weight).
+        group_size: inputs per scale group, for ``granularity="group"`` (layers it does not divide fall back to
+            per-channel codebooks).
+        modules_to_not_convert: module-name patterns kept in full precision; a pattern matches a whole
+            dot-separated component run (``"proj_out"`` matches ``"blocks.0.proj_out"``) or is an fnmatch glob.
+            The model class's ``_keep_in_fp32_modules`` are always kept too.
+        codebook_dtype: codebook storage dtype (``"float16"``, ``"bfloat16"``, ``"float32"`` or a torch dtype);
+            None picks float16 (bfloat16 for bfloat16 weights).
+        codebook_scope: with groups, ``"tensor"`` (one shared normalised codebook, default) or ``"channel"``.
+        module_overrides: ``{pattern: {option: value}}`` for mixed precision, e.g. ``{"attn*": {"bits": 4}}``;
+            options are any of ``bits, method, granularity, group_size, codebook_dtype, codebook_scope``; the
+            first pattern (in order) that matches a module name applies.
+        format_version: checkpoint layout version; loading a checkpoint written by a newer layout fails clearly.
+        quant_method: always ``"otq"`` (accepted so ``OTQConfig(**config_dict)`` works on reload).
+
+    Raises:
+        ValueError: any invalid value (the message names it, lists the allowed values and the fix).
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        method: str = "ot",
+        granularity: str = "channel",
+        group_size: int | None = None,
+        modules_to_not_convert: list[str] | None = None,
+        codebook_dtype: str | torch.dtype | None = None,
+        codebook_scope: str = "tensor",
+        module_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        format_version: int = FORMAT_VERSION,
+        quant_method: str | OTQMethod = OTQMethod.OTQ,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise ValueError(
+                f"OTQConfig got unknown option(s) {sorted(unknown)}. If this config comes from a checkpoint written "
+                "by a newer diffusers-otq, upgrade it (pip install -U diffusers-otq); otherwise fix the spelling."
+            )
+        if quant_method != OTQMethod.OTQ.value:
+            raise ValueError(f"OTQConfig needs quant_method='otq', got {quant_method!r}.")
+        if isinstance(format_version, bool) or not isinstance(format_version, int) or format_version < 1:
+            raise ValueError(f"format_version={format_version!r} is invalid; expected a positive int.")
+        if format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses OTQ format_version={format_version}, but this diffusers-otq reads versions "
+                f"up to {FORMAT_VERSION}; upgrade it: pip install -U diffusers-otq."
+            )
+        if modules_to_not_convert is not None and (
+            isinstance(modules_to_not_convert, str) or not all(isinstance(p, str) for p in modules_to_not_convert)
+        ):
+            raise ValueError(
+                f"modules_to_not_convert={modules_to_not_convert!r} must be a list of module-name patterns, "
+                'e.g. ["proj_out", "time_embedding"].'
+            )
+        self.quant_method = OTQMethod.OTQ
+        self.format_version = format_version
+        self.bits = bits
+        self.method = method
+        self.granularity = granularity
+        self.group_size = group_size
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+        self.codebook_dtype = _dtype_name(codebook_dtype, "codebook_dtype")
+        self.codebook_scope = codebook_scope
+        self.module_overrides = self._check_overrides(module_overrides)
+        self.base_spec()  # validates bits, method, granularity, group_size, codebook_scope
+
+    def _check_overrides(self, overrides: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
+        if overrides is None:
+            return None
+        if not isinstance(overrides, Mapping):
+            raise ValueError(
+                f"module_overrides={overrides!r} must map module-name patterns to option dicts, "
+                'e.g. {"attn*": {"bits": 4}}.'
+            )
+        checked: dict[str, dict[str, Any]] = {}
+        for pattern, options in overrides.items():
+            what = f"module_overrides[{pattern!r}]"
+            if not isinstance(pattern, str) or not isinstance(options, Mapping):
+                raise ValueError(f"{what}={options!r} must be a dict of options keyed by a str pattern.")
+            _spec_kwargs(options, what)  # names and dtype
+            checked[pattern] = {
+                k: (_dtype_name(v, f"{what} codebook_dtype") if k == "codebook_dtype" else v)
+                for k, v in options.items()
+            }
+        return checked
+
+    # ----------------------------------------------------------------------------------------- layer decisions
+
+    def base_spec(self) -> LayerSpec:
+        """The :class:`LayerSpec` of a layer no override matches."""
+        return LayerSpec(
+            bits=self.bits,
+            method=self.method,
+            granularity=self.granularity,
+            group_size=self.group_size,
+            codebook_dtype=_DTYPE_NAMES.get(self.codebook_dtype) if self.codebook_dtype else None,
+            codebook_scope=self.codebook_scope,
+        )
+
+    def layer_spec(self, name: str, module: nn.Module | None = None, skip: tuple[str, ...] = ()) -> LayerSpec | None:
+        """How the module called ``name`` is quantized, or None if it stays in full precision.
+
+        ``skip`` adds patterns to ``modules_to_not_convert`` (the quantizer passes ``_keep_in_fp32_modules``).
+        """
+        if matches_module_name(name, [*(self.modules_to_not_convert or ()), *skip]):
+            return None
+        spec = self.base_spec()
+        for pattern, options in (self.module_overrides or {}).items():
+            if matches_module_name(name, [pattern]):
+                what = f"module_overrides[{pattern!r}] applied to {name!r}"
+                try:
+                    return replace(spec, **_spec_kwargs(options, what))
+                except ValueError as err:
+                    raise ValueError(f"{what}: {err}") from None
+        return spec
+
+    # ------------------------------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict; ``OTQConfig(**config.to_dict())`` rebuilds an equal config."""
+        return {
+            "quant_method": self.quant_method.value,
+            "format_version": self.format_version,
+            "bits": self.bits,
+            "method": self.method,
+            "granularity": self.granularity,
+            "group_size": self.group_size,
+            "modules_to_not_convert": copy.deepcopy(self.modules_to_not_convert),
+            "codebook_dtype": self.codebook_dtype,
+            "codebook_scope": self.codebook_scope,
+            "module_overrides": copy.deepcopy(self.module_overrides),
+        }
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The entries that differ from ``OTQConfig()``, plus ``quant_method`` and ``format_version``."""
+        default = OTQConfig().to_dict()
+        return {k: v for k, v in self.to_dict().items() if k in ("quant_method", "format_version") or v != default[k]}
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """JSON text of :meth:`to_diff_dict` (or :meth:`to_dict` with ``use_diff=False``)."""
+        return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OTQConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every QuantizationConfigMixin
+
+    def __repr__(self) -> str:
+        shown = {"bits": self.bits, "method": self.method, "granularity": self.granularity}
+        shown.update({k: v for k, v in self.to_diff_dict().items() if k not in ("quant_method", "format_version")})
+        return f"OTQConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    def for_pipeline(self, components: tuple[str, ...] | list[str] = ("transformer",)) -> Any:
+        """Wrap this config for ``DiffusionPipeline.from_pretrained`` (which needs a PipelineQuantizationConfig).
+
+        >>> OTQConfig(bits=3).for_pipeline(["transformer"]).quant_mapping
+        {'transformer': OTQConfig(bits=3, method='ot', granularity='channel')}
+        """
+        from diffusers import PipelineQuantizationConfig
+
+        return PipelineQuantizationConfig(quant_mapping={name: self for name in components})

@@ -1,0 +1,296 @@
+"""``OTQQuantizer``: the diffusers quantizer behind ``quant_method="otq"``.
+
+Two loading paths, chosen by diffusers from the checkpoint's ``config.json``:
+
+* **quantize on load** (a float checkpoint plus ``quantization_config=OTQConfig(...)``): the float skeleton is
+  kept; as each selected ``*.weight`` arrives, :meth:`create_quantized_param` quantizes it and swaps its layer
+  for an OTQ layer, so peak memory stays near the float checkpoint plus one layer.
+* **pre-quantized** (``config.json`` carries ``quantization_config``): before loading, every selected layer is
+  replaced by an empty OTQ layer with the exact storage layout (:func:`~diffusers_otq.convert.plan_layers` is
+  deterministic), and :meth:`create_quantized_param` validates and places each stored tensor as it is on disk.
+  The loader casts floating tensors to ``torch_dtype`` before this hook; the original is read from the
+  shard's state dict instead, so codebooks and scales are never re-rounded.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.quantizers.base import DiffusersQuantizer
+from torch import nn
+
+from .checkpoint import (
+    CHECKSUMS_KEY,
+    FORMAT_VERSION_KEY,
+    CheckpointError,
+    checksums_metadata,
+    collect_checksums,
+    read_safetensors_header,
+    tensor_checksum,
+)
+from .config import FORMAT_VERSION, OTQConfig
+from .convert import PlannedLayer, dequantize_model, plan_layers, quantize_layer, replace_with_empty_layers
+from .functional.packing import unpack_codes
+from .layers import QUANTIZED_BUFFERS, OTQLayerMixin
+from .options import CODEBOOK_DTYPES
+
+
+__all__ = ["OTQQuantizer"]
+
+logger = logging.getLogger(__name__)
+
+_FIX_MISMATCH = (
+    "The weights and quantization_config in config.json disagree (edited config, or files mixed from different "
+    "quantizations). Re-quantize from the original model, or restore the matching config.json."
+)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+class OTQQuantizer(DiffusersQuantizer):
+    """Quantizes ``nn.Linear``/``nn.Conv2d`` weights to packed OT codebooks inside ``ModelMixin.from_pretrained``."""
+
+    requires_calibration = False
+    required_packages = ["diffusers_otq"]
+    use_keep_in_fp32_modules = True
+
+    def __init__(self, quantization_config: OTQConfig, **kwargs: Any) -> None:
+        if not isinstance(quantization_config, OTQConfig):
+            raise TypeError(
+                f"OTQQuantizer needs an OTQConfig, got {type(quantization_config).__name__}; "
+                "pass quantization_config=OTQConfig(bits=...)."
+            )
+        super().__init__(quantization_config, **kwargs)
+        self.quantization_config: OTQConfig
+        self.plan: dict[str, PlannedLayer] = {}
+        self._torch_dtype: torch.dtype | None = None
+        self._checksums: dict[str, int] = {}
+        self._files: list[str] = []
+
+    # ------------------------------------------------------------------------------------------- environment
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError(
+                "device_map sends modules to 'disk', but OTQ layers keep packed buffers that cannot be offloaded to "
+                "disk; use a device_map with only GPU/CPU entries (or enable_model_cpu_offload on the pipeline)."
+            )
+
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+        self._torch_dtype = torch_dtype
+        return torch_dtype
+
+    def adjust_target_dtype(self, target_dtype: torch.dtype) -> Any:
+        """Size estimate for ``device_map="auto"``: 4- or 2-bit codes count as accelerate's int4/int2."""
+        from accelerate.utils import CustomDtype
+
+        bits = self.quantization_config.bits
+        return CustomDtype.INT2 if bits <= 2 else CustomDtype.INT4 if bits <= 4 else torch.int8
+
+    # ------------------------------------------------------------------------------------------------ loading
+
+    def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
+        """Validate every safetensors header (truncation, format version) and collect the tensor checksums."""
+        if not self.pre_quantized:
+            return loaded_keys
+        headers = []
+        for path in checkpoint_files or []:
+            if not str(path).endswith(".safetensors"):
+                raise CheckpointError(
+                    f"{path}: OTQ checkpoints are stored as safetensors only (found {str(path).rsplit('.', 1)[-1]!r}); "
+                    "re-save with save_pretrained(..., safe_serialization=True)."
+                )
+            header = read_safetensors_header(path)
+            version = header.metadata.get(FORMAT_VERSION_KEY)
+            if version is not None and (not version.isdigit() or int(version) > FORMAT_VERSION):
+                raise CheckpointError(
+                    f"{path}: written with OTQ format version {version!r}, but this diffusers-otq reads versions up "
+                    f"to {FORMAT_VERSION}; upgrade it: pip install -U diffusers-otq."
+                )
+            headers.append(header)
+        self._files = [h.path for h in headers]
+        self._checksums = collect_checksums(headers)
+        return loaded_keys
+
+    def _process_model_before_weight_loading(
+        self, model: nn.Module, device_map: Any = None, keep_in_fp32_modules: list[str] | None = None, **kwargs: Any
+    ) -> nn.Module:
+        skip = (*(keep_in_fp32_modules or ()), *(m for m in self.modules_to_not_convert or () if m))
+        self.plan = {
+            layer.name: layer
+            for layer in plan_layers(
+                model, partial(self.quantization_config.layer_spec, skip=skip), warn=not self.pre_quantized
+            )
+        }
+        if not self.plan:
+            logger.warning(
+                "OTQConfig selects no nn.Linear/nn.Conv2d layer of %s; nothing is quantized.", type(model).__name__
+            )
+        if self.pre_quantized:
+            replace_with_empty_layers(model, list(self.plan.values()), dtype=self._torch_dtype)
+        return model
+
+    def check_if_quantized_param(
+        self, model: nn.Module, param_value: torch.Tensor, param_name: str, state_dict: dict[str, Any], **kwargs: Any
+    ) -> bool:
+        module_name, _, tensor_name = param_name.rpartition(".")
+        if module_name not in self.plan:
+            return False
+        return tensor_name in QUANTIZED_BUFFERS if self.pre_quantized else tensor_name == "weight"
+
+    def check_quantized_param_shape(
+        self, param_name: str, current_param: torch.Tensor, loaded_param: torch.Tensor
+    ) -> bool:
+        module_name, _, tensor_name = param_name.rpartition(".")
+        layer = self.plan[module_name]
+        raise CheckpointError(
+            f"{self._where(param_name)}: stored {tensor_name!r} has shape {tuple(loaded_param.shape)}, but a "
+            f"{tuple(layer.module.weight.shape)} weight quantized with {self._describe(layer)} needs "
+            f"{tuple(current_param.shape)}{self._implied_bits(layer, tensor_name, loaded_param)}. {_FIX_MISMATCH}"
+        )
+
+    def create_quantized_param(
+        self,
+        model: nn.Module,
+        param_value: torch.Tensor,
+        param_name: str,
+        target_device: torch.device | str,
+        state_dict: dict[str, Any],
+        unexpected_keys: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        module_name, _, tensor_name = param_name.rpartition(".")
+        layer = self.plan[module_name]
+        if not self.pre_quantized:  # quantize on load: param_value is already in the load dtype
+            weight = param_value.to(target_device)
+            _set_submodule(model, module_name, quantize_layer(layer, weight))
+            return
+        stored = state_dict[param_name]  # as on disk: param_value may have been cast to torch_dtype
+        module = model.get_submodule(module_name)
+        self._check_stored(param_name, layer, module._buffers[tensor_name], stored)
+        module._buffers[tensor_name] = stored.to(target_device)
+
+    def _check_stored(self, key: str, layer: PlannedLayer, empty: torch.Tensor, stored: torch.Tensor) -> None:
+        tensor_name = key.rpartition(".")[2]
+        if tensor_name == "codebook":
+            allowed = [empty.dtype] if layer.spec.codebook_dtype is not None else list(CODEBOOK_DTYPES)
+        else:
+            allowed = [empty.dtype]
+        if stored.dtype not in allowed:
+            raise CheckpointError(
+                f"{self._where(key)}: stored {tensor_name!r} has dtype {stored.dtype}, expected "
+                f"{' or '.join(map(str, allowed))} for {self._describe(layer)}. {_FIX_MISMATCH}"
+            )
+        if stored.shape != empty.shape:  # normally caught by check_quantized_param_shape first
+            self.check_quantized_param_shape(key, empty, stored)
+        expected = self._checksums.get(key)
+        if expected is not None and tensor_checksum(stored) != expected:
+            raise CheckpointError(
+                f"{self._where(key)}: the bytes of {tensor_name!r} do not match the checksum saved with them "
+                f"(crc32 {tensor_checksum(stored)} != {expected}); the file is corrupted. Re-download or re-save it."
+            )
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        for name, layer in self.plan.items():
+            module = model.get_submodule(name)
+            if not isinstance(module, OTQLayerMixin):
+                raise CheckpointError(
+                    f"Layer {name!r} was selected for OTQ quantization but its weight never arrived from the "
+                    "checkpoint, so it was not quantized; check that the checkpoint is complete."
+                )
+            for buffer_name in QUANTIZED_BUFFERS:
+                buffer = module._buffers.get(buffer_name)
+                if buffer is not None and buffer.device.type == "meta":
+                    raise CheckpointError(
+                        f"Layer {name!r}: {buffer_name!r} is still on the meta device after loading: the checkpoint "
+                        f"{self._files or ''} has no '{name}.{buffer_name}' entry (a missing shard, or a checkpoint "
+                        f"quantized with different settings than {self._describe(layer)}). {_FIX_MISMATCH}"
+                    )
+            if self.pre_quantized:
+                self._check_codes(name, module)
+        from .hub import attach_model_card
+
+        attach_model_card(model)
+        return model
+
+    def _check_codes(self, name: str, module: OTQLayerMixin) -> None:
+        """Codes must index existing codewords (only possible to violate when a codebook has < 2**bits entries)."""
+        levels = module.codebook.shape[1]
+        if levels >= 1 << module.bits:
+            return
+        numel = module.weight_shape.numel()
+        largest = int(unpack_codes(module.packed, module.bits, numel).max()) if numel else 0
+        if largest >= levels:
+            raise CheckpointError(
+                f"Layer {name!r}: a stored code is {largest}, but its codebooks have only {levels} entries; "
+                "the packed codes are corrupted. Re-download or re-save the checkpoint."
+            )
+
+    # --------------------------------------------------------------------------------------- saving / helpers
+
+    def get_state_dict_and_metadata(
+        self, state_dict: dict[str, torch.Tensor], safe_serialization: bool = False
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Add the format version and the checksums of every packed tensor to the safetensors headers."""
+        if not safe_serialization:
+            raise ValueError(
+                "OTQ checkpoints are saved as safetensors only (no pickles); call "
+                "save_pretrained(..., safe_serialization=True) (the default)."
+            )
+        packed = {
+            key: tensor
+            for key, tensor in state_dict.items()
+            if key.rpartition(".")[2] in QUANTIZED_BUFFERS and key.rpartition(".")[0] in self.plan
+        }
+        return state_dict, {FORMAT_VERSION_KEY: str(FORMAT_VERSION), CHECKSUMS_KEY: checksums_metadata(packed)}
+
+    def _where(self, key: str) -> str:
+        files = f" in {', '.join(self._files)}" if self._files else ""
+        return f"Layer {key.rpartition('.')[0]!r}{files}"
+
+    @staticmethod
+    def _describe(layer: PlannedLayer) -> str:
+        spec = layer.spec
+        text = f"bits={spec.bits}, granularity={spec.granularity!r}"
+        return text + (f", group_size={spec.group_size}" if spec.group_size else "")
+
+    @staticmethod
+    def _implied_bits(layer: PlannedLayer, tensor_name: str, loaded: torch.Tensor) -> str:
+        bits = layer.spec.bits
+        if tensor_name == "packed":
+            numel = layer.module.weight.numel()
+            return f" (the stored codes hold {loaded.numel() * 8 / numel:.2f} bits per weight, config says {bits})"
+        if tensor_name == "codebook" and loaded.dim() == 2:
+            return f" (the stored codebooks have {loaded.shape[1]} entries; bits={bits} means up to {1 << bits})"
+        return ""
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    def _dequantize(self, model: nn.Module) -> nn.Module:
+        """Restore float layers and drop ``quantization_config`` from the config, so saving gives a plain model."""
+        dequantize_model(model)
+        config = getattr(model, "_internal_dict", None)
+        if config is not None and "quantization_config" in config:
+            model._internal_dict = FrozenDict({k: v for k, v in config.items() if k != "quantization_config"})
+        from .hub import detach_model_card
+
+        detach_model_card(model)
+        return model
