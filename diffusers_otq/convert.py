@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .functional.metrics import relative_mse, wasserstein2
 from .layers import OTQConv2d, OTQLayerMixin, OTQLinear
+from .memory import release_freed_memory
 from .options import LayerSpec
 from .quantized_tensor import quantize_tensor
 
@@ -173,6 +174,7 @@ def convert_model(
         if id(layer.module) not in done:
             quantized = quantize_layer(layer)
             done[id(layer.module)] = (quantized, _report(layer, quantized, compute_metrics))
+            release_freed_memory()
         quantized, report = done[id(layer.module)]
         _set_submodule(model, layer.name, quantized)
         reports.append(replace(report, name=layer.name))

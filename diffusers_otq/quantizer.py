@@ -36,6 +36,7 @@ from .config import FORMAT_VERSION, OTQConfig
 from .convert import PlannedLayer, dequantize_model, plan_layers, quantize_layer, replace_with_empty_layers
 from .functional.packing import unpack_codes
 from .layers import QUANTIZED_BUFFERS, OTQLayerMixin
+from .memory import release_freed_memory
 from .options import CODEBOOK_DTYPES
 
 
@@ -172,6 +173,7 @@ class OTQQuantizer(DiffusersQuantizer):
         if not self.pre_quantized:  # quantize on load: param_value is already in the load dtype
             weight = param_value.to(target_device)
             _set_submodule(model, module_name, quantize_layer(layer, weight))
+            release_freed_memory()
             return
         stored = state_dict[param_name]  # as on disk: param_value may have been cast to torch_dtype
         module = model.get_submodule(module_name)

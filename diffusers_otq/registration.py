@@ -69,7 +69,7 @@ def _explain_bare_config(from_pretrained: Any) -> Any:
     @functools.wraps(from_pretrained)
     def wrapper(cls: type, *args: Any, **kwargs: Any) -> Any:
         config = kwargs.get("quantization_config")
-        if isinstance(config, OTQConfig) and not getattr(cls, "_accepts_model_quantization_config", False):
+        if isinstance(config, OTQConfig):
             raise ValueError(
                 f"{cls.__name__}.from_pretrained got quantization_config={config!r}, a per-model config; pipelines "
                 "need a PipelineQuantizationConfig that says which components to quantize. Wrap it: "
