@@ -18,8 +18,10 @@ from .functional.metrics import relative_mse, wasserstein2
 from .hub import push_to_hub
 from .layers import OTQConv2d, OTQLinear
 from .options import GRANULARITIES, METHODS, LayerSpec
+from .pipeline import FlowMatchPipeline
 from .quantized_tensor import QuantizedTensor, quantize_tensor
 from .quantizer import OTQQuantizer
+from .reference import reference_models
 from .registration import register
 
 
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "FlowMatchPipeline",
     "GRANULARITIES",
     "LayerReport",
     "LayerSpec",
@@ -42,6 +45,7 @@ __all__ = [
     "push_to_hub",
     "quantize_model",
     "quantize_tensor",
+    "reference_models",
     "register",
     "relative_mse",
     "wasserstein2",

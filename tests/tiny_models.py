@@ -31,8 +31,11 @@ from transformers import (
 )
 
 
-def tiny_unet(seed: int = 0) -> UNet2DModel:
-    """A 2-level UNet2DModel with attention (Conv2d and Linear layers), 8x8 single-channel images."""
+def tiny_unet(seed: int = 0, num_class_embeds: int | None = None, attention: bool = True) -> UNet2DModel:
+    """A 2-level UNet2DModel (Conv2d and Linear layers) for 8x8 single-channel images.
+
+    ``num_class_embeds=11`` makes it class-conditional (10 classes plus the null label).
+    """
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=8,
@@ -40,10 +43,11 @@ def tiny_unet(seed: int = 0) -> UNet2DModel:
         out_channels=1,
         block_out_channels=(16, 32),
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D" if attention else "DownBlock2D"),
+        up_block_types=("AttnUpBlock2D" if attention else "UpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
         attention_head_dim=8,
+        num_class_embeds=num_class_embeds,
     ).eval()
 
 

