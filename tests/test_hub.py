@@ -117,3 +117,19 @@ def test_card_numbers_match_the_folder(quantized: UNet2DModel, tmp_path: Path) -
     layers = [m for m in quantized.modules() if isinstance(m, diffusers_otq.OTQConv2d | diffusers_otq.OTQLinear)]
     bpw = sum(m.nbytes for m in layers) * 8 / sum(m.weight_shape.numel() for m in layers)
     assert f"| {bpw:.3f} |" in body
+
+
+def test_flow_match_pipeline_push_to_hub_writes_pipeline_card(hub: FakeHub, tmp_path: Path) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusers_otq import FlowMatchPipeline
+
+    FlowMatchPipeline(tiny_unet(num_class_embeds=11), FlowMatchEulerDiscreteScheduler()).save_pretrained(tmp_path)
+    pipe = FlowMatchPipeline.from_pretrained(tmp_path, quantization_config=OTQConfig(bits=3))
+    pipe.push_to_hub("me/fm-otq3")
+    (upload,) = hub.uploads
+    assert {"README.md", "model_index.json", "transformer/config.json"} <= set(upload["files"])
+    metadata, body = _card(upload)
+    assert {"otq", "3-bit"} <= set(metadata["tags"])
+    assert "from diffusers_otq import FlowMatchPipeline" in body and 'FlowMatchPipeline.from_pretrained("me/fm-otq3")' in body
+    assert '"transformer"' in body  # the per-component quantization config
