@@ -21,7 +21,6 @@ import logging
 import os
 import tempfile
 import types
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +41,8 @@ _REPO_ROOT_CARDS = Path(__file__).resolve().parent.parent / "model_cards"
 
 def _template_path() -> Path:
     """The card template: packaged data when installed, the repository's ``model_cards/`` in a checkout."""
-    try:
-        packaged = resources.files("diffusers_otq.model_cards") / TEMPLATE_NAME
-        if packaged.is_file():
-            return Path(str(packaged))
-    except ModuleNotFoundError:
-        pass
-    return _REPO_ROOT_CARDS / TEMPLATE_NAME
+    packaged = Path(__file__).resolve().parent / "model_cards" / TEMPLATE_NAME
+    return packaged if packaged.is_file() else _REPO_ROOT_CARDS / TEMPLATE_NAME
 
 
 def _human_bytes(n: float) -> str:

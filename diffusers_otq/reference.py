@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -24,14 +23,9 @@ _REPO_ROOT_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
 
 def _root() -> Path:
-    """Installed package data, or the repository's ``pipelines/`` folder in a checkout."""
-    try:
-        packaged = Path(str(resources.files("diffusers_otq.reference_pipelines")))
-        if packaged.is_dir() and any((p / "model_index.json").is_file() for p in packaged.iterdir()):
-            return packaged
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return _REPO_ROOT_PIPELINES
+    """Installed package data (``diffusers_otq/reference_pipelines``), or ``pipelines/`` in a source checkout."""
+    packaged = Path(__file__).resolve().parent / "reference_pipelines"
+    return packaged if packaged.is_dir() else _REPO_ROOT_PIPELINES
 
 
 def reference_models() -> list[str]:

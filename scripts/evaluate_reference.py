@@ -139,6 +139,8 @@ def main() -> None:
     if classifier is None:
         raise SystemExit(f"No bundled classifier for {info['dataset']}; run scripts/export_reference.py --classifier.")
     start = time.perf_counter()
+    inception = InceptionFeatures(batch_size=50)
+    mu_test, sigma_test, test_images = _test_statistics(info["dataset"], args.stats_cache, inception, args.test_images)
     images, labels = _samples(pipe, max(args.accuracy_samples, args.fid_samples), args)
     with torch.no_grad():
         predicted = torch.cat(
@@ -146,8 +148,6 @@ def main() -> None:
         )
     accuracy = (predicted == labels[: args.accuracy_samples]).float().mean().item()
     logger.info("class accuracy %.4f", accuracy)
-    inception = InceptionFeatures(batch_size=50)
-    mu_test, sigma_test, test_images = _test_statistics(info["dataset"], args.stats_cache, inception, args.test_images)
     mu, sigma = feature_statistics(inception(images[: args.fid_samples]))
     fid = frechet_distance(mu, sigma, mu_test, sigma_test)
     logger.info("FID vs test %.3f", fid)

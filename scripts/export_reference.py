@@ -59,6 +59,7 @@ def main() -> None:
         "weights_dtype": args.dtype,
         "training": {
             "steps": state["step"],
+            "planned_steps": train_args.get("steps"),
             **{
                 k: train_args[k]
                 for k in ("arch", "batch_size", "lr", "ema_decay", "cond_drop", "seed")
