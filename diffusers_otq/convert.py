@@ -34,6 +34,7 @@ __all__ = [
     "plan_layers",
     "quantize_layer",
     "replace_with_empty_layers",
+    "set_submodule",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ def _input_dim(module: nn.Module) -> int:
     return math.prod(shape[1:]) if len(shape) > 1 else shape[0]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) of ``model`` by ``module``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -147,7 +149,7 @@ def replace_with_empty_layers(
 ) -> None:
     """Swap each planned layer for an uninitialised OTQ layer with the exact storage layout (checkpoint skeleton)."""
     for layer in plan:
-        _set_submodule(model, layer.name, layer.target.empty_like(layer.module, layer.spec, dtype, device))
+        set_submodule(model, layer.name, layer.target.empty_like(layer.module, layer.spec, dtype, device))
 
 
 def convert_model(
@@ -176,7 +178,7 @@ def convert_model(
             done[id(layer.module)] = (quantized, _report(layer, quantized, compute_metrics))
             release_freed_memory()
         quantized, report = done[id(layer.module)]
-        _set_submodule(model, layer.name, quantized)
+        set_submodule(model, layer.name, quantized)
         reports.append(replace(report, name=layer.name))
     _log_summary(reports)
     return reports
@@ -221,5 +223,5 @@ def dequantize_model(model: nn.Module) -> list[str]:
     """Replace every OTQ layer of ``model`` in place by the plain float layer it reconstructs; returns the names."""
     names = [name for name, module in model.named_modules() if isinstance(module, OTQLayerMixin)]
     for name in names:
-        _set_submodule(model, name, model.get_submodule(name).dequantize())
+        set_submodule(model, name, model.get_submodule(name).dequantize())
     return names

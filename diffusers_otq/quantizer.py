@@ -33,7 +33,14 @@ from .checkpoint import (
     tensor_checksum,
 )
 from .config import FORMAT_VERSION, OTQConfig
-from .convert import PlannedLayer, dequantize_model, plan_layers, quantize_layer, replace_with_empty_layers
+from .convert import (
+    PlannedLayer,
+    dequantize_model,
+    plan_layers,
+    quantize_layer,
+    replace_with_empty_layers,
+    set_submodule,
+)
 from .functional.packing import unpack_codes
 from .layers import QUANTIZED_BUFFERS, OTQLayerMixin
 from .memory import release_freed_memory
@@ -48,11 +55,6 @@ _FIX_MISMATCH = (
     "The weights and quantization_config in config.json disagree (edited config, or files mixed from different "
     "quantizations). Re-quantize from the original model, or restore the matching config.json."
 )
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 class OTQQuantizer(DiffusersQuantizer):
@@ -172,7 +174,7 @@ class OTQQuantizer(DiffusersQuantizer):
         layer = self.plan[module_name]
         if not self.pre_quantized:  # quantize on load: param_value is already in the load dtype
             weight = param_value.to(target_device)
-            _set_submodule(model, module_name, quantize_layer(layer, weight))
+            set_submodule(model, module_name, quantize_layer(layer, weight))
             release_freed_memory()
             return
         stored = state_dict[param_name]  # as on disk: param_value may have been cast to torch_dtype
