@@ -19,14 +19,13 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
 from diffusers_otq import FlowMatchPipeline
 from diffusers_otq.datasets import load_dataset
-from diffusers_otq.fid import InceptionFeatures, feature_statistics, frechet_distance
+from diffusers_otq.fid import InceptionFeatures, dataset_statistics, feature_statistics, frechet_distance
 from diffusers_otq.reference import INFO_NAME, reference_classifier, resolve_reference
 
 
@@ -52,22 +51,6 @@ def _samples(pipe: FlowMatchPipeline, count: int, args: argparse.Namespace) -> t
         ).images
         images.append(out)
     return torch.cat(images), labels
-
-
-def _test_statistics(
-    dataset: str, cache: Path, inception: InceptionFeatures, limit: int | None
-) -> tuple[np.ndarray, np.ndarray, int]:
-    images, _ = load_dataset(dataset, "test")
-    images = images[:limit]
-    path = cache / f"{dataset}-test{len(images)}-inception.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            return data["mu"], data["sigma"], len(images)
-    logger.info("Inception features of %d test images (cached in %s)", len(images), path)
-    mu, sigma = feature_statistics(inception(images / 2 + 0.5))
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma)
-    return mu, sigma, len(images)
 
 
 def _render_card(folder: Path, info: dict) -> None:
@@ -140,7 +123,8 @@ def main() -> None:
         raise SystemExit(f"No bundled classifier for {info['dataset']}; run scripts/export_reference.py --classifier.")
     start = time.perf_counter()
     inception = InceptionFeatures(batch_size=50)
-    mu_test, sigma_test, test_images = _test_statistics(info["dataset"], args.stats_cache, inception, args.test_images)
+    mu_test, sigma_test = dataset_statistics(info["dataset"], args.stats_cache, inception, args.test_images)
+    test_images = min(args.test_images or 10**9, len(load_dataset(info["dataset"], "test")[1]))
     images, labels = _samples(pipe, max(args.accuracy_samples, args.fid_samples), args)
     with torch.no_grad():
         predicted = torch.cat(

@@ -24,7 +24,7 @@ from diffusers_otq import FlowMatchPipeline, OTQConfig
 from diffusers_otq import reference as reference_module
 from diffusers_otq.layers import OTQLayerMixin
 
-from .tiny_models import tiny_unet
+from .tiny_models import tiny_dit, tiny_unet
 
 
 SCHEDULERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
@@ -49,18 +49,7 @@ def conditional_unet() -> UNet2DModel:
 
 
 def small_dit() -> DiTTransformer2DModel:
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=1,
-        out_channels=1,
-        num_layers=1,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        norm_type="ada_norm_zero",
-        num_embeds_ada_norm=10,
-    ).eval()
+    return tiny_dit(num_layers=1)
 
 
 def make_pipeline(model: ModelMixin | None = None, scheduler: str = "euler") -> FlowMatchPipeline:

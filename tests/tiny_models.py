@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -48,6 +49,22 @@ def tiny_unet(seed: int = 0, num_class_embeds: int | None = None, attention: boo
         norm_num_groups=8,
         attention_head_dim=8,
         num_class_embeds=num_class_embeds,
+    ).eval()
+
+
+def tiny_dit(seed: int = 0, num_layers: int = 1, num_classes: int = 10) -> DiTTransformer2DModel:
+    """A DiTTransformer2DModel (AdaLN-Zero, ``num_classes`` label rows) for 8x8 single-channel images."""
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=1,
+        out_channels=1,
+        num_layers=num_layers,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        norm_type="ada_norm_zero",
+        num_embeds_ada_norm=num_classes,
     ).eval()
 
 

@@ -1,0 +1,1 @@
+"""Evaluation harness: peers, probes, grid, results store and report."""

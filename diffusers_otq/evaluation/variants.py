@@ -1,0 +1,218 @@
+"""Quantized variants of a denoiser for the evaluation grid: our methods in two scopes, and the peers' formats.
+
+A :class:`Variant` names one point of the grid. :func:`quantize_variant` turns a full-precision denoiser into
+that variant in place and measures what it stored:
+
+* ``scope="deploy"`` with one of our methods: exactly what ``OTQConfig`` does (packed OTQ layers for every
+  ``nn.Linear``/``nn.Conv2d`` weight, via :func:`diffusers_otq.quantize_model`).
+* ``scope="paper"`` with one of our methods: what the source paper's scripts do, fake quantization of *every*
+  floating tensor of the state dict (biases, norms and embeddings too) with float32 codebooks; tensors with
+  ``ndim >= 2`` get the variant's granularity, 1-D tensors one codebook each.
+* a peer format (``granularity="native"``, deploy scope only): the peer library's own quantize/dequantize
+  (:mod:`diffusers_otq.evaluation.peers`) applied to the same Linear/Conv2d weights, viewed as
+  ``(out, in * kh * kw)``. Weights a format cannot store stay in full precision, counted at 16 bits.
+
+Effective bits/weight count every stored byte (codes, codebooks, scales) over the quantized set of weights;
+``model_bytes`` adds everything left in float at 16 bits (the bundled models ship in fp16).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..config import OTQConfig
+from ..convert import plan_layers
+from ..functional.fitters import METHODS
+from ..functional.metrics import relative_mse, wasserstein2
+from ..quantized_tensor import quantize_tensor
+from .peers import PEER_FORMATS, PeerNotApplicable, peer_format
+
+
+__all__ = ["FAMILIES", "SCOPES", "Variant", "family_of", "quantize_variant"]
+
+SCOPES: tuple[str, ...] = ("deploy", "paper")
+FAMILIES: dict[str, str] = {"ot": "otq", **{m: "paper" for m in METHODS if m != "ot"}}
+_FLOAT_BITS = 16  # what an unquantized float weight costs in the shipped (fp16) models
+
+
+def family_of(method: str) -> str:
+    """``"otq"`` for ot, ``"paper"`` for the paper's methods, ``"peer"`` for peer formats, ``"reference"`` for fp."""
+    if method == "fp":
+        return "reference"
+    if method in FAMILIES:
+        return FAMILIES[method]
+    if method in PEER_FORMATS:
+        return "peer"
+    raise ValueError(
+        f"method={method!r} is neither one of ours {list(FAMILIES)}, a peer format {list(PEER_FORMATS)} nor 'fp'."
+    )
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One grid point: ``method`` at ``bits`` with ``granularity`` in ``scope`` (``group_size`` for groups)."""
+
+    method: str
+    granularity: str
+    bits: int
+    scope: str = "deploy"
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        family = family_of(self.method)
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r} is unknown; expected one of {list(SCOPES)}.")
+        if family == "peer" and (self.scope != "deploy" or self.granularity != "native"):
+            raise ValueError(
+                f"peer format {self.method!r} runs with granularity='native' in the deploy scope only, got "
+                f"granularity={self.granularity!r}, scope={self.scope!r}."
+            )
+        if family == "peer" and self.bits != peer_format(self.method).bits:
+            raise ValueError(
+                f"{self.method!r} stores {peer_format(self.method).bits}-bit codes, not bits={self.bits}."
+            )
+
+
+def _layer_row(name: str, original: torch.Tensor, quantized: torch.Tensor) -> dict:
+    return {
+        "name": name,
+        "numel": original.numel(),
+        "rel_mse": relative_mse(original, quantized),
+        "w2": wasserstein2(original, quantized),
+    }
+
+
+def _summary(layers: list[dict], stored_bits: float, quantized_numel: int, float_numel: int, seconds: float) -> dict:
+    finite = [row for row in layers if math.isfinite(row["rel_mse"])]
+    weights = sum(row["numel"] for row in finite) or 1
+    return {
+        "bits_per_weight": stored_bits / quantized_numel if quantized_numel else math.nan,
+        "model_bytes": int(math.ceil((stored_bits + float_numel * _FLOAT_BITS) / 8)),
+        "quantize_s": seconds,
+        "quantized_layers": sum(1 for row in layers if not row.get("skipped")),
+        "skipped_layers": sum(1 for row in layers if row.get("skipped")),
+        "rel_mse_mean": sum(row["rel_mse"] * row["numel"] for row in finite) / weights,
+        "w2_mean": sum(row["w2"] for row in finite) / max(len(finite), 1),
+        "layers": layers,
+    }
+
+
+def _otq_config(variant: Variant) -> OTQConfig:
+    group = variant.granularity == "group"
+    return OTQConfig(
+        bits=variant.bits,
+        method=variant.method,
+        granularity=variant.granularity,
+        group_size=variant.group_size if group else None,
+    )
+
+
+def _layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Float copies of the Linear/Conv2d weights the deploy scope quantizes, by module name."""
+    plan = plan_layers(model, partial(OTQConfig(bits=4).layer_spec, skip=()), warn=False)
+    return {layer.name: layer.module.weight.detach().float().clone() for layer in plan}
+
+
+def _deploy_ours(model: nn.Module, variant: Variant) -> dict:
+    from ..api import quantize_model
+    from ..layers import OTQLayerMixin
+
+    originals = _layer_weights(model)
+    float_numel = _float_numel(model) - sum(w.numel() for w in originals.values())
+    start = time.perf_counter()
+    quantize_model(model, _otq_config(variant), progress=False, compute_metrics=False)
+    seconds = time.perf_counter() - start
+    layers, stored_bits, quantized_numel = [], 0.0, 0
+    for name, module in model.named_modules():
+        if isinstance(module, OTQLayerMixin):
+            qweight = module.quantized_weight()
+            layers.append(_layer_row(name, originals[name], qweight.dequantize(torch.float32)))
+            stored_bits += qweight.nbytes * 8
+            quantized_numel += qweight.numel
+    return _summary(layers, stored_bits, quantized_numel, float_numel, seconds)
+
+
+def _float_numel(model: nn.Module) -> int:
+    return sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+
+
+def _deploy_peer(model: nn.Module, variant: Variant) -> dict:
+    peer = peer_format(variant.method)
+    plan = plan_layers(model, partial(OTQConfig(bits=4).layer_spec, skip=()), warn=False)
+    float_numel = _float_numel(model)
+    layers, stored_bits, quantized_numel, seconds = [], 0.0, 0, 0.0
+    for layer in plan:
+        weight = layer.module.weight
+        original = weight.detach().float()
+        start = time.perf_counter()
+        try:
+            result = peer.quantize(original.reshape(original.shape[0], -1))
+        except PeerNotApplicable as err:
+            skipped = {"name": layer.name, "numel": original.numel(), "rel_mse": 0.0, "w2": 0.0, "skipped": str(err)}
+            layers.append(skipped)
+            continue
+        seconds += time.perf_counter() - start
+        dequantized = result.dequantized.reshape(original.shape)
+        layers.append(_layer_row(layer.name, original, dequantized))
+        with torch.no_grad():
+            weight.copy_(dequantized.to(weight.dtype))
+        stored_bits += result.stored_bits
+        quantized_numel += original.numel()
+    skipped_numel = sum(row["numel"] for row in layers if row.get("skipped"))
+    summary = _summary(
+        layers,
+        stored_bits + skipped_numel * _FLOAT_BITS,
+        quantized_numel + skipped_numel,
+        float_numel - quantized_numel - skipped_numel,
+        seconds,
+    )
+    summary["format"] = peer.description
+    summary["native_coverage"] = peer.native_coverage
+    return summary
+
+
+def _paper_scope(model: nn.Module, variant: Variant) -> dict:
+    layers, stored_bits, quantized_numel, float_numel, seconds = [], 0.0, 0, 0, 0.0
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        original = tensor.detach().float()
+        granularity = variant.granularity if tensor.ndim >= 2 else "tensor"
+        group_size = variant.group_size if granularity == "group" else None
+        if granularity == "group" and math.prod(tensor.shape[1:]) % variant.group_size != 0:
+            granularity, group_size = "channel", None
+        start = time.perf_counter()
+        qtensor = quantize_tensor(
+            original, variant.bits, variant.method, granularity, group_size, codebook_dtype=torch.float32, name=name
+        )
+        dequantized = qtensor.dequantize(torch.float32)
+        seconds += time.perf_counter() - start
+        layers.append(_layer_row(name, original, dequantized))
+        with torch.no_grad():
+            tensor.copy_(dequantized.to(tensor.dtype))
+        stored_bits += qtensor.nbytes * 8
+        quantized_numel += original.numel()
+    return _summary(layers, stored_bits, quantized_numel, float_numel, seconds)
+
+
+def quantize_variant(model: nn.Module, variant: Variant) -> dict:
+    """Turn the float ``model`` into ``variant`` in place; returns the ``weights`` metrics of the variant.
+
+    Returns:
+        ``bits_per_weight``, ``model_bytes``, ``quantize_s``, ``quantized_layers``, ``skipped_layers``,
+        ``rel_mse_mean`` (numel-weighted), ``w2_mean`` (mean over layers) and ``layers`` (per tensor: name,
+        numel, rel_mse, w2; peers add ``skipped`` with the reason for weights their format cannot store).
+    """
+    family = family_of(variant.method)
+    if family == "peer":
+        return _deploy_peer(model, variant)
+    if variant.scope == "paper":
+        return _paper_scope(model, variant)
+    return _deploy_ours(model, variant)

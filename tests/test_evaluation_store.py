@@ -1,0 +1,66 @@
+"""The JSONL result store: per-process shards, resume keys, deterministic merge."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from diffusers_otq.evaluation.store import ResultStore, read_jsonl, row_key
+
+
+def _row(method: str, bits: int, status: str = "ok", value: float = 1.0) -> dict:
+    return {
+        "model": "m",
+        "method": method,
+        "granularity": "channel",
+        "bits": bits,
+        "scope": "deploy",
+        "metric_set": "weights",
+        "seed": 0,
+        "status": status,
+        "metrics": {"x": value},
+    }
+
+
+def test_shards_merge_sorted_and_independent_of_rank_assignment(tmp_path):
+    rows = [_row("ot", b) for b in (2, 3, 4, 5)]
+    one, two = tmp_path / "one", tmp_path / "two"
+    ResultStore(one, 0).append(rows)
+    ResultStore(two, 0).append(rows[1::2])
+    ResultStore(two, 1).append(rows[0::2])
+    assert ResultStore(one).merge().read_text() == ResultStore(two).merge().read_text()
+    merged = read_jsonl(one / "results.jsonl")
+    assert [r["key"] for r in merged] == sorted(row_key(r) for r in rows)
+
+
+def test_done_keys_skip_errors_and_ok_wins(tmp_path):
+    store = ResultStore(tmp_path, 1)
+    store.append([_row("ot", 2), _row("ot", 3, status="error")])
+    assert store.done_keys() == {row_key(_row("ot", 2))}
+    ResultStore(tmp_path, 2).append([_row("ot", 3, value=7.0)])
+    ResultStore(tmp_path, 3).append([_row("ot", 3, status="error")])  # a later failure does not hide the ok row
+    by_key = {r["key"]: r for r in store.rows()}
+    assert by_key[row_key(_row("ot", 3))]["metrics"]["x"] == 7.0
+
+
+def test_nan_is_stored_as_null_and_truncated_last_line_is_ignored(tmp_path):
+    store = ResultStore(tmp_path, 0)
+    store.append([_row("ot", 2, value=math.nan)])
+    with open(store.shard_path, "a") as handle:
+        handle.write('{"model": "m", "meth')  # a writer killed mid-line
+    rows = store.rows()
+    assert len(rows) == 1 and rows[0]["metrics"]["x"] is None
+
+
+def test_corrupt_line_names_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(_row("ot", 2)) + "\nnot json\n" + json.dumps(_row("ot", 3)) + "\n")
+    with pytest.raises(ValueError, match="rows.jsonl:2"):
+        read_jsonl(path)
+
+
+def test_row_key_needs_all_fields():
+    with pytest.raises(ValueError, match="seed"):
+        row_key({k: v for k, v in _row("ot", 2).items() if k != "seed"})
