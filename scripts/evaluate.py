@@ -41,6 +41,9 @@ def _parse() -> argparse.Namespace:
         default=REPO / "runs" / "fid-stats",
         help="cache of the test sets' Inception statistics (shared between runs)",
     )
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="run only these models of the config (the report covers all rows)"
+    )
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the rows on disk")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new units after this")
     return parser.parse_args()
@@ -80,6 +83,11 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     store = ResultStore(args.output, rank)
     units = expand_units(config)
+    if args.models:
+        unknown = sorted(set(args.models) - set(config.models))
+        if unknown:
+            raise SystemExit(f"error: --models {unknown} are not in {config_path} (models: {list(config.models)}).")
+        units = [unit for unit in units if unit.model in args.models]
 
     if not args.report_only:
         started = time.monotonic()

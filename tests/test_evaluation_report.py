@@ -267,11 +267,22 @@ def test_load_rows_round_trips_and_rejects_corrupt_line(rows: list[dict[str, Any
     assert load_rows(path) == rows
 
     path.write_text(json.dumps(rows[0]) + "\n" + '{"key": "truncated", "model"\n' + json.dumps(rows[1]) + "\n")
-    with pytest.raises(ValueError, match=r"results\.jsonl, line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"results\.jsonl:2 is not valid JSON"):
         load_rows(path)
-    path.write_text(json.dumps({"key": "x"}) + "\n")
-    with pytest.raises(ValueError, match="line 1: missing field"):
+    path.write_text(json.dumps(rows[0]) + "\n" + "[1, 2]\n")
+    with pytest.raises(ValueError, match=r"results\.jsonl:2 is not a JSON object"):
         load_rows(path)
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"key": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"results\.jsonl, row 2: missing field"):
+        load_rows(path)
+
+
+def test_load_rows_drops_the_unfinished_last_line_of_a_killed_writer(
+    rows: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n" + json.dumps(rows[2])[:25])
+    assert load_rows(path) == rows[:2]
 
 
 def test_load_rows_keeps_the_last_of_repeated_keys(rows: list[dict[str, Any]], tmp_path: Path) -> None:

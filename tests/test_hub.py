@@ -131,5 +131,8 @@ def test_flow_match_pipeline_push_to_hub_writes_pipeline_card(hub: FakeHub, tmp_
     assert {"README.md", "model_index.json", "transformer/config.json"} <= set(upload["files"])
     metadata, body = _card(upload)
     assert {"otq", "3-bit"} <= set(metadata["tags"])
-    assert "from diffusers_otq import FlowMatchPipeline" in body and 'FlowMatchPipeline.from_pretrained("me/fm-otq3")' in body
+    assert (
+        "from diffusers_otq import FlowMatchPipeline" in body
+        and 'FlowMatchPipeline.from_pretrained("me/fm-otq3")' in body
+    )
     assert '"transformer"' in body  # the per-component quantization config
