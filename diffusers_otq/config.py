@@ -85,7 +85,8 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
 
     Args:
         bits: code width, 1..8 (2-4 is the intended range); each codebook has ``2**bits`` entries.
-        method: codebook fitter: ``"ot"`` (W2-optimal Lloyd-Max, default), ``"ot-equal-mass"`` (the paper's),
+        method: codebook fitter: ``"ot"`` (W2-optimal Lloyd-Max, default), ``"ot-vp"`` (Lloyd-Max cells with the
+            codewords stretched to keep each row's variance), ``"ot-equal-mass"`` (the paper's),
             ``"uniform"``, ``"piecewise"`` or ``"log2"`` (the paper's baselines).
         granularity: ``"channel"`` (one codebook per output channel, default), ``"group"`` (absmax scale per
             ``group_size`` inputs plus a normalised codebook) or ``"tensor"`` (one codebook per weight).

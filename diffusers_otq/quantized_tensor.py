@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .functional.fitters import fit_codebook
+from .functional.fitters import fit_codebook, stretch_to_variance
 from .functional.packing import pack_codes, packed_num_bytes, unpack_codes
 from .functional.scales import GroupScales, decode_group_scales, encode_group_scales
 from .options import (
@@ -306,21 +306,24 @@ def _fit_shared(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One codebook for all normalised values of the tensor; returns the (1, K) codebook and (R, n) codes.
 
-    ``"ot"`` fits on an evenly strided subsample of at most 2**22 values (its nearest-codeword assignment then
-    covers every value), which bounds time and memory on large matrices; the other methods need every value.
+    ``"ot"`` and ``"ot-vp"`` fit Lloyd-Max on an evenly strided subsample of at most 2**22 values (the
+    nearest-codeword assignment then covers every value; ``"ot-vp"`` stretches the codebook with the moments of
+    all values), which bounds time and memory on large matrices; the other methods need every value.
     """
     flat = values.reshape(1, -1)
     flat_weights = None if weights is None else weights.reshape(1, -1)
     stride = -(-flat.shape[1] // _ELEMENTS_PER_CHUNK)
-    if method != "ot" or stride == 1 or flat.shape[1] <= (1 << bits):
+    if method not in ("ot", "ot-vp") or stride == 1 or flat.shape[1] <= (1 << bits):
         codebook, codes = _fit_rows(flat, bits, method, flat_weights, storage_dtype, what)
         return codebook, codes.view(values.shape)
     sample_weights = None if flat_weights is None else flat_weights[:, ::stride].contiguous()
-    codebook, _ = _fit_rows(flat[:, ::stride].contiguous(), bits, method, sample_weights, storage_dtype, what)
+    codebook, _ = _fit_rows(flat[:, ::stride].contiguous(), bits, "ot", sample_weights, storage_dtype, what)
     codes = torch.empty(values.shape, dtype=torch.uint8, device=values.device)
     chunk = max(1, _ELEMENTS_PER_CHUNK // values.shape[1])
     for start in range(0, values.shape[0], chunk):
         codes[start : start + chunk] = _nearest_codes(values[start : start + chunk], codebook)
+    if method == "ot-vp":
+        codebook = stretch_to_variance(values, codebook.float(), codes, weights).to(storage_dtype)
     return codebook, codes
 
 
@@ -340,7 +343,8 @@ def quantize_tensor(
     Args:
         weight: floating tensor with at least one dimension; dim 0 is the output channel.
         bits: code width, 1..8; every codebook has ``K = min(2**bits, n)`` codewords.
-        method: codebook fitter, one of ``"ot"`` (W2-optimal, default), ``"ot-equal-mass"`` (the paper's),
+        method: codebook fitter, one of ``"ot"`` (W2-optimal, default), ``"ot-vp"`` (its variance-preserving
+            variant), ``"ot-equal-mass"`` (the paper's),
             ``"uniform"``, ``"piecewise"``, ``"log2"`` (the paper's baselines); see
             :mod:`diffusers_otq.functional.fitters`.
         granularity: ``"tensor"`` (one codebook), ``"channel"`` (one per output channel, the paper's choice)
@@ -389,7 +393,7 @@ def quantize_tensor(
         decoded = decode_group_scales(scales.codes, scales.row_max, scales.step, work_dtype)  # (R, G)
         expanded = decoded[:, :, None].expand(rows, groups, group_size).reshape(rows, n)
         x = torch.where(expanded > 0, x / expanded.clamp_min(torch.finfo(work_dtype).tiny), torch.zeros_like(x))
-        if method == "ot":  # the error of a normalised value costs scale^2 in the weight
+        if method in ("ot", "ot-vp"):  # the error of a normalised value costs scale^2 in the weight
             weights = expanded.square()
         del expanded
     storage_dtype = resolve_codebook_dtype(codebook_dtype, weight.dtype, granularity)

@@ -219,3 +219,15 @@ def test_empty_layout_matches_quantize_tensor(
         k: (v.shape, v.dtype) for k, v in real.tensors().items()
     }
     assert all(v.device.type == "meta" for v in empty.tensors().values())
+
+
+def test_ot_vp_shared_codebook_on_a_subsample_keeps_the_tensor_variance(monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffusers_otq.quantized_tensor as qt
+
+    monkeypatch.setattr(qt, "_ELEMENTS_PER_CHUNK", 1024)  # force the strided-subsample path on a small tensor
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    plain = quantize_tensor(weight, 2, "ot", "group", 64, codebook_dtype=torch.float32).dequantize()
+    vp = quantize_tensor(weight, 2, "ot-vp", "group", 64, codebook_dtype=torch.float32).dequantize()
+    assert plain.var() < 0.97 * weight.var()
+    assert vp.var() == pytest.approx(weight.var().item(), rel=0.03)
+    assert relative_mse(weight, vp) < 1.5 * relative_mse(weight, plain)

@@ -37,7 +37,8 @@ from .peers import PEER_FORMATS, PeerNotApplicable, peer_format
 __all__ = ["FAMILIES", "SCOPES", "Variant", "family_of", "quantize_variant"]
 
 SCOPES: tuple[str, ...] = ("deploy", "paper")
-FAMILIES: dict[str, str] = {"ot": "otq", **{m: "paper" for m in METHODS if m != "ot"}}
+OURS: tuple[str, ...] = ("ot", "ot-vp")
+FAMILIES: dict[str, str] = {m: "otq" if m in OURS else "paper" for m in METHODS}
 _FLOAT_BITS = 16  # what an unquantized float weight costs in the shipped (fp16) models
 
 

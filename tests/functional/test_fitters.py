@@ -272,7 +272,50 @@ def test_unknown_method_lists_methods() -> None:
 
 
 def test_methods_registry() -> None:
-    assert set(PAPER_METHODS) | {"ot"} == set(METHODS)
+    assert set(PAPER_METHODS) | {"ot", "ot-vp"} == set(METHODS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ot-vp: Lloyd-Max cells, variance-preserving codewords
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_levels", [4, 8, 16])
+def test_ot_vp_keeps_lloyd_cells_and_row_variance(num_levels: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 500, generator=generator, dtype=torch.float64) * torch.linspace(0.5, 3, 6)[:, None] + 0.3
+    lloyd = fit_codebook(x, num_levels, "ot").codebook
+    fit = fit_codebook(x, num_levels, "ot-vp")
+    lloyd_codes = (x[:, :, None] - lloyd[:, None, :]).abs().argmin(dim=2)
+    assert torch.equal(fit.codes, lloyd_codes)  # the same cells as Lloyd-Max
+    assert (fit.codebook.diff(dim=1) > 0).all()  # still ascending
+    plain = lloyd.gather(1, fit.codes)
+    stretched = fit.codebook.gather(1, fit.codes)
+    torch.testing.assert_close(stretched.var(dim=1, unbiased=False), x.var(dim=1, unbiased=False))
+    torch.testing.assert_close(stretched.mean(dim=1), x.mean(dim=1))
+    assert (plain.var(dim=1) < x.var(dim=1)).all()  # Lloyd-Max shrinks the spread: Var(Q) = Var(W) - MSE
+    # exact price: MSE' = MSE + (std(W) - std(Q))^2, because E[W | Q] = Q makes the cross term vanish
+    mse_plain = (x - plain).square().mean(dim=1)
+    mse_vp = (x - stretched).square().mean(dim=1)
+    gap = (x.std(dim=1, unbiased=False) - plain.std(dim=1, unbiased=False)).square()
+    torch.testing.assert_close(mse_vp, mse_plain + gap, rtol=1e-6, atol=1e-12)
+
+
+def test_ot_vp_weighted_moments_and_constant_rows() -> None:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 300, generator=generator, dtype=torch.float64)
+    w = torch.rand(3, 300, generator=generator, dtype=torch.float64) + 0.1
+    fit = fit_codebook(x, 4, "ot-vp", w)
+    q = fit.codebook.gather(1, fit.codes)
+
+    def weighted_var(v: torch.Tensor) -> torch.Tensor:
+        mean = (w * x).sum(1, keepdim=True) / w.sum(1, keepdim=True)
+        return (w * (v - mean).square()).sum(1) / w.sum(1)
+
+    torch.testing.assert_close(weighted_var(q), weighted_var(x))
+    constant = torch.full((2, 50), 1.5, dtype=torch.float64)
+    constant_fit = fit_codebook(constant, 4, "ot-vp")
+    assert torch.equal(constant_fit.codebook.gather(1, constant_fit.codes), constant)
 
 
 # --------------------------------------------------------------------------------------------------------------
