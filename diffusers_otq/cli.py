@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=DEFAULT_MODEL, help=f"bundled name or pipeline folder (default {DEFAULT_MODEL})"
     )
     demo.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    demo.add_argument("--methods", nargs="+", default=["ot", *PAPER_BASELINES], choices=METHODS)
+    demo.add_argument("--methods", nargs="+", default=["ot", "ot-vp", *PAPER_BASELINES], choices=METHODS)
     demo.add_argument("--num-images", type=int, default=20)
     demo.add_argument("--grid-columns", type=int, default=10)
     demo.add_argument("--steps", type=int, default=20)
