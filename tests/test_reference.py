@@ -37,3 +37,21 @@ def test_bundled_pipeline_is_small_documented_and_samples(name: str) -> None:
 def test_bundled_pipeline_quantizes_on_load() -> None:
     pipe = FlowMatchPipeline.from_pretrained("otq/fashion-mnist-unet", quantization_config=OTQConfig(bits=3))
     assert type(pipe.transformer.conv_in).__name__ == "OTQConv2d"
+
+
+def test_bundled_dit_quantizes_its_linear_layers_on_load() -> None:
+    pipe = FlowMatchPipeline.from_pretrained("otq/fashion-mnist-dit", quantization_config=OTQConfig(bits=3))
+    kinds = {type(m).__name__ for m in pipe.transformer.modules()}
+    assert "OTQLinear" in kinds and "Linear" not in kinds
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, class_labels=[3, 7], num_inference_steps=2, output_type="pt").images
+    assert torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_model_card_reports_the_measured_quality(name: str) -> None:
+    metrics = reference_info(name)["metrics"]
+    card = (Path(__file__).resolve().parent.parent / "model_cards" / f"{name.split('/')[-1]}.md").read_text()
+    assert metrics["class_accuracy"] >= 0.8 and f"**{metrics['class_accuracy']:.1%}**" in card
+    assert f"**{metrics['fid_test']:.2f}**" in card and metrics["fid_samples"] >= 2000
+    assert (Path(resolve_reference(name)) / "README.md").read_text() == card
