@@ -211,9 +211,13 @@ def expand_units(config: EvalConfig) -> list[Unit]:
             ]
             variants += [Variant(peer, "native", PEER_FORMATS[peer].bits, "deploy") for peer in block.peers]
             for variant in variants:
-                tasks.setdefault((model, variant), set()).update(_tasks(block))
+                found = _tasks(block)
+                if variant is None:  # the full-precision model has no weight error and no steps sweep against itself
+                    found = {task for task in found if task[0] not in ("weights", "steps")}
+                tasks.setdefault((model, variant), set()).update(found)
     order = {metric: i for i, metric in enumerate(METRIC_SETS)}
     return [
         Unit(model, variant, tuple(sorted(found, key=lambda t: (order[t[0]], t[1]))))
         for (model, variant), found in tasks.items()
+        if found
     ]
