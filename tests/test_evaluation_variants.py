@@ -77,3 +77,21 @@ def test_families():
     assert [family_of(m) for m in ("ot", "uniform", "bnb-nf4", "fp")] == ["otq", "paper", "peer", "reference"]
     with pytest.raises(ValueError, match="kmeans"):
         family_of("kmeans")
+
+
+def test_a_variant_that_fails_to_build_gives_error_rows_not_a_crash(tmp_path, monkeypatch):
+    from diffusers_otq.evaluation import runner
+    from diffusers_otq.evaluation.config import Unit, load_config
+
+    def broken(model, variant):
+        raise RuntimeError("library exploded")
+
+    monkeypatch.setattr(runner, "quantize_variant", broken)
+    config = load_config(
+        {"models": ["otq/fashion-mnist-unet"], "blocks": [{"name": "b", "methods": ["ot"], "bits": [3]}]}
+    )
+    evaluator = runner.Evaluator(config, tmp_path, tmp_path)
+    unit = Unit("otq/fashion-mnist-unet", Variant("ot", "channel", 3), (("weights", 0), ("probe", 0)))
+    rows = evaluator.run_unit(unit, skip=set())
+    assert [(r["metric_set"], r["status"]) for r in rows] == [("weights", "error"), ("probe", "error")]
+    assert all("library exploded" in r["error"] for r in rows)

@@ -279,18 +279,10 @@ class Evaluator:
             try:
                 weights_metrics = quantize_variant(pipe.transformer, unit.variant)
             except PeerUnavailable as err:
-                return [
-                    {
-                        **base,
-                        "metric_set": m,
-                        "seed": s,
-                        "status": "unavailable",
-                        "error": str(err),
-                        "metrics": {},
-                        "elapsed_s": 0.0,
-                    }
-                    for m, s in pending
-                ]
+                return _failed_rows(base, pending, "unavailable", str(err))
+            except Exception as err:  # a broken variant must not stop the run; its rows record why
+                logger.error("%s: quantization failed:\n%s", unit.row_fields(), traceback.format_exc())
+                return _failed_rows(base, pending, "error", f"{type(err).__name__}: {err}")
             weights_elapsed = time.perf_counter() - start
         generated: dict[int, torch.Tensor] = {}
         for metric, seed in pending:
@@ -372,6 +364,14 @@ class Evaluator:
             result["velocity_ssim"] = ssim(velocity, reference["velocity"], padding="zero").mean().item()
             result.update(feature_agreement(reference["latent"], latent))
         return result
+
+
+def _failed_rows(base: dict, pending: list[tuple[str, int]], status: str, error: str) -> list[dict]:
+    """One row per pending task of a unit whose variant could not be built."""
+    return [
+        {**base, "metric_set": m, "seed": s, "status": status, "error": error, "metrics": {}, "elapsed_s": 0.0}
+        for m, s in pending
+    ]
 
 
 def _batch_psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
