@@ -11,6 +11,9 @@ appends its rows to ``<output>/rows/rank<i>.jsonl``, and the main process merges
 ``<output>/results.jsonl`` and writes ``report.md``, ``results.csv`` and ``plots/``. Rerunning the same command
 skips finished cells, so an interrupted run resumes where it stopped (with any number of processes). Each
 process runs torch with ``threads`` threads (config), so results do not depend on the number of processes.
+
+``--update-cards`` then writes each bundled reference model's quantized quality (the FID-measured headline
+configurations) into its ``reference.json`` and model card (``model_cards/`` and the pipeline's README.md).
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    from diffusers_otq.evaluation.config import EvalConfig
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,14 +54,64 @@ def _parse() -> argparse.Namespace:
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the rows on disk")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new units after this")
+    parser.add_argument(
+        "--update-cards",
+        action="store_true",
+        help="write the measured quantized quality into the bundled reference models' cards",
+    )
     return parser.parse_args()
 
 
+_NOT_QUOTED = {"--report-only": 0, "--update-cards": 0, "--max-minutes": 1}  # flag -> values it takes
+
+
 def _command(world: int) -> str:
-    """The command line that reproduces this run (paths inside the repository made relative)."""
+    """The command line that reproduces this run's rows (repository paths made relative).
+
+    Flags that do not change the rows (``--report-only``, ``--update-cards``, ``--max-minutes``) are left out,
+    so the report regenerated from a resumed or report-only pass quotes the run's command.
+    """
     launcher = f"accelerate launch --multi_gpu --num_processes {world}" if world > 1 else "python"
-    args = [os.path.relpath(a, REPO) if a.startswith(str(REPO)) else a for a in sys.argv]
+    args, skip = [], 0
+    for arg in sys.argv:
+        if skip:
+            skip -= 1
+            continue
+        if arg.split("=", 1)[0] in _NOT_QUOTED:
+            skip = 0 if "=" in arg else _NOT_QUOTED[arg]
+            continue
+        args.append(os.path.relpath(arg, REPO) if arg.startswith(str(REPO)) else arg)
     return f"{launcher} {shlex.join(args)}"
+
+
+def _update_cards(rows: list[dict], models: list[str], config: EvalConfig, output: Path, command: str) -> None:
+    """Write each bundled model's quantized quality into its reference.json and card."""
+    from diffusers_otq.evaluation.cards import update_reference_card
+    from diffusers_otq.reference import PREFIX, resolve_reference
+
+    sampling, sizes = config.sampling, config.sizes
+    description = (
+        "Every Linear/Conv2d weight quantized as `OTQConfig` does (deploy scope); everything else in fp16. "
+        f"Euler {sampling.steps} steps, guidance {sampling.guidance_scale}. Sample PSNR and class accuracy: "
+        f"{sizes.samples} samples per seed against the full-precision model's samples from the same noise "
+        f"(mean ± std over the seeds run); FID: {sizes.fid_samples} samples of seed 0 against the full-precision "
+        f"samples and against the {sizes.fid_test_images} test images. Bits/weight count every code, codebook, "
+        "scale and zero-point. Per method the granularity with the lower FID vs fp is shown; **bold** = ours."
+    )
+    report = os.path.relpath(output.resolve() / "report.md", REPO)
+    for model in models:
+        if not model.startswith(PREFIX):
+            logger.info("%s is not a bundled reference model; no card to update", model)
+            continue
+        update_reference_card(
+            Path(resolve_reference(model)),
+            rows,
+            command=command,
+            report=report,
+            description=description,
+            template=REPO / "model_cards" / "reference_model.md",
+            cards_dir=REPO / "model_cards",
+        )
 
 
 def main() -> None:
@@ -115,8 +173,11 @@ def main() -> None:
     if state.is_main_process:
         merged = store.merge()
         rows = store.rows()
-        report = write_report(rows, args.output, command=_command(world))
+        command = _command(world)
+        report = write_report(rows, args.output, command=command)
         logger.info("%d rows in %s; report %s", len(rows), merged, report)
+        if args.update_cards:
+            _update_cards(rows, list(config.models), config, args.output, command)
 
 
 if __name__ == "__main__":

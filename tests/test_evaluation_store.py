@@ -64,3 +64,44 @@ def test_corrupt_line_names_file_and_line(tmp_path):
 def test_row_key_needs_all_fields():
     with pytest.raises(ValueError, match="seed"):
         row_key({k: v for k, v in _row("ot", 2).items() if k != "seed"})
+
+
+def _layers_row(method: str) -> dict:
+    row = _row(method, 3)
+    row["metrics"]["layers"] = [
+        {"name": "conv_in.weight", "numel": 288, "rel_mse": 0.023178075056206632, "w2": 0.009345498242335774},
+        {"name": "proj.weight", "numel": 4096, "rel_mse": 1.0, "w2": 2.5e-05, "skipped": True},
+    ]
+    return row
+
+
+def test_layer_lists_are_stored_column_wise_and_read_back_as_dicts(tmp_path):
+    store = ResultStore(tmp_path, 0)
+    store.append([_layers_row("ot")])
+    stored = json.loads(store.shard_path.read_text())
+    assert stored["metrics"]["layers"] == {
+        "columns": {
+            "name": ["conv_in.weight", "proj.weight"],
+            "numel": [288, 4096],
+            "rel_mse": [0.02318, 1.0],
+            "w2": [0.009345, 2.5e-05],
+            "skipped": [None, True],
+        }
+    }
+    (row,) = store.rows()
+    assert row["metrics"]["layers"] == [
+        {"name": "conv_in.weight", "numel": 288, "rel_mse": 0.02318, "w2": 0.009345},
+        {"name": "proj.weight", "numel": 4096, "rel_mse": 1.0, "w2": 2.5e-05, "skipped": True},
+    ]
+    merged = read_jsonl(store.merge())
+    assert merged == [row]
+
+
+def test_shards_written_with_per_layer_dicts_still_read(tmp_path):
+    """Shards written before the column-wise layout (a list of dicts per row) load and merge unchanged."""
+    store = ResultStore(tmp_path, 0)
+    legacy = dict(_layers_row("ot"), key=row_key(_row("ot", 3)))
+    store.shard_path.write_text(json.dumps(legacy) + "\n")
+    (row,) = store.rows()
+    assert row["metrics"]["layers"] == legacy["metrics"]["layers"]
+    assert "columns" in json.loads(store.merge().read_text())["metrics"]["layers"]

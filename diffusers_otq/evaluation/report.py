@@ -58,7 +58,7 @@ from diffusers_otq.evaluation.rows import (
 from diffusers_otq.evaluation.store import read_jsonl
 
 
-__all__ = ["REQUIRED_FIELDS", "Stat", "headline_table", "load_rows", "write_report"]
+__all__ = ["REQUIRED_FIELDS", "Stat", "headline_points", "headline_table", "load_rows", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +152,17 @@ def _rank_key(point: Point, metric: Metric) -> tuple[Any, ...]:
     return (0, stat.mean if metric.lower_is_better else -stat.mean, *granularity)
 
 
-def _headline_points(
+def headline_points(
     rows: Sequence[dict[str, Any]], model: str, metric_set: str, bits: Sequence[int], scope: str
 ) -> list[Point]:
+    """One :class:`Point` per (method, nominal bits in ``bits``) of ``model`` in ``scope``, plus fp.
+
+    Where a method ran at several granularities the one best by ``metric_set``'s ranking metric is kept (see
+    :func:`headline_table`). Sorted by effective bits/weight, then family, method and granularity.
+
+    Raises:
+        ValueError: ``metric_set`` has no ranking metric.
+    """
     if metric_set not in _RANK_METRICS:
         raise ValueError(f"metric_set must be one of {sorted(_RANK_METRICS)}, got {metric_set!r}.")
     rank = _RANK_METRICS[metric_set]
@@ -219,7 +227,7 @@ def headline_table(
     Raises:
         ValueError: ``metric_set`` has no ranking metric.
     """
-    points = _headline_points(rows, model, metric_set, bits, scope)
+    points = headline_points(rows, model, metric_set, bits, scope)
     if not points:
         return f"_No ok {scope}-scope rows for {model} at {', '.join(map(str, bits))} bits._"
     header = ["Method", "Gran.", "Bits", *(m.label for m in HEADLINE_METRICS)]
@@ -360,7 +368,7 @@ def _model_section(rows: Sequence[dict[str, Any]], model: str, output_dir: Path)
             lines += [f"![{model}: {metric.label} vs bits/weight]({file})", ""]
     if plot_w2_heatmap(rows, model, output_dir / "plots" / f"{slug}-w2-heatmap.png"):
         lines += [f"![{model}: per-layer W2 at {HEATMAP_BITS} bits](plots/{slug}-w2-heatmap.png)", ""]
-    images = _grid_images(rows, model, _headline_points(rows, model, "samples", (2, 3, 4), "deploy"), output_dir)
+    images = _grid_images(rows, model, headline_points(rows, model, "samples", (2, 3, 4), "deploy"), output_dir)
     if images:
         lines += ["### Sample grids (headline configurations, first seed)", "", *(f"{i}\n" for i in images)]
     return lines

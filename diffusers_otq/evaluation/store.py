@@ -5,6 +5,10 @@ process appends its rows to ``rows/rank<i>.jsonl`` and flushes after every row, 
 the cell in progress; :meth:`ResultStore.done_keys` reads every shard and the merged file, so a rerun with
 any number of processes skips finished cells. :meth:`ResultStore.merge` writes ``results.jsonl`` sorted by key,
 so its content does not depend on how the work was sharded.
+
+On disk a weights row's per-layer list ``metrics["layers"]`` (one ``{"name", "numel", "rel_mse", "w2", ...}``
+dict per tensor) is stored column-wise with floats rounded to :data:`LAYER_DIGITS` significant digits, which
+keeps a full run's ``results.jsonl`` a few MB; :func:`read_jsonl` turns it back into the list of dicts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ __all__ = ["KEY_FIELDS", "ResultStore", "read_jsonl", "row_key"]
 
 KEY_FIELDS: tuple[str, ...] = ("model", "method", "granularity", "bits", "scope", "metric_set", "seed")
 MERGED_NAME = "results.jsonl"
+LAYER_DIGITS = 4  # significant digits of per-layer floats on disk (the report prints at most 4)
+_COLUMNS = "columns"
 
 
 def row_key(row: dict) -> str:
@@ -41,8 +47,50 @@ def _clean(value: object) -> object:
     return value
 
 
+def _round(value: object) -> object:
+    if isinstance(value, float):
+        return float(f"{value:.{LAYER_DIGITS}g}")
+    return value
+
+
+def _encode_layers(row: dict) -> dict:
+    """The row with ``metrics["layers"]`` (a list of dicts) as ``{"columns": {field: [values...]}}``.
+
+    A field missing from some layers (``skipped`` on peers' layers) is ``null`` there; floats are rounded to
+    :data:`LAYER_DIGITS` significant digits. Rows without a layer list, or already encoded, come back unchanged.
+    """
+    layers = row.get("metrics", {}).get("layers")
+    if not isinstance(layers, list) or not all(isinstance(layer, dict) for layer in layers):
+        return row
+    fields = list(dict.fromkeys(field for layer in layers for field in layer))
+    columns = {field: [_round(layer.get(field)) for layer in layers] for field in fields}
+    return {**row, "metrics": {**row["metrics"], "layers": {_COLUMNS: columns}}}
+
+
+def _decode_layers(row: dict) -> dict:
+    """Inverse of :func:`_encode_layers`: one dict per layer, without the fields that are ``null`` there."""
+    metrics = row.get("metrics")
+    layers = metrics.get("layers") if isinstance(metrics, dict) else None
+    if not (isinstance(layers, dict) and isinstance(layers.get(_COLUMNS), dict)):
+        return row
+    columns = layers[_COLUMNS]
+    count = max((len(values) for values in columns.values()), default=0)
+    decoded = [
+        {field: values[i] for field, values in columns.items() if i < len(values) and values[i] is not None}
+        for i in range(count)
+    ]
+    return {**row, "metrics": {**metrics, "layers": decoded}}
+
+
+def _dumps(row: dict) -> str:
+    return json.dumps(_encode_layers(row), sort_keys=True)
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a line that is not a JSON object raises ValueError naming the file and line."""
+    """Rows of a JSONL file; a line that is not a JSON object raises ValueError naming the file and line.
+
+    Column-wise per-layer lists (see the module docstring) come back as one dict per layer.
+    """
     rows = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -56,7 +104,7 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise ValueError(f"{path}:{number} is not valid JSON ({err}); delete that line and rerun.") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{number} is not a JSON object; delete that line and rerun.")
-            rows.append(row)
+            rows.append(_decode_layers(row))
     return rows
 
 
@@ -97,7 +145,7 @@ class ResultStore:
             for row in rows:
                 row = dict(_clean(row))  # type: ignore[arg-type]
                 row["key"] = row_key(row)
-                handle.write(json.dumps(row, sort_keys=True) + "\n")
+                handle.write(_dumps(row) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -107,6 +155,6 @@ class ResultStore:
         tmp = merged.with_suffix(".jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as handle:
             for row in self.rows():
-                handle.write(json.dumps(row, sort_keys=True) + "\n")
+                handle.write(_dumps(row) + "\n")
         os.replace(tmp, merged)
         return merged
