@@ -124,3 +124,18 @@ def test_bad_config_is_a_clear_error(tmp_path):
         and "12" in result.stderr
         and "Traceback" not in result.stderr
     )
+
+
+def test_quoted_command_leaves_out_flags_that_do_not_change_rows(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = [str(REPO / "scripts" / "evaluate.py"), "--config", "full.yaml", "--max-minutes", "90", "--report-only"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--update-cards", "--output", str(REPO / "results" / "x")])
+    assert module._command(2) == (
+        "accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py --config full.yaml --output results/x"
+    )
+    monkeypatch.setattr(sys, "argv", [argv[0], "--max-minutes=5", "--quick", "--output", "out"])
+    assert module._command(1) == "python scripts/evaluate.py --quick --output out"
