@@ -28,7 +28,7 @@ from .api import quantize_model
 from .config import OTQConfig
 from .convert import LayerReport
 from .image_metrics import psnr, ssim
-from .options import GRANULARITIES, METHODS
+from .options import DEFAULT_METHOD, GRANULARITIES, METHODS
 from .pipeline import FlowMatchPipeline
 from .reference import reference_classifier, reference_models, resolve_reference
 
@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("source", help="local model/pipeline folder or bundled name")
     quantize.add_argument("output", help="folder to save the quantized model/pipeline to")
     quantize.add_argument("--bits", type=int, default=3)
-    quantize.add_argument("--method", default="ot", choices=METHODS)
+    quantize.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
     quantize.add_argument("--granularity", default="channel", choices=GRANULARITIES)
     quantize.add_argument("--group-size", type=int, default=None)
     quantize.add_argument("--modules-to-not-convert", nargs="*", default=None)

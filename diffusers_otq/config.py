@@ -6,7 +6,7 @@ It is saved as ``quantization_config`` in each quantized model's ``config.json``
 >>> from diffusers_otq import OTQConfig
 >>> config = OTQConfig(bits=3, modules_to_not_convert=["proj_out"], module_overrides={"attn*": {"bits": 4}})
 >>> config
-OTQConfig(bits=3, method='ot', granularity='channel', modules_to_not_convert=['proj_out'], module_overrides={'attn*': {'bits': 4}})
+OTQConfig(bits=3, method='ot-vp', granularity='channel', modules_to_not_convert=['proj_out'], module_overrides={'attn*': {'bits': 4}})
 >>> OTQConfig.from_dict(config.to_dict()) == config
 True
 """
@@ -25,7 +25,7 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin as 
 from torch import nn
 
 from .convert import matches_module_name
-from .options import CODEBOOK_DTYPES, LayerSpec
+from .options import CODEBOOK_DTYPES, DEFAULT_METHOD, LayerSpec
 
 
 try:  # transformers is optional for diffusers; with it, the same config also serves text encoders
@@ -85,8 +85,9 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
 
     Args:
         bits: code width, 1..8 (2-4 is the intended range); each codebook has ``2**bits`` entries.
-        method: codebook fitter: ``"ot"`` (W2-optimal Lloyd-Max, default), ``"ot-vp"`` (Lloyd-Max cells with the
-            codewords stretched to keep each row's variance), ``"ot-equal-mass"`` (the paper's),
+        method: codebook fitter: ``"ot-vp"`` (default: Lloyd-Max cells with the codewords stretched to keep each
+            row's variance, see :data:`~diffusers_otq.options.DEFAULT_METHOD`), ``"ot"`` (W2-optimal Lloyd-Max,
+            lowest weight MSE), ``"ot-equal-mass"`` (the paper's),
             ``"uniform"``, ``"piecewise"`` or ``"log2"`` (the paper's baselines).
         granularity: ``"channel"`` (one codebook per output channel, default), ``"group"`` (absmax scale per
             ``group_size`` inputs plus a normalised codebook) or ``"tensor"`` (one codebook per weight).
@@ -111,7 +112,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
     def __init__(
         self,
         bits: int = 4,
-        method: str = "ot",
+        method: str = DEFAULT_METHOD,
         granularity: str = "channel",
         group_size: int | None = None,
         modules_to_not_convert: list[str] | None = None,
@@ -245,7 +246,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         """Wrap this config for ``DiffusionPipeline.from_pretrained`` (which needs a PipelineQuantizationConfig).
 
         >>> OTQConfig(bits=3).for_pipeline(["transformer"]).quant_mapping
-        {'transformer': OTQConfig(bits=3, method='ot', granularity='channel')}
+        {'transformer': OTQConfig(bits=3, method='ot-vp', granularity='channel')}
         """
         from diffusers import PipelineQuantizationConfig
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .options import LayerSpec
+from .options import DEFAULT_METHOD, LayerSpec
 from .quantized_tensor import QuantizedTensor, quantize_tensor
 
 
@@ -54,7 +54,7 @@ class OTQLayerMixin:
         cls,
         module: nn.Module,
         bits: int = 4,
-        method: str = "ot",
+        method: str = DEFAULT_METHOD,
         granularity: str = "channel",
         group_size: int | None = None,
         *,

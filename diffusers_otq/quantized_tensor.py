@@ -28,6 +28,7 @@ from .functional.fitters import fit_codebook, stretch_to_variance
 from .functional.packing import pack_codes, packed_num_bytes, unpack_codes
 from .functional.scales import GroupScales, decode_group_scales, encode_group_scales
 from .options import (
+    DEFAULT_METHOD,
     LayerSpec,
     check_bits,
     check_codebook_dtype,
@@ -330,7 +331,7 @@ def _fit_shared(
 def quantize_tensor(
     weight: torch.Tensor,
     bits: int = 4,
-    method: str = "ot",
+    method: str = DEFAULT_METHOD,
     granularity: str = "channel",
     group_size: int | None = None,
     *,
@@ -343,8 +344,8 @@ def quantize_tensor(
     Args:
         weight: floating tensor with at least one dimension; dim 0 is the output channel.
         bits: code width, 1..8; every codebook has ``K = min(2**bits, n)`` codewords.
-        method: codebook fitter, one of ``"ot"`` (W2-optimal, default), ``"ot-vp"`` (its variance-preserving
-            variant), ``"ot-equal-mass"`` (the paper's),
+        method: codebook fitter, one of ``"ot-vp"`` (default: W2-optimal cells, variance-preserving codewords),
+            ``"ot"`` (W2-optimal, lowest weight MSE), ``"ot-equal-mass"`` (the paper's),
             ``"uniform"``, ``"piecewise"``, ``"log2"`` (the paper's baselines); see
             :mod:`diffusers_otq.functional.fitters`.
         granularity: ``"tensor"`` (one codebook), ``"channel"`` (one per output channel, the paper's choice)

@@ -15,7 +15,7 @@ from diffusers_otq.config import OTQMethod
 def test_defaults_and_quant_method() -> None:
     config = OTQConfig()
     assert config.quant_method is OTQMethod.OTQ and config.quant_method.value == "otq" and config.quant_method == "otq"
-    assert config.base_spec() == LayerSpec(bits=4, method="ot", granularity="channel")
+    assert config.base_spec() == LayerSpec(bits=4, method="ot-vp", granularity="channel")
     assert config.format_version == FORMAT_VERSION
 
 
@@ -45,7 +45,7 @@ def test_diff_dict_keeps_only_changes() -> None:
 
 def test_repr_is_readable() -> None:
     text = repr(OTQConfig(bits=2, modules_to_not_convert=["x"]))
-    assert text == "OTQConfig(bits=2, method='ot', granularity='channel', modules_to_not_convert=['x'])"
+    assert text == "OTQConfig(bits=2, method='ot-vp', granularity='channel', modules_to_not_convert=['x'])"
 
 
 @pytest.mark.parametrize(

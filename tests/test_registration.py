@@ -39,7 +39,7 @@ def test_never_replaces_another_packages_entry(
 
 def test_pipeline_quant_backend_form_resolves_to_otq_config() -> None:
     config = PipelineQuantizationConfig(
-        quant_backend="otq", quant_kwargs={"bits": 3, "method": "ot"}, components_to_quantize=["transformer"]
+        quant_backend="otq", quant_kwargs={"bits": 3, "method": "ot-vp"}, components_to_quantize=["transformer"]
     )
     resolved = config._resolve_quant_config(is_diffusers=True, module_name="transformer")
     assert resolved == OTQConfig(bits=3)
