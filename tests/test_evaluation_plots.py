@@ -69,6 +69,17 @@ def test_rate_distortion_skips_a_metric_no_quantized_point_has(tmp_path: Path) -
     assert not path.exists()
 
 
+def test_rate_distortion_zoom_leaves_out_wider_codes(tmp_path: Path) -> None:
+    full, zoom, none = tmp_path / "full.png", tmp_path / "zoom.png", tmp_path / "none.png"
+    assert plot_rate_distortion(POINTS, SAMPLE_PSNR, log_y=False, title="m", path=full)
+    assert plot_rate_distortion(POINTS, SAMPLE_PSNR, log_y=False, title="m", path=zoom, max_bits=3)
+    assert full.read_bytes() != zoom.read_bytes()  # the 4-bit peer is gone from the zoom
+    assert plot_rate_distortion(POINTS, SAMPLE_PSNR, log_y=False, title="m", path=tmp_path / "same.png", max_bits=4)
+    assert (tmp_path / "same.png").read_bytes() == full.read_bytes()
+    assert not plot_rate_distortion(POINTS, SAMPLE_PSNR, log_y=False, title="m", path=none, max_bits=1)
+    assert not none.exists()
+
+
 def test_w2_matrix_averages_selected_rows_only() -> None:
     selected = [
         _weights_row("uniform", "paper", [1e-2, 2e-2]),

@@ -49,7 +49,9 @@ def _save(figure: Any, path: Path) -> None:
     figure.savefig(path, format="png", metadata={"Software": None})
 
 
-def plot_rate_distortion(points: Sequence[Point], metric: Metric, *, log_y: bool, title: str, path: Path) -> bool:
+def plot_rate_distortion(
+    points: Sequence[Point], metric: Metric, *, log_y: bool, title: str, path: Path, max_bits: int | None = None
+) -> bool:
     """Plot ``metric`` against effective bits/weight.
 
     One line per (method, granularity) of our and the paper's methods, one marker series per peer library
@@ -62,6 +64,7 @@ def plot_rate_distortion(points: Sequence[Point], metric: Metric, *, log_y: bool
         log_y: use a logarithmic y axis.
         title: the axes' title.
         path: the PNG to write (parent folders are created).
+        max_bits: leave out configurations of more nominal code bits (a zoom on the low-bit end).
 
     Returns:
         Whether the PNG was written: ``False`` when no non-fp point has the metric.
@@ -73,6 +76,8 @@ def plot_rate_distortion(points: Sequence[Point], metric: Metric, *, log_y: bool
     fp_stat = None
     for point in points:
         if point.get(metric) is None:
+            continue
+        if max_bits is not None and point.method != FP_METHOD and point.bits > max_bits:
             continue
         if point.method == FP_METHOD:
             fp_stat = point.get(metric)

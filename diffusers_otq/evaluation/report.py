@@ -71,13 +71,14 @@ _MAX_ERROR_CHARS = 400  # keeps a traceback-sized error from swamping the failed
 HEADLINE_METRICS = (BPW, SIZE, SAMPLE_PSNR, SAMPLE_SSIM, CLASS_ACC, FID_FP, FID_TEST, VEL_PSNR, QUANT_TIME)
 GRID_METRICS = (BPW, REL_MSE, W2, VEL_PSNR, SAMPLE_PSNR, SAMPLE_SSIM, CLASS_ACC)
 PARITY_METRICS = (VEL_PSNR, VEL_SSIM, PCA_MEAN_VAR, PCA_COLLAPSED, LATENT_COSINE)
-RD_PLOTS = (  # (file-name part, metric, log y axis)
-    ("sample-psnr", SAMPLE_PSNR, False),
-    ("sample-ssim", SAMPLE_SSIM, False),
-    ("velocity-psnr", VEL_PSNR, False),
-    ("rel-mse", REL_MSE, True),
-    ("class-accuracy", CLASS_ACC, False),
-    ("fid-vs-fp", FID_FP, False),
+RD_PLOTS = (  # (file-name part, metric, log y axis, largest nominal code bits plotted or None for all)
+    ("sample-psnr-2-4bit", SAMPLE_PSNR, False, 4),  # the headline region, where the methods differ
+    ("fid-vs-fp", FID_FP, False, None),
+    ("sample-psnr", SAMPLE_PSNR, False, None),
+    ("sample-ssim", SAMPLE_SSIM, False, None),
+    ("velocity-psnr", VEL_PSNR, False, None),
+    ("rel-mse", REL_MSE, True, None),
+    ("class-accuracy", CLASS_ACC, False, None),
 )
 # The metric that picks a method's granularity in the headline table, keyed by headline_table's metric_set.
 _RANK_METRICS = {"samples": SAMPLE_PSNR, "probe": VEL_PSNR, "fid": FID_FP, "weights": REL_MSE}
@@ -360,12 +361,14 @@ def _model_section(rows: Sequence[dict[str, Any]], model: str, output_dir: Path)
             lines += [f"![{model}: steps sweep](plots/{slug}-steps.png)", ""]
     lines += _failed_section(model_rows)
     lines += ["### Plots (deploy scope)", ""]
-    for name, metric, log_y in RD_PLOTS:
+    for name, metric, log_y, max_bits in RD_PLOTS:
         file = f"plots/{slug}-rd-{name}.png"
+        zoom = f", {max_bits} code bits or fewer" if max_bits else ""
+        title = f"{model}: {metric.label}{zoom}"
         if plot_rate_distortion(
-            deploy_points, metric, log_y=log_y, title=f"{model}: {metric.label}", path=output_dir / file
+            deploy_points, metric, log_y=log_y, title=title, path=output_dir / file, max_bits=max_bits
         ):
-            lines += [f"![{model}: {metric.label} vs bits/weight]({file})", ""]
+            lines += [f"![{model}: {metric.label} vs bits/weight{zoom}]({file})", ""]
     if plot_w2_heatmap(rows, model, output_dir / "plots" / f"{slug}-w2-heatmap.png"):
         lines += [f"![{model}: per-layer W2 at {HEATMAP_BITS} bits](plots/{slug}-w2-heatmap.png)", ""]
     images = _grid_images(rows, model, headline_points(rows, model, "samples", (2, 3, 4), "deploy"), output_dir)
