@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,7 @@ def test_quick_run_writes_rows_report_and_plots(quick_run):
     assert steps["steps"] == [2, 4] and len(steps["psnr"]) == 2
     report = (out / "report.md").read_text()
     assert "scripts/evaluate.py --quick" in report and "| bnb-nf4 |" in report
+    assert "Unfinished" not in report
     for link in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
         assert (out / link).is_file(), link
     assert (out / "results.csv").read_text().count("\n") == len(rows) + 1
@@ -139,3 +141,10 @@ def test_quoted_command_leaves_out_flags_that_do_not_change_rows(monkeypatch):
     )
     monkeypatch.setattr(sys, "argv", [argv[0], "--max-minutes=5", "--quick", "--output", "out"])
     assert module._command(1) == "python scripts/evaluate.py --quick --output out"
+
+
+def test_report_of_an_unfinished_run_says_what_is_missing(tmp_path):
+    _run(["--quick", "--output", str(tmp_path), "--report-only"])
+    report = (tmp_path / "report.md").read_text()
+    assert "0 rows" in report
+    assert re.search(r"\*\*Unfinished:\*\* [1-9]\d* cells of otq/fashion-mnist-unet", report), report[:500]

@@ -409,7 +409,12 @@ def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def write_report(
-    rows: list[dict[str, Any]], output_dir: Path, *, command: str, title: str = "Evaluation report"
+    rows: list[dict[str, Any]],
+    output_dir: Path,
+    *,
+    command: str,
+    title: str = "Evaluation report",
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write ``report.md``, ``results.csv`` and ``plots/*.png`` for ``rows`` into ``output_dir``.
 
@@ -422,6 +427,7 @@ def write_report(
         output_dir: created if needed; existing files of the same names are overwritten.
         command: the command line that produced the rows, quoted verbatim at the top.
         title: the report's first heading.
+        notes: paragraphs shown under the row counts (e.g. which cells of the config are still missing).
 
     Returns:
         The path of ``report.md``.
@@ -433,6 +439,7 @@ def write_report(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", "Produced by:", "", "```bash", command, "```", "", _status_counts(rows), ""]
+    lines += [line for note in notes for line in (note, "")]
     lines += [
         f"Metrics over several seeds read `mean ± std` (sample standard deviation); `{MISSING}` marks a metric "
         "that was not measured or whose row is not ok. Class accuracy is in percent, sizes in KiB.",
