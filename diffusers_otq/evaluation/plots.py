@@ -87,7 +87,7 @@ def plot_rate_distortion(
             lines[f"{point.method} ({point.granularity})"].append(point)
     if not lines and not peers:
         return False
-    figure = _new_figure(7.0, 4.5)
+    figure = _new_figure(8.5, 4.5)
     axes = figure.add_subplot()
     colours = matplotlib.colormaps["tab10"]
     for index, (label, series) in enumerate(lines.items()):
@@ -106,7 +106,7 @@ def plot_rate_distortion(
         axes.set_yscale("log")
     axes.set(xlabel="Effective bits/weight", ylabel=metric.label, title=title)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the low-bit end is crowded
     _save(figure, path)
     return True
 
