@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from diffusers_otq.evaluation.config import EvalConfig, Unit
-    from diffusers_otq.evaluation.store import ResultStore
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,23 +84,18 @@ def _command(world: int) -> str:
     return f"{launcher} {shlex.join(args)}"
 
 
-def _missing_cells(units: list[Unit], store: ResultStore) -> list[str]:
-    """A note per model whose cells of the config are not all finished (empty when the run is complete)."""
+def _missing_cells(units: list[Unit], done: set[str]) -> list[str]:
+    """A note per model whose cells of the config are not all in ``done`` (empty when the run is complete)."""
     from collections import Counter
 
-    from diffusers_otq.evaluation.store import row_key
-
-    done = store.done_keys()
     missing: Counter[str] = Counter()
     for unit in units:
-        fields = unit.row_fields()
-        for metric_set, seed in unit.tasks:
-            if row_key({**fields, "metric_set": metric_set, "seed": seed}) not in done:
-                missing[unit.model] += 1
+        missing[unit.model] += len(unit.pending(done))
     return [
         f"**Unfinished:** {count} cells of {model} in this config are not measured yet; rerun the command above "
         "to continue (finished cells are kept)."
         for model, count in sorted(missing.items())
+        if count
     ]
 
 
@@ -195,7 +189,8 @@ def main() -> None:
         merged = store.merge()
         rows = store.rows()
         command = _command(world)
-        report = write_report(rows, args.output, command=command, notes=_missing_cells(units, store))
+        notes = _missing_cells(units, store.done_keys())
+        report = write_report(rows, args.output, command=command, notes=notes)
         logger.info("%d rows in %s; report %s", len(rows), merged, report)
         if args.update_cards:
             _update_cards(rows, list(config.models), config, args.output, command)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from diffusers_otq.evaluation.config import expand_units, load_config
+from diffusers_otq.evaluation.store import row_key
 from diffusers_otq.evaluation.variants import Variant
 
 
@@ -51,6 +52,15 @@ def test_units_merge_tasks_of_overlapping_blocks():
     assert by_key[("a", Variant("hqq-3", "native", 3, "deploy"))] == (("samples", 0), ("samples", 1))
     assert len(units) == 2 * 4  # per model: ot2, ot3, hqq-3, fp
     assert [u.model for u in units] == ["a"] * 4 + ["b"] * 4
+
+
+def test_unit_pending_skips_the_finished_row_keys():
+    config = load_config(_config(methods=["ot"], bits=[3], metrics=["weights", "samples"], seeds=[0, 1]))
+    (unit,) = expand_units(config)
+    assert unit.pending(set()) == list(unit.tasks)
+    finished = row_key({**unit.row_fields(), "metric_set": "samples", "seed": 1})
+    other_seed = row_key({**unit.row_fields(), "metric_set": "samples", "seed": 7})
+    assert unit.pending({finished, other_seed}) == [("weights", 0), ("samples", 0)]
 
 
 @pytest.mark.parametrize(

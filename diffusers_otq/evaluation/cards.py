@@ -18,7 +18,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..reference import INFO_NAME
-from .report import headline_points
+from .report import MISSING, format_mean_std, headline_points
 from .rows import BPW, CLASS_ACC, FID_FP, FID_TEST, FP_METHOD, SAMPLE_PSNR, SIZE, Metric
 
 
@@ -79,12 +79,7 @@ def quantized_summary(rows: Sequence[dict[str, Any]], model: str, bits: Sequence
 
 
 def _cell(entry: dict, field: str, fmt: str) -> str:
-    if field not in entry:
-        return "—"
-    text = format(entry[field], fmt)
-    if f"{field}_std" in entry:
-        text += f" ± {format(entry[f'{field}_std'], fmt)}"
-    return text
+    return format_mean_std(entry[field], entry.get(f"{field}_std"), fmt) if field in entry else MISSING
 
 
 def _quantized_markdown(quantized: dict | None) -> str:

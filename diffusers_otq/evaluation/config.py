@@ -18,6 +18,7 @@ from typing import Any
 from ..functional.fitters import METHODS
 from ..options import GRANULARITIES
 from .peers import PEER_FORMATS
+from .store import row_key
 from .variants import SCOPES, Variant
 
 
@@ -101,6 +102,11 @@ class Unit:
             "bits": v.bits,
             "scope": v.scope,
         }
+
+    def pending(self, done: set[str]) -> list[tuple[str, int]]:
+        """The ``(metric_set, seed)`` tasks whose row key (see :func:`~.store.row_key`) is not in ``done``."""
+        fields = self.row_fields()
+        return [(m, s) for m, s in self.tasks if row_key({**fields, "metric_set": m, "seed": s}) not in done]
 
 
 def _tuple(value: Any, what: str, kind: type) -> tuple:

@@ -185,13 +185,17 @@ def _cell(text: Any) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def format_mean_std(mean: float, std: float | None, fmt: str) -> str:
+    """``"mean ± std"`` with both numbers in ``fmt`` (a format spec such as ``".2f"``); just the mean if no std."""
+    text = format(mean, fmt)
+    return text if std is None else f"{text} ± {format(std, fmt)}"
+
+
 def _fmt(stat: Stat | None, metric: Metric) -> str:
     if stat is None:
         return MISSING
-    text = format(stat.mean * metric.scale, metric.fmt)
-    if stat.std is not None:
-        text += f" ± {format(stat.std * metric.scale, metric.fmt)}"
-    return text
+    std = None if stat.std is None else stat.std * metric.scale
+    return format_mean_std(stat.mean * metric.scale, std, metric.fmt)
 
 
 def _table(header: Sequence[str], body: Iterable[Sequence[str]], text_columns: int = 1) -> str:

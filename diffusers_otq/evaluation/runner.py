@@ -261,10 +261,8 @@ class Evaluator:
 
     def run_unit(self, unit: Unit, skip: set[str]) -> list[dict]:
         """Rows of every task of ``unit`` whose key is not in ``skip``."""
-        from .store import row_key
-
         fields = unit.row_fields()
-        pending = [(m, s) for m, s in unit.tasks if row_key({**fields, "metric_set": m, "seed": s}) not in skip]
+        pending = unit.pending(skip)
         if not pending:
             return []
         family = family_of(unit.method)
