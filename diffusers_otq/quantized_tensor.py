@@ -39,7 +39,14 @@ from .options import (
 )
 
 
-__all__ = ["QuantizedTensor", "quantize_tensor", "row_layout", "storage_layout", "resolve_codebook_dtype"]
+__all__ = [
+    "QuantizedTensor",
+    "check_weight",
+    "quantize_tensor",
+    "row_layout",
+    "storage_layout",
+    "resolve_codebook_dtype",
+]
 
 _ELEMENTS_PER_CHUNK = 1 << 22  # rows are fitted in chunks of about this many values to bound scratch memory
 _FLOAT16_MAX = torch.finfo(torch.float16).max
@@ -224,8 +231,17 @@ def _describe(name: str | None) -> str:
     return f"weight of layer {name!r}" if name else "the tensor"
 
 
-def _check_weight(weight: object, name: str | None) -> torch.Tensor:
-    what = _describe(name)
+def check_weight(weight: object, what: str) -> torch.Tensor:
+    """Return ``weight`` if it is a finite, non-empty, floating-point tensor with values; else raise.
+
+    Args:
+        weight: The candidate tensor (any shape with at least one dimension).
+        what: How error messages name it, e.g. ``"weight of layer 'proj'"``.
+
+    Raises:
+        TypeError: not a tensor, or not floating point.
+        ValueError: 0-d, empty, on the meta device, or holding NaN/Inf.
+    """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(weight).__name__}.")
     if not weight.dtype.is_floating_point:
@@ -376,7 +392,7 @@ def quantize_tensor(
     check_granularity(granularity)
     check_codebook_dtype(codebook_dtype)
     check_codebook_scope(codebook_scope)
-    weight = _check_weight(weight, name)
+    weight = check_weight(weight, what)
     shape = tuple(weight.shape)
     rows, n = row_layout(shape, granularity)
     try:

@@ -191,17 +191,17 @@ def test_unknown_name_lists_valid_names() -> None:
 
 
 @pytest.mark.parametrize(
-    ("weight", "pattern"),
+    ("weight", "error", "pattern"),
     [
-        (torch.randn(320), r"2-D.*\(320,\)"),
-        (torch.randn(2, 3, 4), r"2-D.*\(2, 3, 4\)"),
-        (torch.ones(4, 64, dtype=torch.int64), r"floating-point.*torch\.int64"),
-        (torch.full((4, 64), float("nan")), r"NaN"),
+        (torch.randn(320), ValueError, r"2-D.*\(320,\)"),
+        (torch.randn(2, 3, 4), ValueError, r"2-D.*\(2, 3, 4\)"),
+        (torch.ones(4, 64, dtype=torch.int64), TypeError, r"hqq-4.*torch\.int64.*floating-point"),
+        (torch.full((4, 64), float("nan")), ValueError, r"NaN"),
     ],
     ids=["1-D", "3-D", "int64", "nan"],
 )
-def test_bad_weight_is_rejected_before_the_library_runs(weight: torch.Tensor, pattern: str) -> None:
-    with pytest.raises(ValueError, match=pattern):
+def test_bad_weight_is_rejected_before_the_library_runs(weight: torch.Tensor, error: type, pattern: str) -> None:
+    with pytest.raises(error, match=pattern):
         peer_format("hqq-4").quantize(weight)
 
 

@@ -64,6 +64,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from ..quantized_tensor import check_weight
+
 
 __all__ = [
     "PEER_FORMATS",
@@ -172,8 +174,8 @@ class PeerFormat:
             The dequantized weight ``(out, in)`` in ``weight.dtype`` and the stored bits.
 
         Raises:
-            TypeError: ``weight`` is not a tensor.
-            ValueError: ``weight`` is not 2-D, not floating point, empty, on the meta device or not finite.
+            TypeError: ``weight`` is not a floating-point tensor.
+            ValueError: ``weight`` is not 2-D, empty, on the meta device or not finite.
             PeerUnavailable: the library is not installed.
             PeerNotApplicable: the format cannot store this shape (e.g. HQQ needs numel divisible by 64).
         """
@@ -201,26 +203,11 @@ class PeerFormat:
 
 def _check_weight(weight: object, name: str) -> None:
     """Raise unless ``weight`` is a finite, non-empty, floating-point 2-D tensor with values."""
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor weight, got {type(weight).__name__}.")
+    weight = check_weight(weight, f"{name}: the weight")
     if weight.dim() != 2:
         raise ValueError(
             f"{name}: expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}; "
             "view a conv weight as weight.flatten(1), and leave 1-D tensors (biases, norms) unquantized."
-        )
-    if not weight.dtype.is_floating_point:
-        raise ValueError(
-            f"{name}: expected a floating-point weight, got dtype {weight.dtype} (shape {tuple(weight.shape)}); "
-            "peer formats quantize float weights, convert with weight.float() first."
-        )
-    if weight.numel() == 0:
-        raise ValueError(f"{name}: the weight is empty (shape {tuple(weight.shape)}); there is nothing to quantize.")
-    if weight.device.type == "meta":
-        raise ValueError(f"{name}: the weight is on the meta device and holds no values; load it first.")
-    if not bool(torch.isfinite(weight).all()):
-        bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(
-            f"{name}: the weight has {bad} NaN/Inf value(s) out of {weight.numel()}; no peer format stores them."
         )
 
 
