@@ -11,7 +11,16 @@ what lets ``from_pretrained`` load OTQ checkpoints:
 'otq'
 """
 
-from .api import quantize_model
+from .calibration import (
+    BitsPlan,
+    CalibrationConfig,
+    CalibrationError,
+    CalibrationStatistics,
+    calibrate,
+    plan_bits,
+    quantize_model,
+    quantize_pipeline,
+)
 from .config import FORMAT_VERSION, OTQConfig
 from .convert import LayerReport, dequantize_model
 from .functional.metrics import relative_mse, wasserstein2
@@ -30,6 +39,10 @@ register()
 __version__ = "0.1.0"
 
 __all__ = [
+    "BitsPlan",
+    "CalibrationConfig",
+    "CalibrationError",
+    "CalibrationStatistics",
     "FORMAT_VERSION",
     "FlowMatchPipeline",
     "GRANULARITIES",
@@ -41,9 +54,12 @@ __all__ = [
     "OTQLinear",
     "OTQQuantizer",
     "QuantizedTensor",
+    "calibrate",
     "dequantize_model",
+    "plan_bits",
     "push_to_hub",
     "quantize_model",
+    "quantize_pipeline",
     "quantize_tensor",
     "reference_models",
     "register",

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from .config import OTQConfig
-from .convert import LayerReport, PlannedLayer, convert_model, plan_layers
+from .convert import LayerQuantizer, LayerReport, PlannedLayer, convert_model, plan_layers
 
 
 __all__ = ["quantize_model"]
@@ -25,6 +25,7 @@ def quantize_model(
     *,
     progress: bool = True,
     compute_metrics: bool = True,
+    quantizer: LayerQuantizer | None = None,
     **config_kwargs: Any,
 ) -> list[LayerReport]:
     """Quantize ``model`` in place: every ``nn.Linear``/``nn.Conv2d`` that ``config`` selects becomes an OTQ layer.
@@ -36,6 +37,8 @@ def quantize_model(
             (``quantize_model(model, bits=3, modules_to_not_convert=["proj_out"])``).
         progress: show a tqdm bar over the layers.
         compute_metrics: measure relative MSE and W2 per layer (one sort per layer) for the reports and log.
+        quantizer: fits each layer (``(layer, weight) -> QuantizedTensor``); default: data-free
+            :func:`~diffusers_otq.quantize_tensor`. Calibration (:mod:`diffusers_otq.calibration`) passes its own.
 
     Returns:
         One :class:`~diffusers_otq.convert.LayerReport` per quantized module (name, parameters, bits/weight,
@@ -43,7 +46,8 @@ def quantize_model(
 
     Raises:
         TypeError: ``config`` is not an OTQConfig, or both ``config`` and keywords were given.
-        ValueError: invalid options; the model is already quantized.
+        ValueError: invalid options; the model is already quantized; ``config.bits_per_weight`` is set (the
+            bits budget needs the allocator: use :func:`diffusers_otq.quantize_model`, which resolves it).
     """
     if config is None:
         config = OTQConfig(**config_kwargs)
@@ -58,11 +62,12 @@ def quantize_model(
             f"{type(model).__name__} is already quantized ({getattr(model, 'quantization_method', 'unknown')}); "
             "quantize the original float model instead (or call model.dequantize() first)."
         )
+    config.check_resolved()
     skip = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     plan = plan_layers(model, partial(config.layer_spec, skip=skip))
     if _is_diffusers_model(model):
-        return _quantize_diffusers_model(model, config, plan, progress, compute_metrics)
-    return convert_model(model, plan, progress=progress, compute_metrics=compute_metrics)
+        return _quantize_diffusers_model(model, config, plan, progress, compute_metrics, quantizer)
+    return convert_model(model, plan, progress=progress, compute_metrics=compute_metrics, quantizer=quantizer)
 
 
 def _is_diffusers_model(model: nn.Module) -> bool:
@@ -72,19 +77,24 @@ def _is_diffusers_model(model: nn.Module) -> bool:
 
 
 def _quantize_diffusers_model(
-    model: nn.Module, config: OTQConfig, plan: list[PlannedLayer], progress: bool, compute_metrics: bool
+    model: nn.Module,
+    config: OTQConfig,
+    plan: list[PlannedLayer],
+    progress: bool,
+    compute_metrics: bool,
+    quantizer: LayerQuantizer | None,
 ) -> list[LayerReport]:
     """Convert, then attach what ``from_pretrained`` would: quantizer, flags and the config entry."""
     from .hub import attach_model_card
     from .quantizer import OTQQuantizer
 
-    quantizer = OTQQuantizer(config, pre_quantized=True)  # "pre-quantized" from now on: reloads skip fitting
-    quantizer.plan = {layer.name: layer for layer in plan}
+    hf_quantizer = OTQQuantizer(config, pre_quantized=True)  # "pre-quantized" from now on: reloads skip fitting
+    hf_quantizer.plan = {layer.name: layer for layer in plan}
     original_dtype = model.dtype
-    reports = convert_model(model, plan, progress=progress, compute_metrics=compute_metrics)
+    reports = convert_model(model, plan, progress=progress, compute_metrics=compute_metrics, quantizer=quantizer)
     model.is_quantized = True
     model.quantization_method = config.quant_method
-    model.hf_quantizer = quantizer
+    model.hf_quantizer = hf_quantizer
     model.register_to_config(quantization_config=config, _pre_quantization_dtype=original_dtype)
     attach_model_card(model)
     return reports

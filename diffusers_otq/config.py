@@ -102,6 +102,16 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         module_overrides: ``{pattern: {option: value}}`` for mixed precision, e.g. ``{"attn*": {"bits": 4}}``;
             options are any of ``bits, method, granularity, group_size, codebook_dtype, codebook_scope``; the
             first pattern (in order) that matches a module name applies.
+        bits_per_weight: a storage budget instead of one bit width: the average bits per quantized weight, every
+            code, codebook and scale counted (e.g. 2.5). :func:`diffusers_otq.quantize_model` and
+            :func:`diffusers_otq.quantize_pipeline` measure each layer's sensitivity (from calibration statistics
+            when given, else data-free) and choose per-layer bits (2-8) and granularity (channel or groups of
+            ``group_size``, default 64) by an exact knapsack; the plan is written into ``module_overrides`` and
+            this field is cleared, so the saved checkpoint reloads with plain ``from_pretrained``. Layers matched
+            by ``module_overrides`` you give keep your settings (and count towards the budget). Quantize-on-load
+            cannot allocate (it sees one weight at a time) and refuses it.
+        provenance: informational record of how the codebooks were produced (calibration settings, the bits budget
+            and what was reached), written by diffusers-otq; ignored when loading.
         format_version: checkpoint layout version; loading a checkpoint written by a newer layout fails clearly.
         quant_method: always ``"otq"`` (accepted so ``OTQConfig(**config_dict)`` works on reload).
 
@@ -119,6 +129,8 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         codebook_dtype: str | torch.dtype | None = None,
         codebook_scope: str = "tensor",
         module_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        bits_per_weight: float | None = None,
+        provenance: Mapping[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str | OTQMethod = OTQMethod.OTQ,
         **unknown: Any,
@@ -154,7 +166,46 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         self.codebook_dtype = _dtype_name(codebook_dtype, "codebook_dtype")
         self.codebook_scope = codebook_scope
         self.module_overrides = self._check_overrides(module_overrides)
+        self.bits_per_weight = self._check_budget(bits_per_weight)
+        self.provenance = self._check_provenance(provenance)
         self.base_spec()  # validates bits, method, granularity, group_size, codebook_scope
+
+    @staticmethod
+    def _check_budget(value: object) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 32:
+            raise ValueError(
+                f"bits_per_weight={value!r} must be a number of bits per weight in (0, 32], e.g. 2.5; the smallest "
+                "reachable budget depends on the model (2-bit codes plus codebooks) and is checked when allocating."
+            )
+        return float(value)
+
+    @staticmethod
+    def _check_provenance(value: object) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        try:
+            if not isinstance(value, Mapping):
+                raise TypeError(type(value).__name__)
+            return json.loads(json.dumps(dict(value), sort_keys=True))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"provenance must be a JSON-safe dict (or None), got {value!r}: {err}") from None
+
+    def check_resolved(self) -> None:
+        """Raise if ``bits_per_weight`` still needs the allocator (a plain layer-by-layer quantizer cannot use it).
+
+        Raises:
+            ValueError: with the call that resolves it.
+        """
+        if self.bits_per_weight is not None:
+            raise ValueError(
+                f"OTQConfig(bits_per_weight={self.bits_per_weight}) needs every weight before the first one is "
+                "quantized, to spend the bits where they matter; quantize-on-load sees one weight at a time. Load the "
+                "float model, then call diffusers_otq.quantize_model(model, config) (data-free) or "
+                "diffusers_otq.quantize_pipeline(pipe, config, calibration=CalibrationConfig(...)), and save that: "
+                "the saved checkpoint reloads with plain from_pretrained."
+            )
 
     def _check_overrides(self, overrides: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
         if overrides is None:
@@ -221,6 +272,8 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
             "codebook_dtype": self.codebook_dtype,
             "codebook_scope": self.codebook_scope,
             "module_overrides": copy.deepcopy(self.module_overrides),
+            "bits_per_weight": self.bits_per_weight,
+            "provenance": copy.deepcopy(self.provenance),
         }
 
     def to_diff_dict(self) -> dict[str, Any]:
@@ -239,7 +292,8 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
 
     def __repr__(self) -> str:
         shown = {"bits": self.bits, "method": self.method, "granularity": self.granularity}
-        shown.update({k: v for k, v in self.to_diff_dict().items() if k not in ("quant_method", "format_version")})
+        hidden = ("quant_method", "format_version", "provenance")
+        shown.update({k: v for k, v in self.to_diff_dict().items() if k not in hidden})
         return f"OTQConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def for_pipeline(self, components: tuple[str, ...] | list[str] = ("transformer",)) -> Any:

@@ -21,10 +21,12 @@ from .functional.metrics import relative_mse, wasserstein2
 from .layers import OTQConv2d, OTQLayerMixin, OTQLinear
 from .memory import release_freed_memory
 from .options import LayerSpec
-from .quantized_tensor import quantize_tensor
+from .quantized_tensor import QuantizedTensor, quantize_tensor
 
 
 __all__ = [
+    "LayerFit",
+    "LayerQuantizer",
     "LayerReport",
     "PlannedLayer",
     "SpecFn",
@@ -137,11 +139,41 @@ def plan_layers(model: nn.Module, spec_fn: SpecFn, *, warn: bool = True) -> list
     return planned
 
 
-def quantize_layer(layer: PlannedLayer, weight: torch.Tensor | None = None) -> OTQLayerMixin:
-    """The OTQ layer for ``layer``, quantized from ``weight`` (default: the module's own weight)."""
+@dataclass(frozen=True)
+class LayerFit:
+    """A fitted layer: its quantized weight and, optionally, a corrected bias (same shape as the module's bias)."""
+
+    quantized: QuantizedTensor
+    bias: torch.Tensor | None = None
+
+
+LayerQuantizer = Callable[[PlannedLayer, torch.Tensor], "QuantizedTensor | LayerFit"]
+"""Fits one planned layer's weight: ``quantizer(layer, weight)`` returns the :class:`QuantizedTensor` in the layout
+``layer.spec`` implies, or a :class:`LayerFit` that also replaces the bias. The default is data-free
+:func:`quantize_tensor`; calibration supplies its own."""
+
+
+def quantize_layer(
+    layer: PlannedLayer, weight: torch.Tensor | None = None, quantizer: LayerQuantizer | None = None
+) -> OTQLayerMixin:
+    """The OTQ layer for ``layer``, quantized from ``weight`` (default: the module's own weight) by ``quantizer``
+    (default: data-free :func:`quantize_tensor` with the layer's spec)."""
     weight = layer.module.weight if weight is None else weight
-    quantized = quantize_tensor(weight, name=layer.name, **layer.spec.quantize_kwargs())
-    return layer.target.from_quantized(quantized, layer.module)
+    if quantizer is None:
+        fit = LayerFit(quantize_tensor(weight, name=layer.name, **layer.spec.quantize_kwargs()))
+    else:
+        result = quantizer(layer, weight)
+        fit = result if isinstance(result, LayerFit) else LayerFit(result)
+    quantized = layer.target.from_quantized(fit.quantized, layer.module)
+    if fit.bias is not None:
+        if quantized.bias is None or quantized.bias.shape != fit.bias.shape:
+            raise ValueError(
+                f"layer {layer.name!r}: the fit returned a bias of shape {tuple(fit.bias.shape)}, but the layer has "
+                f"{'no bias' if quantized.bias is None else f'a bias of shape {tuple(quantized.bias.shape)}'}."
+            )
+        with torch.no_grad():
+            quantized.bias.copy_(fit.bias)
+    return quantized
 
 
 def replace_with_empty_layers(
@@ -153,7 +185,12 @@ def replace_with_empty_layers(
 
 
 def convert_model(
-    model: nn.Module, plan: list[PlannedLayer], *, progress: bool = True, compute_metrics: bool = True
+    model: nn.Module,
+    plan: list[PlannedLayer],
+    *,
+    progress: bool = True,
+    compute_metrics: bool = True,
+    quantizer: LayerQuantizer | None = None,
 ) -> list[LayerReport]:
     """Replace every planned layer of ``model`` in place by its quantized OTQ layer.
 
@@ -163,6 +200,7 @@ def convert_model(
         progress: show a tqdm bar over the layers.
         compute_metrics: measure relative MSE and W2 per layer (costs one sort per layer); otherwise the
             reports carry NaN for both.
+        quantizer: fits each layer (:data:`LayerQuantizer`); default: data-free :func:`quantize_tensor`.
 
     Returns:
         One :class:`LayerReport` per replaced module name, in ``named_modules()`` order.
@@ -174,7 +212,7 @@ def convert_model(
     reports: list[LayerReport] = []
     for layer in tqdm(plan, desc="OTQ quantize", unit="layer", disable=not progress):
         if id(layer.module) not in done:
-            quantized = quantize_layer(layer)
+            quantized = quantize_layer(layer, quantizer=quantizer)
             done[id(layer.module)] = (quantized, _report(layer, quantized, compute_metrics))
             release_freed_memory()
         quantized, report = done[id(layer.module)]

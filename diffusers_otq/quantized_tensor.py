@@ -344,6 +344,34 @@ def _fit_shared(
     return codebook, codes
 
 
+def _relative_importance(
+    importance: torch.Tensor | None, method: str, rows: int, n: int, what: str
+) -> torch.Tensor | None:
+    """``importance`` as (R, n) or (1, n) work-dtype weights with mean 1, or None when it is absent or constant."""
+    if importance is None:
+        return None
+    if method not in ("ot", "ot-vp"):
+        raise ValueError(
+            f"{what}: importance weights are only used by the 'ot' and 'ot-vp' fitters, got method={method!r}; "
+            "drop importance or use method='ot-vp'."
+        )
+    if not isinstance(importance, torch.Tensor) or importance.shape not in ((n,), (rows, n)):
+        shape = tuple(importance.shape) if isinstance(importance, torch.Tensor) else type(importance).__name__
+        raise ValueError(
+            f"{what}: importance has shape {shape}; expected ({n},) (one per input) or ({rows}, {n}) (one per weight)."
+        )
+    imp = importance.detach().to(torch.float64)
+    if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+        raise ValueError(f"{what}: importance must be finite and non-negative (got NaN/Inf or negative values).")
+    mean = imp.mean()
+    if not bool(mean > 0):
+        raise ValueError(f"{what}: importance is all zero; every error would be free. Pass positive weights.")
+    imp = (imp / mean).reshape(-1, n)
+    if bool((imp == imp.reshape(-1)[0]).all()):
+        return None  # constant: the unweighted fit, exactly
+    return imp
+
+
 def quantize_tensor(
     weight: torch.Tensor,
     bits: int = 4,
@@ -353,6 +381,7 @@ def quantize_tensor(
     *,
     codebook_dtype: torch.dtype | None = None,
     codebook_scope: str = "tensor",
+    importance: torch.Tensor | None = None,
     name: str | None = None,
 ) -> QuantizedTensor:
     """Quantize a floating-point tensor to ``bits``-bit codes plus codebooks.
@@ -376,6 +405,12 @@ def quantize_tensor(
         codebook_scope: for ``"group"``: one normalised codebook shared by the whole tensor (``"tensor"``, the
             default: it measured lower error at equal bits per weight, see results/bench_quantize.md; ``"ot"``
             fits it on a strided subsample of <= 2**22 values) or one per output channel (``"channel"``).
+        importance: optional non-negative weight of each value's squared error, shape ``(n,)`` (one per input
+            of the row view, e.g. the calibration second moments ``E[x_j^2]``, so the fit minimises the
+            expected output error ``sum_j E[x_j^2] (w_rj - q_rj)^2`` under uncorrelated inputs) or ``(R, n)`` (one
+            per weight). Only ``"ot"`` and ``"ot-vp"`` use it (weighted Lloyd-Max, weighted moments for the
+            variance stretch). It is divided by its mean first, so a constant importance gives exactly the
+            unweighted fit.
         name: layer name used in error messages.
 
     Returns:
@@ -399,6 +434,7 @@ def quantize_tensor(
         check_group_size(granularity, group_size, n)
     except ValueError as err:
         raise ValueError(f"{what} (shape {shape}): {err}") from None
+    relative_importance = _relative_importance(importance, method, rows, n, what)
 
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     x = weight.detach().reshape(rows, n).to(work_dtype)
@@ -413,6 +449,9 @@ def quantize_tensor(
         if method in ("ot", "ot-vp"):  # the error of a normalised value costs scale^2 in the weight
             weights = expanded.square()
         del expanded
+    if relative_importance is not None:
+        relative_importance = relative_importance.to(work_dtype).expand(rows, n)
+        weights = relative_importance if weights is None else weights * relative_importance
     storage_dtype = resolve_codebook_dtype(codebook_dtype, weight.dtype, granularity)
 
     if granularity == "group" and codebook_scope == "tensor":

@@ -80,6 +80,8 @@ class OTQQuantizer(DiffusersQuantizer):
     # ------------------------------------------------------------------------------------------- environment
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            self.quantization_config.check_resolved()  # a bits budget cannot be allocated one weight at a time
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError(

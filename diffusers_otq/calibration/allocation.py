@@ -1,0 +1,341 @@
+"""Mixed precision under a bits budget: per-layer sensitivities, then an exact knapsack over the settings.
+
+For every selected layer ``l`` and candidate setting ``s`` (bits 2-8, per-channel codebooks or group scales)
+the layer is fitted once (activation-weighted when statistics exist) and its *relative output error* measured:
+
+    e_l(s) = tr(dW H dW^T) / tr(W H W^T),     dW = W - Q_s(W),
+
+with ``H`` the input Gram matrix (its diagonal ``E[x_j^2]`` without a Gram; the identity without statistics).
+How much that error matters downstream differs by layer; with recorded denoiser calls (``probes``) and
+``sensitivity="velocity"``, each layer is quantized alone at the cheapest setting and the model's velocity error
+``D_l`` on the probes is measured, giving a per-layer factor ``a_l = D_l / e_l(cheapest)``. The predicted
+distortion of a plan is ``sum_l a_l e_l(s_l)`` (``a_l = 1`` otherwise), minimised under the byte budget by
+:func:`diffusers_otq.functional.allocation.allocate`. Sizes are the exact stored bytes of each setting
+(codes, codebooks, scales), so the budget counts every bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import OTQConfig
+from ..convert import PlannedLayer, matches_module_name, plan_layers
+from ..functional.allocation import allocate
+from ..functional.error_feedback import output_error
+from ..options import LayerSpec
+from ..quantized_tensor import QuantizedTensor, resolve_codebook_dtype, storage_layout
+from .config import CalibrationConfig, CalibrationError
+from .fit import corrects_bias, importance_rows, quantize_calibrated
+from .probes import model_output, velocity_error
+from .statistics import CalibrationStatistics, LayerStatistics
+
+
+__all__ = ["BitsPlan", "LayerChoice", "candidate_specs", "plan_bits"]
+
+logger = logging.getLogger(__name__)
+
+FITTED_BITS: tuple[int, ...] = (1, 2, 3, 4)  # candidates fitted and measured
+EXTRAPOLATED_BITS: tuple[int, ...] = (5, 6, 7, 8)  # error of 4 bits * 4**-(b - 4): high-resolution MSE ~ 2**-2b
+TENSOR_BITS: tuple[int, ...] = (2, 3)  # one codebook per weight: no per-row metadata at all
+PROBE_BITS = 2  # the velocity sensitivity is measured at the cheapest 2-bit candidate
+CANDIDATE_REFIT_ROUNDS = 1  # candidates are ranked with one sweep/refit round; the final fit runs them all
+_DEFAULT_GROUP = 64
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """The setting chosen for one layer, with its size and predicted distortion."""
+
+    name: str
+    spec: LayerSpec
+    numel: int
+    nbytes: int
+    relative_error: float
+    distortion: float
+    fixed: bool = False  # set by the user's module_overrides, not by the allocator
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.nbytes * 8 / self.numel
+
+    def label(self) -> str:
+        """``"3-bit channel"`` or ``"2-bit group 64"``."""
+        spec = self.spec
+        text = f"{spec.bits}-bit {spec.granularity}"
+        return text + (f" {spec.group_size}" if spec.group_size else "")
+
+
+@dataclass(frozen=True)
+class BitsPlan:
+    """A solved allocation: one :class:`LayerChoice` per layer, the budget and what it reached."""
+
+    budget: float
+    choices: tuple[LayerChoice, ...]
+    sensitivity: str
+
+    @property
+    def numel(self) -> int:
+        return sum(c.numel for c in self.choices)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.choices)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Reached bits per quantized weight, every code, codebook and scale counted."""
+        return self.nbytes * 8 / max(self.numel, 1)
+
+    def overrides(self) -> dict[str, dict[str, object]]:
+        """``module_overrides`` entries pinning every allocated layer by its full name.
+
+        Deeper names come first: a name pattern also matches longer names that end in the same components
+        (``"proj"`` matches ``"blocks.0.proj"``), and the first matching entry wins, so each layer must meet its
+        own entry before any shorter one.
+        """
+        out: dict[str, dict[str, object]] = {}
+        for choice in sorted(self.choices, key=lambda c: -c.name.count(".")):
+            if choice.fixed:
+                continue
+            out[choice.name] = {
+                "bits": choice.spec.bits,
+                "granularity": choice.spec.granularity,
+                "group_size": choice.spec.group_size,
+            }
+        return out
+
+    def resolved_config(self, config: OTQConfig, provenance: dict | None = None) -> OTQConfig:
+        """``config`` with the plan in ``module_overrides`` (after the user's own), ``bits_per_weight`` cleared and
+        the budget recorded in ``provenance``; it reloads without any allocation."""
+        counts = Counter(c.spec.bits for c in self.choices)
+        base = counts.most_common(1)[0][0] if counts else config.bits
+        record = dict(provenance or config.provenance or {})
+        record["bits_per_weight"] = {
+            "budget": self.budget,
+            "reached": round(self.bits_per_weight, 4),
+            "sensitivity": self.sensitivity,
+            "layers": {label: n for label, n in sorted(Counter(c.label() for c in self.choices).items())},
+        }
+        data = config.to_dict()
+        data.update(
+            bits=base,
+            module_overrides={**(config.module_overrides or {}), **self.overrides()},
+            bits_per_weight=None,
+            provenance=record,
+        )
+        return OTQConfig.from_dict(data)
+
+    def table(self) -> str:
+        """The plan as a markdown table (layer, setting, weights, bits/weight, relative output error)."""
+        lines = [
+            f"Bits budget {self.budget:.3f}, reached {self.bits_per_weight:.3f} bits/weight over {self.numel:,} "
+            f"weights ({self.sensitivity} sensitivity).",
+            "",
+            "| layer | setting | weights | bits/weight | rel. output error |",
+            "|---|---|---|---|---|",
+        ]
+        for c in self.choices:
+            fixed = " (fixed)" if c.fixed else ""
+            lines.append(
+                f"| {c.name} | {c.label()}{fixed} | {c.numel:,} | {c.bits_per_weight:.3f} | {c.relative_error:.3e} |"
+            )
+        return "\n".join(lines)
+
+
+def candidate_specs(base: LayerSpec, input_width: int, group_size: int) -> list[LayerSpec]:
+    """The settings the allocator may choose for one layer: bits 1-8 with per-channel codebooks, bits 2-8 with
+    group scales (when ``group_size`` divides the input width), and bits 2-3 with one codebook per tensor.
+
+    Ordered as fitted first (:data:`FITTED_BITS`, :data:`TENSOR_BITS`), extrapolated last.
+    """
+    groups = input_width % group_size == 0 and input_width > group_size
+    fitted = [replace(base, bits=b, granularity="channel", group_size=None) for b in FITTED_BITS]
+    if groups:
+        fitted += [replace(base, bits=b, granularity="group", group_size=group_size) for b in FITTED_BITS if b > 1]
+    fitted += [replace(base, bits=b, granularity="tensor", group_size=None) for b in TENSOR_BITS]
+    extrapolated = [replace(base, bits=b, granularity="channel", group_size=None) for b in EXTRAPOLATED_BITS]
+    if groups:
+        extrapolated += [replace(base, bits=b, granularity="group", group_size=group_size) for b in EXTRAPOLATED_BITS]
+    return fitted + extrapolated
+
+
+def _spec_bytes(weight: torch.Tensor, spec: LayerSpec) -> int:
+    dtype = resolve_codebook_dtype(spec.codebook_dtype, weight.dtype, spec.granularity)
+    layout = storage_layout(tuple(weight.shape), spec, dtype)
+    return sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in layout.values())
+
+
+class _ErrorMeter:
+    """Relative output error ``tr(dW H dW^T) / tr(W H W^T)`` of one layer (H per input group)."""
+
+    def __init__(self, weight: torch.Tensor, stats: LayerStatistics | None, damping: float, centered: bool) -> None:
+        self.rows = weight.shape[0]
+        self.target = weight.detach().reshape(self.rows, -1).to(torch.float64)
+        self.groups = 1 if stats is None else stats.groups
+        self.grams = None if stats is None else [stats.gram_blocks(g, centered) for g in range(self.groups)]
+        if self.grams is not None and any(g is None for g in self.grams):
+            self.grams = None
+        self.importance = None if stats is None else importance_rows(stats, self.rows, damping, centered)
+        self.reference = self._energy(self.target)
+
+    def _energy(self, delta: torch.Tensor) -> float:
+        if self.grams is not None:
+            per = self.rows // self.groups
+            return math.fsum(
+                float(output_error(delta[g * per : (g + 1) * per], self.grams[g]).sum()) for g in range(self.groups)
+            )
+        if self.importance is not None:
+            return float((delta.square() * self.importance).sum())
+        return float(delta.square().sum())
+
+    def __call__(self, quantized: QuantizedTensor) -> float:
+        delta = self.target - quantized.dequantize(torch.float64).reshape(self.rows, -1)
+        # max(0, .): rounding can leave a quadratic form of a (near-)singular covariance a hair below zero
+        return max(0.0, self._energy(delta)) / self.reference if self.reference > 0 else 0.0
+
+
+@torch.no_grad()
+def plan_bits(
+    model: nn.Module,
+    config: OTQConfig,
+    statistics: CalibrationStatistics | None = None,
+    calibration: CalibrationConfig | None = None,
+    *,
+    progress: bool = True,
+) -> BitsPlan:
+    """Choose per-layer settings that meet ``config.bits_per_weight`` with the least predicted distortion.
+
+    Args:
+        model: the float model (its selected Linear/Conv2d layers are read, not changed).
+        config: an :class:`~diffusers_otq.OTQConfig` with ``bits_per_weight`` set; its method, codebook dtype and
+            scope apply to every candidate, ``group_size`` (default 64) to the group candidates, and layers its
+            ``module_overrides`` match keep those settings.
+        statistics: calibration statistics (sharper sensitivities); None: data-free (relative weight error).
+        calibration: damping and sensitivity settings (defaults when None).
+        progress: show a progress bar over the layers.
+
+    Returns:
+        The :class:`BitsPlan` (``plan.resolved_config(config)`` is the config to quantize and save with).
+
+    Raises:
+        ValueError: ``bits_per_weight`` unset, or below what the cheapest settings reach (the message names it).
+    """
+    if config.bits_per_weight is None:
+        raise ValueError("plan_bits needs OTQConfig(bits_per_weight=...), e.g. bits_per_weight=2.5.")
+    calibration = calibration or CalibrationConfig()
+    candidate_fit = replace(calibration, refit_rounds=min(calibration.refit_rounds, CANDIDATE_REFIT_ROUNDS))
+    skip = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    unresolved = OTQConfig.from_dict({**config.to_dict(), "bits_per_weight": None})
+    plan = _unique(plan_layers(model, partial(unresolved.layer_spec, skip=skip), warn=False))
+    if not plan:
+        raise ValueError(f"the config selects no nn.Linear/nn.Conv2d layer of {type(model).__name__} to allocate.")
+    group_size = config.group_size or _DEFAULT_GROUP
+    probes = None if statistics is None else statistics.probes
+    use_velocity = calibration.sensitivity == "velocity" and probes is not None and len(probes) > 0
+    reference = [model_output(model, a, k).detach() for a, k in probes.calls] if use_velocity else None
+
+    sizes: list[list[int]] = []
+    errors: list[list[float]] = []
+    options: list[list[LayerSpec]] = []
+    factors: list[float] = []
+    fixed: list[bool] = []
+    overrides = list(config.module_overrides or {})
+    for layer in tqdm(plan, desc="OTQ sensitivity", unit="layer", disable=not progress):
+        weight = layer.module.weight
+        stats = None if statistics is None else statistics.get(layer.name)
+        pinned = any(matches_module_name(layer.name, [p]) for p in overrides)
+        specs = [layer.spec] if pinned else candidate_specs(layer.spec, weight[0].numel(), group_size)
+        meter = _ErrorMeter(weight, stats, calibration.damping, corrects_bias(layer, stats, calibration))
+        layer_errors, layer_sizes = [], []
+        fits: dict[int, QuantizedTensor] = {}
+        for i, spec in enumerate(specs):
+            layer_sizes.append(_spec_bytes(weight, spec))
+            if pinned or spec.bits in FITTED_BITS or spec.granularity == "tensor":
+                fits[i] = quantize_calibrated(weight, replace(layer, spec=spec), stats, candidate_fit).quantized
+                layer_errors.append(meter(fits[i]))
+            else:  # extrapolate from the 4-bit fit of the same granularity
+                anchor = next(j for j, s in enumerate(specs) if s.bits == 4 and s.granularity == spec.granularity)
+                layer_errors.append(layer_errors[anchor] * 4.0 ** (4 - spec.bits))
+        factor = 1.0
+        if use_velocity and not pinned:
+            probe = min(
+                (i for i in fits if specs[i].bits == PROBE_BITS), key=lambda i: (layer_sizes[i], i), default=None
+            )
+            if probe is not None:
+                factor = _velocity_factor(model, layer, fits[probe], layer_errors[probe], probes, reference)
+        options.append(specs)
+        sizes.append(layer_sizes)
+        errors.append(layer_errors)
+        factors.append(factor)
+        fixed.append(pinned)
+
+    numel = sum(layer.module.weight.numel() for layer in plan)
+    budget_bytes = int(config.bits_per_weight * numel / 8)
+    floor = sum(min(s) for s in sizes)
+    if budget_bytes < floor:
+        raise ValueError(
+            f"bits_per_weight={config.bits_per_weight} is below what this model can reach: the cheapest setting of "
+            f"every layer (2-bit codes plus their codebooks and scales) already takes {floor * 8 / numel:.3f} "
+            f"bits/weight over its {numel:,} quantized weights. Raise bits_per_weight to at least "
+            f"{math.ceil(floor * 800 / numel) / 100:.2f}, or keep small layers in float (modules_to_not_convert)."
+        )
+    distortions = [[f * e for e in errs] for f, errs in zip(factors, errors)]
+    solution = allocate(sizes, distortions, budget_bytes)
+    choices = tuple(
+        LayerChoice(
+            name=layer.name,
+            spec=specs[i],
+            numel=layer.module.weight.numel(),
+            nbytes=size[i],
+            relative_error=errs[i],
+            distortion=dist[i],
+            fixed=pinned,
+        )
+        for layer, specs, size, errs, dist, pinned, i in zip(
+            plan, options, sizes, errors, distortions, fixed, solution.choices
+        )
+    )
+    sensitivity = "velocity" if use_velocity else "output" if statistics is not None else "weights"
+    result = BitsPlan(config.bits_per_weight, choices, sensitivity)
+    logger.info("OTQ bits plan:\n%s", result.table())
+    return result
+
+
+def _unique(plan: Sequence[PlannedLayer]) -> list[PlannedLayer]:
+    seen: set[int] = set()
+    out = []
+    for layer in plan:
+        if id(layer.module) not in seen:
+            seen.add(id(layer.module))
+            out.append(layer)
+    return out
+
+
+def _velocity_factor(
+    model: nn.Module,
+    layer: PlannedLayer,
+    quantized: QuantizedTensor,
+    relative_error: float,
+    probes,
+    reference: list[torch.Tensor],
+) -> float:
+    """``D_l / e_l``: the model's velocity error per unit of this layer's relative output error."""
+    if relative_error <= 0:
+        return 0.0
+    weight = layer.module.weight
+    original = weight.data
+    weight.data = quantized.dequantize(weight.dtype)
+    try:
+        distortion = velocity_error(model, probes, reference)
+    finally:
+        weight.data = original
+    return distortion / relative_error

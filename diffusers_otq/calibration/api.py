@@ -1,0 +1,162 @@
+"""The user-facing entry points: :func:`quantize_model`, :func:`quantize_pipeline` and :func:`calibrate`.
+
+``quantize_model`` is the one function for a model already in memory: data-free by default (the same codes as
+quantize-on-load), activation-aware with ``statistics=``, and with ``OTQConfig(bits_per_weight=...)`` it first
+allocates bits per layer. ``quantize_pipeline`` adds the calibration run: it samples with the pipeline's
+full-precision denoiser, then quantizes that denoiser in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from torch import nn
+
+from ..api import quantize_model as _convert_model
+from ..config import OTQConfig
+from ..convert import LayerReport
+from .allocation import plan_bits
+from .config import CalibrationConfig
+from .fit import calibrated_quantizer
+from .sampling import collect_statistics, denoiser_of
+from .statistics import CalibrationStatistics
+
+
+__all__ = ["calibrate", "quantize_model", "quantize_pipeline"]
+
+logger = logging.getLogger(__name__)
+
+
+def _config(config: OTQConfig | None, kwargs: dict[str, Any]) -> OTQConfig:
+    if config is None:
+        return OTQConfig(**kwargs)
+    if kwargs:
+        raise TypeError(f"Pass either an OTQConfig or its fields as keywords, not both (got {sorted(kwargs)}).")
+    if not isinstance(config, OTQConfig):
+        raise TypeError(f"config must be an OTQConfig, got {type(config).__name__} ({config!r}); e.g. OTQConfig(bits=3).")
+    return config
+
+
+def quantize_model(
+    model: nn.Module,
+    config: OTQConfig | None = None,
+    *,
+    statistics: CalibrationStatistics | None = None,
+    calibration: CalibrationConfig | None = None,
+    progress: bool = True,
+    compute_metrics: bool = True,
+    **config_kwargs: Any,
+) -> list[LayerReport]:
+    """Quantize ``model`` in place: every ``nn.Linear``/``nn.Conv2d`` that ``config`` selects becomes an OTQ layer.
+
+    Args:
+        model: any ``nn.Module``; a diffusers ``ModelMixin`` also gets its ``quantization_config`` and quantizer,
+            so ``save_pretrained`` writes a checkpoint that reloads with plain ``from_pretrained``. Its
+            ``_keep_in_fp32_modules`` stay float.
+        config: the :class:`~diffusers_otq.OTQConfig`; or leave it out and pass its fields as keywords
+            (``quantize_model(model, bits=3, modules_to_not_convert=["proj_out"])``). With ``bits_per_weight``
+            the bits are allocated per layer first (:func:`~diffusers_otq.calibration.plan_bits`) and the saved
+            config carries the plan.
+        statistics: calibration statistics of this model (:func:`calibrate`, or
+            ``CalibrationStatistics.load``); with them every layer is fitted to its output error on those
+            inputs (activation-weighted codebooks, then error feedback when they hold a Gram). None: data-free.
+        calibration: fit settings (damping, error feedback, refit rounds, sensitivity); defaults when None.
+        progress: show progress bars.
+        compute_metrics: measure relative MSE and W2 per layer for the reports and log.
+
+    Returns:
+        One :class:`~diffusers_otq.LayerReport` per quantized module, in ``named_modules()`` order.
+
+    Raises:
+        TypeError: ``config`` is not an OTQConfig, or both ``config`` and keywords were given.
+        ValueError: invalid options; the model is already quantized; a bits budget below what the model can reach.
+
+    Example:
+        >>> import torch, diffusers_otq
+        >>> from diffusers_otq import OTQConfig
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+        >>> reports = diffusers_otq.quantize_model(model, OTQConfig(bits_per_weight=4.5), progress=False)
+        >>> round(sum(r.bits_per_weight * r.parameters for r in reports) / sum(r.parameters for r in reports), 2) <= 4.5
+        True
+    """
+    config = _config(config, config_kwargs)
+    calibration = calibration or CalibrationConfig(progress=progress)
+    started = time.perf_counter()
+    provenance = dict(config.provenance or {})
+    if statistics is not None:
+        provenance["calibration"] = {**statistics.info, **_fit_record(calibration, statistics)}
+    if config.bits_per_weight is not None:
+        plan = plan_bits(model, config, statistics, calibration, progress=progress)
+        config = plan.resolved_config(config, provenance)
+    elif provenance:
+        config = OTQConfig.from_dict({**config.to_dict(), "provenance": provenance})
+    quantizer = calibrated_quantizer(statistics, calibration) if statistics is not None else None
+    reports = _convert_model(model, config, progress=progress, compute_metrics=compute_metrics, quantizer=quantizer)
+    logger.info("Quantized %s in %.1f s", type(model).__name__, time.perf_counter() - started)
+    return reports
+
+
+def _fit_record(calibration: CalibrationConfig, statistics: CalibrationStatistics) -> dict[str, Any]:
+    has_gram = any(stats.gram is not None for stats in statistics.values())
+    return {
+        "error_feedback": calibration.error_feedback and has_gram,
+        "damping": calibration.damping,
+        "refit_rounds": calibration.refit_rounds if calibration.error_feedback and has_gram else 0,
+    }
+
+
+def calibrate(target: Any, config: OTQConfig, calibration: CalibrationConfig | None = None) -> CalibrationStatistics:
+    """Sample with the full-precision model and return the input statistics of the layers ``config`` selects.
+
+    ``target`` is a pipeline (class labels for ``FlowMatchPipeline``, prompts for SD3/Flux-style pipelines) or,
+    with ``CalibrationConfig(forward_fn=..., num_batches=...)``, the model. Save the result with ``.save(path)``
+    to quantize again later without sampling (``quantize_model(model, config, statistics=...)``).
+    """
+    return collect_statistics(target, config, calibration or CalibrationConfig())
+
+
+def quantize_pipeline(
+    pipe: Any,
+    config: OTQConfig,
+    calibration: CalibrationConfig | None = None,
+    *,
+    statistics: CalibrationStatistics | None = None,
+    progress: bool = True,
+    compute_metrics: bool = True,
+) -> list[LayerReport]:
+    """Calibrate on the pipeline's own samples, then quantize its denoiser (``transformer`` or ``unet``) in place.
+
+    Args:
+        pipe: a ``FlowMatchPipeline``, an SD3/Flux-style pipeline, or any pipeline with a ``transformer``/``unet``.
+        config: the :class:`~diffusers_otq.OTQConfig` (``bits`` or a ``bits_per_weight`` budget).
+        calibration: what to sample (class labels, prompts, steps, samples) and how to fit; None with no
+            ``statistics``: quantize data-free (as quantize-on-load does).
+        statistics: reuse statistics collected before (skips sampling).
+        progress: show progress bars.
+        compute_metrics: measure weight-error metrics per layer.
+
+    Returns:
+        One :class:`~diffusers_otq.LayerReport` per quantized module of the denoiser.
+
+    Example:
+        >>> import diffusers_otq
+        >>> from diffusers_otq import CalibrationConfig, FlowMatchPipeline, OTQConfig
+        >>> pipe = FlowMatchPipeline.from_pretrained("otq/fashion-mnist-dit")  # doctest: +SKIP
+        >>> diffusers_otq.quantize_pipeline(pipe, OTQConfig(bits_per_weight=2.5),
+        ...                                 CalibrationConfig(num_samples=64))  # doctest: +SKIP
+        >>> pipe.save_pretrained("fm-dit-otq-2.5b")  # doctest: +SKIP
+    """
+    denoiser = denoiser_of(pipe)
+    if statistics is None and calibration is not None:
+        statistics = collect_statistics(pipe, config, calibration, model=denoiser)
+    return quantize_model(
+        denoiser,
+        config,
+        statistics=statistics,
+        calibration=calibration,
+        progress=progress,
+        compute_metrics=compute_metrics,
+    )
+

@@ -1,0 +1,217 @@
+"""``CalibrationConfig``: how to drive the full-precision model, what to record, and how to fit with it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+__all__ = ["CalibrationConfig", "CalibrationError", "GRAM_MODES", "SENSITIVITIES", "UNSEEN_POLICIES"]
+
+GRAM_MODES: tuple[str, ...] = ("auto", "full", "diagonal")
+SENSITIVITIES: tuple[str, ...] = ("velocity", "output")
+UNSEEN_POLICIES: tuple[str, ...] = ("error", "data-free")
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot proceed (bad inputs, NaN activations, a layer the sampling never reached, ...)."""
+
+
+def _positive_int(value: Any, what: str, example: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CalibrationError(f"{what}={value!r} must be a positive int, e.g. {what}={example}.")
+    return value
+
+
+def _non_negative_float(value: Any, what: str, example: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise CalibrationError(f"{what}={value!r} must be a finite number >= 0, e.g. {what}={example}.")
+    return float(value)
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration of OTQ codebooks on the activations the model sees along its own sampling trajectories.
+
+    The full-precision pipeline samples from noise (with class labels, prompts, or a callable of yours);
+    forward hooks record each to-be-quantized layer's input second moments ``E[x_j^2]`` and the Gram matrix
+    ``E[x x^T]`` (no activation is stored). The fit then minimises each layer's *output* error on those inputs.
+
+    Args:
+        num_samples: images to sample (default: ``len(prompts)`` with prompts, else 64). With prompts, the
+            prompts are cycled to this many.
+        batch_size: images per pipeline call; the statistics are a fixed sum over batches in batch order, so
+            they do not depend on how many processes share the work.
+        class_labels: labels of a class-conditional pipeline (``FlowMatchPipeline``), cycled over the samples;
+            default: every class in turn.
+        prompts: text prompts for a text-to-image pipeline (SD3, Flux, ...).
+        forward_fn: instead of a pipeline, ``forward_fn(batch_index)`` runs the model on batch ``batch_index``
+            of ``num_batches`` (any inputs you like).
+        num_batches: number of ``forward_fn`` batches.
+        num_inference_steps: sampler steps per batch (default: 15 for ``FlowMatchPipeline``, 28 otherwise).
+        guidance_scale: classifier-free guidance of the calibration samples (default: the pipeline's).
+        pipeline_kwargs: extra keyword arguments for every pipeline call (e.g. ``height``, ``width``).
+        seed: noise of batch ``b`` comes from ``torch.Generator().manual_seed(seed * 1_000_003 + b)``; use a seed
+            your evaluation does not use.
+        timestep_weighting: optional ``f(sigma) -> weight`` over noise levels ``sigma`` in [0, 1] (1 = noise); the
+            statistics of a call at ``sigma`` count ``f(sigma)`` times. Default: every step counts once.
+        timestep_scale: how to turn the denoiser's ``timestep`` argument into ``sigma`` (``sigma = timestep /
+            timestep_scale``); default 1000, or 1 for Flux pipelines (which pass ``timestep / 1000``).
+        gram: ``"full"`` (the whole ``n x n`` Gram), ``"diagonal"`` (second moments only: no error feedback) or
+            ``"auto"`` (full up to ``max_gram_block`` inputs, block-diagonal above).
+        max_gram_block: largest diagonal Gram block (inputs wider than this use equal blocks of at most it).
+        max_gram_rows: input rows per layer call that enter the Gram (a fixed stride; second moments use all).
+        max_statistics_bytes: the Gram accumulators of one sampling pass stay below this; more layers take
+            more passes over the same samples (identical statistics, more time).
+        error_feedback: GPTQ-style column sweep with codebook refits (needs the Gram); False: only the
+            activation-weighted codebooks.
+        damping: relative ridge of the Gram (``H + damping * mean(diag H) I``), and the floor of the importance
+            weights.
+        refit_rounds: sweep/refit alternations of the error feedback (the best round is kept).
+        sweep_block: columns per lazy update of the sweep.
+        act_order: sweep the columns by decreasing input energy ``H_jj`` (GPTQ's act-order) rather than in
+            storage order.
+        bias_correction: for layers with a bias, add the mean output error ``(W - Q) E[x]`` to the bias and fit
+            against the input covariance (the bias is a float parameter either way: no extra storage).
+        sensitivity: how the bits allocator predicts each layer's effect: ``"velocity"`` (the end-to-end
+            velocity error with that layer alone quantized, on inputs recorded during calibration, scaled to
+            each setting by its output error) or ``"output"`` (the layer's relative output error alone).
+        num_probe_inputs: denoiser calls recorded for the ``"velocity"`` sensitivity (spread over the steps).
+        num_probe_samples: samples of the extra pipeline batch those calls are recorded from (a small batch keeps
+            the sensitivity measurement cheap; ``forward_fn`` calibrations record from their first batch).
+        unseen_layers: a selected layer no calibration input reached: ``"error"`` (default) or ``"data-free"``
+            (quantize it without statistics, with a warning).
+        progress: show progress bars.
+    """
+
+    num_samples: int | None = None
+    batch_size: int = 16
+    class_labels: Sequence[int] | None = None
+    prompts: Sequence[str] | None = None
+    forward_fn: Callable[[int], Any] | None = None
+    num_batches: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 1234
+    timestep_weighting: Callable[[float], float] | None = None
+    timestep_scale: float | None = None
+    gram: str = "auto"
+    max_gram_block: int = 2048
+    max_gram_rows: int = 1024
+    max_statistics_bytes: int = 4 << 30
+    error_feedback: bool = True
+    damping: float = 0.01
+    refit_rounds: int = 4
+    sweep_block: int = 128
+    act_order: bool = True
+    bias_correction: bool = True
+    sensitivity: str = "velocity"
+    num_probe_inputs: int = 4
+    num_probe_samples: int = 8
+    unseen_layers: str = "error"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.prompts is not None:
+            if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
+                raise CalibrationError(
+                    f"prompts={self.prompts!r} must be a list of strings, e.g. prompts=['a photo of a cat']."
+                )
+            self.prompts = list(self.prompts)
+            if not self.prompts:
+                raise CalibrationError("prompts=[] is an empty calibration set; give at least one prompt.")
+        if self.class_labels is not None:
+            labels = list(self.class_labels)
+            if not labels or any(isinstance(v, bool) or not isinstance(v, int) for v in labels):
+                raise CalibrationError(
+                    f"class_labels={self.class_labels!r} must be a non-empty list of ints, e.g. [0, 1, 2]."
+                )
+            self.class_labels = labels
+        if self.prompts is not None and self.class_labels is not None:
+            raise CalibrationError("give prompts (text-to-image pipelines) or class_labels (class-conditional), not both.")
+        if self.forward_fn is not None:
+            if not callable(self.forward_fn):
+                raise CalibrationError(f"forward_fn={self.forward_fn!r} is not callable; pass f(batch_index).")
+            if self.prompts is not None or self.class_labels is not None:
+                raise CalibrationError("forward_fn runs the model itself; drop prompts/class_labels.")
+            _positive_int(self.num_batches, "num_batches", 8)
+        elif self.num_batches is not None:
+            raise CalibrationError("num_batches only applies with forward_fn; use num_samples and batch_size.")
+        if self.num_samples is not None:
+            if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 0:
+                raise CalibrationError(f"num_samples={self.num_samples!r} must be a positive int, e.g. 64.")
+            if self.num_samples == 0:
+                raise CalibrationError("num_samples=0 is an empty calibration set; use e.g. num_samples=64.")
+        _positive_int(self.batch_size, "batch_size", 16)
+        if self.num_inference_steps is not None:
+            _positive_int(self.num_inference_steps, "num_inference_steps", 15)
+        if self.guidance_scale is not None:
+            _non_negative_float(self.guidance_scale, "guidance_scale", 2.0)
+        if not isinstance(self.pipeline_kwargs, dict):
+            raise CalibrationError(f"pipeline_kwargs={self.pipeline_kwargs!r} must be a dict of call arguments.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise CalibrationError(f"seed={self.seed!r} must be a non-negative int.")
+        if self.timestep_weighting is not None and not callable(self.timestep_weighting):
+            raise CalibrationError("timestep_weighting must be a callable f(sigma) -> weight, or None.")
+        if self.timestep_scale is not None and not _non_negative_float(self.timestep_scale, "timestep_scale", 1000):
+            raise CalibrationError("timestep_scale must be > 0.")
+        if self.gram not in GRAM_MODES:
+            raise CalibrationError(f"gram={self.gram!r} is unknown; expected one of {list(GRAM_MODES)}.")
+        _positive_int(self.max_gram_block, "max_gram_block", 2048)
+        _positive_int(self.max_gram_rows, "max_gram_rows", 1024)
+        _positive_int(self.max_statistics_bytes, "max_statistics_bytes", 4 << 30)
+        if not isinstance(self.error_feedback, bool):
+            raise CalibrationError(f"error_feedback={self.error_feedback!r} must be True or False.")
+        if self.error_feedback and self.gram == "diagonal":
+            raise CalibrationError(
+                "error_feedback=True needs the Gram matrix, but gram='diagonal' records only second moments; "
+                "use gram='auto' or error_feedback=False."
+            )
+        if _non_negative_float(self.damping, "damping", 0.01) <= 0:
+            raise CalibrationError("damping must be > 0 (e.g. 0.01): the Gram of few inputs is singular.")
+        _positive_int(self.refit_rounds, "refit_rounds", 4)
+        _positive_int(self.sweep_block, "sweep_block", 128)
+        for flag in ("act_order", "bias_correction"):
+            if not isinstance(getattr(self, flag), bool):
+                raise CalibrationError(f"{flag}={getattr(self, flag)!r} must be True or False.")
+        if self.sensitivity not in SENSITIVITIES:
+            raise CalibrationError(f"sensitivity={self.sensitivity!r} is unknown; expected one of {list(SENSITIVITIES)}.")
+        _positive_int(self.num_probe_inputs, "num_probe_inputs", 4)
+        _positive_int(self.num_probe_samples, "num_probe_samples", 8)
+        if self.unseen_layers not in UNSEEN_POLICIES:
+            raise CalibrationError(
+                f"unseen_layers={self.unseen_layers!r} is unknown; expected one of {list(UNSEEN_POLICIES)}."
+            )
+
+    @property
+    def records_gram(self) -> bool:
+        """Whether the Gram matrix is recorded (needed by error feedback; also sharpens the sensitivities)."""
+        return self.gram != "diagonal"
+
+    def gram_block(self, width: int) -> int:
+        """The largest diagonal Gram block used for an input of ``width``."""
+        return width if self.gram == "full" else min(width, self.max_gram_block)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-safe record of the settings that shaped the statistics and the fit (for configs and cards)."""
+        return {
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "source": (
+                "prompts" if self.prompts is not None else "forward_fn" if self.forward_fn is not None else "class_labels"
+            ),
+            "num_prompts": None if self.prompts is None else len(self.prompts),
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "seed": self.seed,
+            "timestep_weighting": None if self.timestep_weighting is None else "custom",
+            "gram": self.gram,
+            "error_feedback": self.error_feedback,
+            "damping": self.damping,
+            "refit_rounds": self.refit_rounds if self.error_feedback else 0,
+            "act_order": self.act_order,
+            "bias_correction": self.bias_correction,
+        }

@@ -1,0 +1,227 @@
+"""Calibrated quantization of one layer: activation-weighted codebooks, then error feedback with codebook refits.
+
+For a layer with input statistics (:class:`~.statistics.LayerStatistics`) the fit runs in two stages, both
+producing the ordinary packed format (:class:`~diffusers_otq.QuantizedTensor`), so nothing changes at load
+time:
+
+1. **Activation-aware codebooks.** ``quantize_tensor(..., importance=E[x_j^2] + damping * mean)``: weighted
+   Lloyd-Max (and its variance-preserving stretch for ``"ot-vp"``) minimising ``sum_j E[x_j^2] (w_j - q_j)^2``,
+   the expected output error under uncorrelated inputs.
+2. **Error feedback** (with a Gram matrix and ``error_feedback=True``): the GPTQ column sweep (in act-order)
+   rounds each weight to its row's codebook while pushing the rounding error onto the columns not yet rounded,
+   then the codewords are refitted by least squares on the output error
+   (:mod:`diffusers_otq.functional.error_feedback`), ``refit_rounds`` times. The result with the lowest output
+   error ``tr((W - Q) H (W - Q)^T)`` is kept, including the stage-1 result, so stage 2 never makes it worse.
+3. **Bias correction** (layers with a bias, ``bias_correction=True``): the quantized layer's mean output error
+   ``(W - Q) E[x]`` is added to the bias, which removes it exactly. Then only the input *covariance* matters,
+   so stages 1 and 2 use centred statistics (``Var[x_j]``, ``Cov[x]``) for such layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from ..convert import LayerFit, PlannedLayer
+from ..functional.error_feedback import (
+    dequantize_rows,
+    error_feedback_codes_in_order,
+    ordered_factors,
+    output_error,
+    refit_codebook,
+)
+from ..functional.packing import pack_codes
+from ..functional.scales import decode_group_scales
+from ..quantized_tensor import QuantizedTensor, quantize_tensor
+from .config import CalibrationConfig
+from .statistics import CalibrationStatistics, LayerStatistics
+
+
+__all__ = ["LayerQuantizer", "calibrated_quantizer", "corrects_bias", "importance_rows", "quantize_calibrated"]
+
+logger = logging.getLogger(__name__)
+
+LayerQuantizer = Callable[[PlannedLayer, torch.Tensor], "QuantizedTensor | LayerFit"]
+_WEIGHTED_METHODS = ("ot", "ot-vp")
+
+
+def importance_rows(stats: LayerStatistics, out_features: int, damping: float, centered: bool = False) -> torch.Tensor:
+    """(out, n) float64 importance of each weight: its input's ``E[x_j^2]`` (``Var[x_j]`` when ``centered``)
+    plus ``damping * mean``.
+
+    Row ``r`` of a grouped conv reads input group ``r // (out / G)``.
+    """
+    moments = stats.second_moments(centered)  # (G, n)
+    floor = damping * moments.mean(dim=1, keepdim=True)
+    moments = moments + floor.clamp_min(torch.finfo(torch.float64).tiny)
+    return moments.repeat_interleave(out_features // stats.groups, dim=0)
+
+
+def _row_scales(quantized: QuantizedTensor, rows: int, n: int) -> torch.Tensor | None:
+    if quantized.scale_codes is None:
+        return None
+    scales = decode_group_scales(quantized.scale_codes, quantized.scale_max, quantized.scale_step, torch.float64)
+    groups = scales.shape[1]
+    return scales[:, :, None].expand(rows, groups, n // groups).reshape(rows, n)
+
+
+def _sorted(codebook: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each codebook row ascending and renumber the codes to match."""
+    order = codebook.argsort(dim=1)
+    inverse = order.argsort(dim=1)
+    if codebook.shape[0] == 1:
+        return codebook.gather(1, order), inverse[0][codes]
+    return codebook.gather(1, order), inverse.gather(1, codes)
+
+
+def _error_feedback(
+    weight: torch.Tensor,
+    start: QuantizedTensor,
+    stats: LayerStatistics,
+    calibration: CalibrationConfig,
+    name: str,
+    centered: bool,
+) -> QuantizedTensor:
+    """Stage 2 on top of the stage-1 result ``start`` (see the module docstring); returns the best of all."""
+    rows = weight.shape[0]
+    n = weight[0].numel()
+    target = weight.detach().reshape(rows, n).to(torch.float64)
+    storage = start.codebook.dtype
+    scales = _row_scales(start, rows, n) if start.granularity == "group" else None
+    codes = start.codes().to(torch.int64).reshape(rows, n)
+    codebook = start.codebook.to(torch.float64)
+    groups = stats.groups
+    per_group = rows // groups
+    grams = [stats.gram_blocks(g, centered) for g in range(groups)]
+    factors = [ordered_factors(g, calibration.damping, calibration.act_order) for g in grams]
+    shared = codebook.shape[0] == 1
+    refit = not (shared and groups > 1)  # one codebook over several input groups: sweep only
+
+    def error(c: torch.Tensor, book: torch.Tensor) -> float:
+        total = 0.0
+        for g in range(groups):
+            r = slice(g * per_group, (g + 1) * per_group)
+            group_book = book if shared else book[r]
+            rec = dequantize_rows(c[r], group_book, None if scales is None else scales[r])
+            total += float(output_error(target[r] - rec, grams[g]).sum())
+        return total
+
+    def sweep(book: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for g in range(groups):
+            r = slice(g * per_group, (g + 1) * per_group)
+            group_book = book if shared else book[r]
+            group_scales = None if scales is None else scales[r]
+            parts.append(
+                error_feedback_codes_in_order(target[r], factors[g], group_book, group_scales, calibration.sweep_block)
+            )
+        return torch.cat(parts)
+
+    def refitted(c: torch.Tensor, book: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if shared:
+            solved = refit_codebook(target, c, grams[0], book, scales)
+        else:
+            solved = torch.cat(
+                [
+                    refit_codebook(
+                        target[g * per_group : (g + 1) * per_group],
+                        c[g * per_group : (g + 1) * per_group],
+                        grams[g],
+                        book[g * per_group : (g + 1) * per_group],
+                        None if scales is None else scales[g * per_group : (g + 1) * per_group],
+                    )
+                    for g in range(groups)
+                ]
+            )
+        rounded = solved.to(storage)
+        if not bool(torch.isfinite(rounded).all()):
+            return book, c  # a codeword beyond the storage dtype's range: keep the previous codebook
+        return _sorted(rounded.to(torch.float64), c)
+
+    best_error = error(codes, codebook)
+    first_error = best_error
+    best = (codes, codebook)
+    for _ in range(calibration.refit_rounds):
+        codes = sweep(codebook)
+        candidate = error(codes, codebook)
+        if candidate < best_error:
+            best_error, best = candidate, (codes, codebook)
+        if not refit:
+            continue
+        codebook, codes = refitted(codes, codebook)
+        candidate = error(codes, codebook)
+        if candidate < best_error:
+            best_error, best = candidate, (codes, codebook)
+    logger.debug("%s: output error %.4g -> %.4g with error feedback", name, first_error, best_error)
+    codes, codebook = best
+    return replace(start, packed=pack_codes(codes.to(torch.uint8), start.bits), codebook=codebook.to(storage))
+
+
+def corrects_bias(layer: PlannedLayer, stats: LayerStatistics | None, calibration: CalibrationConfig) -> bool:
+    """Whether the fit of ``layer`` corrects its bias (and therefore works with centred statistics)."""
+    return calibration.bias_correction and stats is not None and getattr(layer.module, "bias", None) is not None
+
+
+def quantize_calibrated(
+    weight: torch.Tensor,
+    layer: PlannedLayer,
+    stats: LayerStatistics | None,
+    calibration: CalibrationConfig,
+) -> LayerFit:
+    """Quantize one layer's ``weight`` with its statistics (data-free when ``stats`` is None).
+
+    Args:
+        weight: the float weight, (out, in) or (out, in/groups, kh, kw).
+        layer: the planned layer (name, module and :class:`~diffusers_otq.LayerSpec`).
+        stats: the layer's input statistics, or None.
+        calibration: damping, error feedback, refit and bias-correction settings.
+
+    Returns:
+        A :class:`~diffusers_otq.convert.LayerFit`: the quantized weight in the layout ``layer.spec`` implies and,
+        with bias correction, the corrected bias.
+    """
+    kwargs = layer.spec.quantize_kwargs()
+    if stats is None:
+        return LayerFit(quantize_tensor(weight, name=layer.name, **kwargs))
+    out = weight.shape[0]
+    centered = corrects_bias(layer, stats, calibration)
+    importance = importance_rows(stats, out, calibration.damping, centered)  # (out, n)
+    if weight[0].numel() != importance.shape[1]:
+        raise ValueError(
+            f"layer {layer.name!r}: the statistics describe inputs of width {importance.shape[1]}, but the weight "
+            f"{tuple(weight.shape)} reads {weight[0].numel()}; they come from another model."
+        )
+    if layer.spec.granularity == "tensor":
+        importance = importance.reshape(1, -1)
+    use_importance = layer.spec.method in _WEIGHTED_METHODS
+    quantized = quantize_tensor(weight, name=layer.name, importance=importance if use_importance else None, **kwargs)
+    lossless = quantized.codebook.shape[1] >= weight[0].numel() and quantized.codebook.shape[0] > 1
+    if calibration.error_feedback and stats.gram_blocks() is not None and not lossless:
+        quantized = _error_feedback(weight, quantized, stats, calibration, layer.name, centered)
+    if not centered:
+        return LayerFit(quantized)
+    return LayerFit(quantized, _corrected_bias(weight, quantized, stats, layer.module.bias))
+
+
+def _corrected_bias(
+    weight: torch.Tensor, quantized: QuantizedTensor, stats: LayerStatistics, bias: torch.Tensor
+) -> torch.Tensor:
+    """``b + (W - Q) E[x]`` per output (row ``r`` reads the mean input of its group), in the bias's dtype."""
+    rows = weight.shape[0]
+    delta = weight.detach().reshape(rows, -1).to(torch.float64) - quantized.dequantize(torch.float64).reshape(rows, -1)
+    mean = stats.mean().repeat_interleave(rows // stats.groups, dim=0)  # (out, n)
+    shift = (delta * mean).sum(dim=1)
+    return (bias.detach().to(torch.float64) + shift).to(bias.dtype)
+
+
+def calibrated_quantizer(statistics: CalibrationStatistics | None, calibration: CalibrationConfig) -> LayerQuantizer:
+    """A ``(layer, weight) -> QuantizedTensor`` function for :func:`~diffusers_otq.convert.convert_model`."""
+
+    def quantize(layer: PlannedLayer, weight: torch.Tensor) -> LayerFit:
+        stats = None if statistics is None else statistics.get(layer.name)
+        return quantize_calibrated(weight, layer, stats, calibration)
+
+    return quantize
