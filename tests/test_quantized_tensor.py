@@ -231,3 +231,49 @@ def test_ot_vp_shared_codebook_on_a_subsample_keeps_the_tensor_variance(monkeypa
     assert plain.var() < 0.97 * weight.var()
     assert vp.var() == pytest.approx(weight.var().item(), rel=0.03)
     assert relative_mse(weight, vp) < 1.5 * relative_mse(weight, plain)
+
+
+# ----------------------------------------------------------------------------------- importance (calibration)
+
+
+@pytest.mark.parametrize("method", ["ot", "ot-vp"])
+@pytest.mark.parametrize("granularity", ["channel", "group", "tensor"])
+def test_constant_importance_is_exactly_the_unweighted_fit(method: str, granularity: str) -> None:
+    weight = torch.randn(16, 128)
+    kwargs = {"bits": 3, "method": method, "granularity": granularity}
+    if granularity == "group":
+        kwargs["group_size"] = 32
+    plain = quantize_tensor(weight, **kwargs)
+    rows = 1 if granularity == "tensor" else 16
+    for importance in (torch.full((rows, weight.numel() // rows), 3.7), torch.ones(weight.numel() // rows)):
+        if granularity == "tensor" and importance.dim() == 1 and importance.numel() != weight.numel():
+            continue
+        weighted = quantize_tensor(weight, importance=importance, **kwargs)
+        assert torch.equal(weighted.packed, plain.packed) and torch.equal(weighted.codebook, plain.codebook)
+
+
+def test_importance_lowers_the_importance_weighted_error() -> None:
+    weight = torch.randn(32, 256)
+    importance = torch.exp(torch.randn(256) * 1.5)
+    plain = quantize_tensor(weight, bits=2, method="ot")
+    weighted = quantize_tensor(weight, bits=2, method="ot", importance=importance)
+
+    def error(q):
+        return float(((weight - q.dequantize()) ** 2 * importance).sum())
+
+    assert error(weighted) < 0.95 * error(plain)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"importance": torch.ones(5)}, "expected \\(64,\\)"),
+        ({"importance": -torch.ones(64)}, "non-negative"),
+        ({"importance": torch.full((64,), float("nan"))}, "finite"),
+        ({"importance": torch.zeros(64)}, "all zero"),
+        ({"importance": torch.ones(64), "method": "uniform"}, "only used by the 'ot' and 'ot-vp'"),
+    ],
+)
+def test_bad_importance(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        quantize_tensor(torch.randn(8, 64), **{"bits": 3, **kwargs})

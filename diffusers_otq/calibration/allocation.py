@@ -35,7 +35,7 @@ from ..options import LayerSpec
 from ..quantized_tensor import QuantizedTensor, resolve_codebook_dtype, storage_layout
 from .config import CalibrationConfig, CalibrationError
 from .fit import corrects_bias, importance_rows, quantize_calibrated
-from .probes import model_output, velocity_error
+from .probes import eval_mode, model_output, velocity_error
 from .statistics import CalibrationStatistics, LayerStatistics
 
 
@@ -203,7 +203,6 @@ class _ErrorMeter:
         return max(0.0, self._energy(delta)) / self.reference if self.reference > 0 else 0.0
 
 
-@torch.no_grad()
 def plan_bits(
     model: nn.Module,
     config: OTQConfig,
@@ -231,7 +230,17 @@ def plan_bits(
     """
     if config.bits_per_weight is None:
         raise ValueError("plan_bits needs OTQConfig(bits_per_weight=...), e.g. bits_per_weight=2.5.")
-    calibration = calibration or CalibrationConfig()
+    with eval_mode(model), torch.no_grad():
+        return _plan_bits(model, config, statistics, calibration or CalibrationConfig(), progress)
+
+
+def _plan_bits(
+    model: nn.Module,
+    config: OTQConfig,
+    statistics: CalibrationStatistics | None,
+    calibration: CalibrationConfig,
+    progress: bool,
+) -> BitsPlan:
     candidate_fit = replace(calibration, refit_rounds=min(calibration.refit_rounds, CANDIDATE_REFIT_ROUNDS))
     skip = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     unresolved = OTQConfig.from_dict({**config.to_dict(), "bits_per_weight": None})

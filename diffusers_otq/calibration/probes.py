@@ -9,6 +9,8 @@ entries, everything else as JSON (calls with other argument types are not record
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 
-__all__ = ["ProbeInputs", "model_output", "velocity_error"]
+__all__ = ["ProbeInputs", "eval_mode", "model_output", "velocity_error"]
 
 _SEP = "::"
 
@@ -87,6 +89,18 @@ class ProbeInputs:
             args = tuple(load(item) for item in entry["args"])
             calls.append((args, {name: load(item) for name, item in entry["kwargs"].items()}))
         return cls(calls)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block (no dropout: calibration inputs and probes are deterministic),
+    restored to its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def model_output(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:

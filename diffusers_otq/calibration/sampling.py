@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..config import OTQConfig
 from ..convert import plan_layers
 from .config import CalibrationConfig, CalibrationError
-from .probes import ProbeInputs
+from .probes import ProbeInputs, eval_mode
 from .statistics import (
     CalibrationStatistics,
     LayerStatistics,
@@ -315,7 +315,7 @@ def collect_statistics(
 
         handle = model.register_forward_pre_hook(denoiser_hook, with_kwargs=True)
         try:
-            with collector.attached(), _quiet_progress(target), torch.no_grad():
+            with collector.attached(), _quiet_progress(target), eval_mode(model), torch.no_grad():
                 for round_start in range(0, num_batches, world):
                     batch = round_start + rank
                     mine = None
@@ -372,7 +372,7 @@ def _probe_batch(
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with _quiet_progress(target), torch.no_grad():
+        with _quiet_progress(target), eval_mode(model), torch.no_grad():
             run_batch(index, size=calibration.num_probe_samples)
     finally:
         handle.remove()

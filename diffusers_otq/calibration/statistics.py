@@ -178,7 +178,7 @@ class CalibrationStatistics(Mapping[str, LayerStatistics]):
         """Write every accumulator to one safetensors file (JSON header with the layout and ``info``)."""
         from safetensors.torch import save_file
 
-        tensors, layout = {}, {}
+        tensors, layout = {}, []
         probe_layout = None
         if self.probes is not None and len(self.probes):
             tensors, probe_layout = self.probes.to_tensors()
@@ -192,11 +192,11 @@ class CalibrationStatistics(Mapping[str, LayerStatistics]):
             tensors[f"{name}{_SEP}gram_count"] = stats.gram_count.reshape(1)
             for i, block in enumerate(stats.gram or ()):
                 tensors[f"{name}{_SEP}gram{i}"] = block.contiguous()
-            layout[name] = None if stats.gram is None else len(stats.gram)
+            layout.append([name, None if stats.gram is None else len(stats.gram)])
         metadata = {
             "format": _FORMAT,
             "version": str(_VERSION),
-            "layers": json.dumps(layout, sort_keys=True),
+            "layers": json.dumps(layout),  # [name, Gram blocks] in the statistics' order
             "info": json.dumps(self.info, sort_keys=True),
         }
         if probe_layout is not None:
@@ -234,7 +234,7 @@ class CalibrationStatistics(Mapping[str, LayerStatistics]):
                 info = json.loads(metadata.get("info", "{}"))
                 keys = set(handle.keys())
                 layers = {}
-                for name, blocks in layout.items():
+                for name, blocks in layout:
                     def get(part: str, name: str = name) -> torch.Tensor:
                         key = f"{name}{_SEP}{part}"
                         if key not in keys:

@@ -71,7 +71,7 @@ def allocate(
             cheapest plan exceeds ``budget`` (the message gives the minimum).
 
     Example:
-        >>> allocate([[1, 2], [1, 2]], [[4.0, 1.0], [3.0, 0.0]], budget=3).choices
+        >>> allocate([[1, 2], [1, 2]], [[4.0, 1.0], [5.0, 0.0]], budget=3).choices
         (0, 1)
     """
     if len(sizes) != len(distortions):

@@ -1,0 +1,96 @@
+"""Mixed precision under a bits budget: the budget is met, the plan is explicit, and bad budgets are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusers_otq import CalibrationConfig, OTQConfig, calibrate, plan_bits, quantize_model
+from diffusers_otq.calibration.allocation import candidate_specs
+from diffusers_otq.layers import OTQLayerMixin
+from diffusers_otq.options import LayerSpec
+from tests.calibration.helpers import dit_pipeline, quick
+
+
+def reached(model: torch.nn.Module) -> float:
+    layers = [m for m in model.modules() if isinstance(m, OTQLayerMixin)]
+    return sum(m.nbytes for m in layers) * 8 / sum(m.weight_shape.numel() for m in layers)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    pipe = dit_pipeline()
+    return pipe, calibrate(pipe, OTQConfig(bits=3), quick())
+
+
+@pytest.mark.parametrize("budget", [2.0, 3.0, 4.5])
+def test_calibrated_budget_is_met_within_a_hundredth(calibrated, budget: float) -> None:
+    pipe, stats = calibrated
+    plan = plan_bits(pipe.transformer, OTQConfig(bits_per_weight=budget), stats, quick(), progress=False)
+    assert plan.sensitivity == "velocity"
+    assert budget - 0.01 <= plan.bits_per_weight <= budget
+    model = type(pipe.transformer).from_config(pipe.transformer.config)
+    model.load_state_dict(pipe.transformer.state_dict())
+    quantize_model(model, OTQConfig(bits_per_weight=budget), statistics=stats, calibration=quick(), progress=False)
+    assert abs(reached(model) - plan.bits_per_weight) < 1e-9
+    config = model.config.quantization_config
+    assert config.bits_per_weight is None
+    assert config.provenance["bits_per_weight"]["budget"] == budget
+    assert "calibration" in config.provenance
+    # Every allocated layer is pinned by its full name, deeper names first.
+    names = list(config.module_overrides)
+    assert sorted(names) == sorted(c.name for c in plan.choices)
+    assert [n.count(".") for n in names] == sorted((n.count(".") for n in names), reverse=True)
+
+
+def test_data_free_budget_and_user_overrides(calibrated) -> None:
+    pipe, _ = calibrated
+    config = OTQConfig(bits_per_weight=3.0, module_overrides={"proj_out_2": {"bits": 8}})
+    plan = plan_bits(pipe.transformer, config, progress=False)
+    assert plan.sensitivity == "weights"
+    pinned = [c for c in plan.choices if c.fixed]
+    assert [c.name for c in pinned] == ["proj_out_2"] and pinned[0].spec.bits == 8
+    assert 2.99 <= plan.bits_per_weight <= 3.0
+    resolved = plan.resolved_config(config)
+    assert list(resolved.module_overrides)[0] == "proj_out_2"  # the user's entries stay first
+    assert resolved.layer_spec("proj_out_2").bits == 8
+
+
+def test_more_bits_never_predict_more_distortion(calibrated) -> None:
+    pipe, stats = calibrated
+    low = plan_bits(pipe.transformer, OTQConfig(bits_per_weight=2.2), stats, quick(), progress=False)
+    high = plan_bits(pipe.transformer, OTQConfig(bits_per_weight=3.5), stats, quick(), progress=False)
+    assert sum(c.distortion for c in high.choices) <= sum(c.distortion for c in low.choices)
+
+
+def test_budget_below_the_cheapest_plan_is_refused(calibrated) -> None:
+    pipe, stats = calibrated
+    with pytest.raises(ValueError, match=r"bits_per_weight=0.5 is below what this model can reach.*at least"):
+        plan_bits(pipe.transformer, OTQConfig(bits_per_weight=0.5), stats, quick(), progress=False)
+    with pytest.raises(ValueError, match="needs OTQConfig\\(bits_per_weight"):
+        plan_bits(pipe.transformer, OTQConfig(bits=3), stats, quick(), progress=False)
+
+
+def test_candidates() -> None:
+    specs = candidate_specs(LayerSpec(bits=3), 128, 64)
+    labels = {(s.bits, s.granularity) for s in specs}
+    assert {(b, "channel") for b in range(1, 9)} <= labels
+    assert {(b, "group") for b in range(2, 9)} <= labels and (1, "group") not in labels
+    assert {(2, "tensor"), (3, "tensor")} <= labels
+    assert all(s.granularity != "group" for s in candidate_specs(LayerSpec(bits=3), 72, 64))
+
+
+def test_bits_per_weight_is_refused_by_quantize_on_load(tmp_path) -> None:
+    from diffusers import DiTTransformer2DModel
+
+    dit_pipeline().transformer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="needs every weight before the first one is quantized"):
+        DiTTransformer2DModel.from_pretrained(tmp_path, quantization_config=OTQConfig(bits_per_weight=2.5))
+    with pytest.raises(ValueError, match="bits_per_weight=-1"):
+        OTQConfig(bits_per_weight=-1)
+    # The low-level converter refuses an unresolved budget too.
+    from diffusers_otq.api import quantize_model as convert
+
+    with pytest.raises(ValueError, match="needs every weight"):
+        convert(dit_pipeline().transformer, OTQConfig(bits_per_weight=2.5), progress=False)
+    assert CalibrationConfig().refit_rounds >= 1

@@ -1,0 +1,141 @@
+"""Calibrated fits of one layer: output error on its own inputs, bias correction, layouts, no-stats fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffusers_otq import CalibrationConfig, LayerSpec, quantize_tensor
+from diffusers_otq.calibration.fit import quantize_calibrated
+from diffusers_otq.calibration.statistics import LayerStatistics, StatisticsCollector
+from diffusers_otq.convert import PlannedLayer
+from diffusers_otq.functional.moments import gram_block_sizes
+from diffusers_otq.layers import OTQLinear
+
+
+def correlated_layer(n: int = 96, out: int = 48, samples: int = 4096, mean: float = 0.0, seed: int = 0):
+    """A Linear layer and inputs with correlated, unequal-energy columns (and a mean offset)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(n) + 2 * torch.randn(n, n, generator=g) / n**0.5
+    x = (torch.randn(samples, n, generator=g) @ mix) * torch.linspace(0.2, 3.0, n) + mean
+    layer = nn.Linear(n, out)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out, n, generator=g) / n**0.5)
+    return layer, x
+
+
+def statistics_of(layer: nn.Module, x: torch.Tensor, max_block: int = 4096) -> LayerStatistics:
+    collector = StatisticsCollector({"layer": layer}, {"layer": gram_block_sizes(x.shape[-1], max_block)}, 10**9)
+    with collector.attached():
+        collector.start_batch()
+        for chunk in x.split(1024):
+            layer(chunk)
+    return collector.batch()["layer"]
+
+
+@torch.no_grad()
+def output_error(layer: nn.Linear, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> float:
+    reference = x.double() @ layer.weight.double().T + layer.bias.double()
+    return float((x.double() @ weight.double().T + bias.double() - reference).square().mean())
+
+
+def fit(layer: nn.Linear, stats: LayerStatistics | None, spec: LayerSpec, **calibration):
+    planned = PlannedLayer("layer", layer, OTQLinear, spec)
+    result = quantize_calibrated(layer.weight, planned, stats, CalibrationConfig(progress=False, **calibration))
+    bias = layer.bias if result.bias is None else result.bias
+    return result.quantized, bias
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [LayerSpec(bits=2), LayerSpec(bits=3), LayerSpec(bits=3, granularity="group", group_size=32),
+     LayerSpec(bits=3, granularity="tensor"), LayerSpec(bits=3, method="uniform")],
+    ids=["2-bit", "3-bit", "3-bit group", "3-bit tensor", "3-bit uniform"],
+)  # fmt: skip
+def test_calibration_lowers_the_output_error_on_correlated_inputs(spec: LayerSpec) -> None:
+    layer, x = correlated_layer(mean=0.5)
+    stats = statistics_of(layer, x)
+    data_free, _ = fit(layer, None, spec)
+    baseline = output_error(layer, data_free.dequantize(), layer.bias, x)
+    errors = {}
+    for name, options in {
+        "weighted": {"error_feedback": False, "bias_correction": False},
+        "error feedback": {"bias_correction": False},
+        "full": {},
+    }.items():
+        quantized, bias = fit(layer, stats, spec, **options)
+        assert quantized.bits == spec.bits and quantized.granularity == spec.granularity
+        assert quantized.codebook.shape == data_free.codebook.shape and quantized.packed.shape == data_free.packed.shape
+        errors[name] = output_error(layer, quantized.dequantize(), bias, x)
+    assert errors["error feedback"] < 0.8 * baseline, (baseline, errors)
+    assert errors["full"] < errors["error feedback"], errors
+
+
+def test_weighted_codebooks_help_on_uncorrelated_inputs_of_unequal_energy() -> None:
+    layer = nn.Linear(128, 32)
+    x = torch.randn(8192, 128) * torch.logspace(-1, 1, 128)
+    stats = statistics_of(layer, x)
+    data_free, _ = fit(layer, None, LayerSpec(bits=2))
+    weighted, _ = fit(layer, stats, LayerSpec(bits=2), error_feedback=False, bias_correction=False)
+    assert output_error(layer, weighted.dequantize(), layer.bias, x) < 0.9 * output_error(
+        layer, data_free.dequantize(), layer.bias, x
+    )
+
+
+def test_bias_correction_removes_the_mean_output_error() -> None:
+    layer, x = correlated_layer(mean=2.0)
+    stats = statistics_of(layer, x)
+    quantized, bias = fit(layer, stats, LayerSpec(bits=2), error_feedback=False)
+    shift = (x.double() @ (quantized.dequantize().double() - layer.weight.double()).T + bias.double()
+             - layer.bias.double()).mean(dim=0)  # fmt: skip
+    assert float(shift.detach().abs().max()) < 1e-6
+    assert bias.dtype == layer.bias.dtype and not torch.equal(bias, layer.bias)
+
+
+def test_no_statistics_is_the_data_free_fit() -> None:
+    layer, _ = correlated_layer()
+    quantized, bias = fit(layer, None, LayerSpec(bits=3))
+    plain = quantize_tensor(layer.weight, bits=3)
+    assert torch.equal(quantized.packed, plain.packed) and torch.equal(quantized.codebook, plain.codebook)
+    assert bias is layer.bias
+
+
+def test_block_diagonal_gram_still_helps() -> None:
+    layer, x = correlated_layer(n=128)
+    stats = statistics_of(layer, x, max_block=32)
+    assert [b.shape[-1] for b in stats.gram] == [32, 32, 32, 32]
+    data_free, _ = fit(layer, None, LayerSpec(bits=2))
+    quantized, bias = fit(layer, stats, LayerSpec(bits=2), bias_correction=False)
+    assert output_error(layer, quantized.dequantize(), bias, x) < output_error(layer, data_free.dequantize(), bias, x)
+
+
+def test_grouped_conv_uses_each_groups_statistics() -> None:
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+    x = torch.randn(16, 8, 6, 6)
+    x[:, :4] *= 5.0  # the two input groups differ in scale
+    collector = StatisticsCollector({"conv": conv}, {"conv": [36]}, 10**9)
+    with collector.attached():
+        collector.start_batch()
+        conv(x)
+    stats = collector.batch()["conv"]
+    assert stats.groups == 2 and stats.gram[0].shape == (2, 36, 36)
+    from diffusers_otq.layers import OTQConv2d
+
+    planned = PlannedLayer("conv", conv, OTQConv2d, LayerSpec(bits=2))
+    result = quantize_calibrated(conv.weight, planned, stats, CalibrationConfig(progress=False))
+    data_free = quantize_tensor(conv.weight, bits=2)
+
+    def error(weight: torch.Tensor, bias: torch.Tensor) -> float:
+        out = nn.functional.conv2d(x, weight, bias, padding=1, groups=2)
+        return float((out - conv(x)).detach().square().mean())
+
+    assert error(result.quantized.dequantize(), result.bias) < error(data_free.dequantize(), conv.bias)
+
+
+def test_statistics_of_another_model_are_refused() -> None:
+    layer, x = correlated_layer(n=96)
+    other, y = correlated_layer(n=64)
+    stats = statistics_of(other, y)
+    with pytest.raises(ValueError, match="statistics describe inputs of width 64"):
+        fit(layer, stats, LayerSpec(bits=3))
