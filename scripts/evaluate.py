@@ -6,7 +6,8 @@
     python scripts/evaluate.py --quick --output /tmp/otq-eval          # tiny grid, a few minutes, used by the tests
 
 On a CPU-only host ``--multi_gpu`` starts that many CPU processes (gloo); accelerate's ``--cpu`` flag would run
-a single process. Work is sharded over the processes (reference sample batches first, then quantized variants), every process
+a single process. Work is sharded over the processes (reference sample batches first, then the calibration
+statistics of the models with calibrated variants, then quantized variants), every process
 appends its rows to ``<output>/rows/rank<i>.jsonl``, and the main process merges them into
 ``<output>/results.jsonl`` and writes ``report.md``, ``results.csv`` and ``plots/``. Rerunning the same command
 skips finished cells, so an interrupted run resumes where it stopped (with any number of processes). Each
@@ -111,7 +112,8 @@ def _update_cards(rows: list[dict], models: list[str], config: EvalConfig, outpu
         f"{sizes.samples} samples per seed against the full-precision model's samples from the same noise "
         f"(mean ± std over the seeds run); FID: {sizes.fid_samples} samples of seed 0 against the full-precision "
         f"samples and against the {sizes.fid_test_images} test images. Bits/weight count every code, codebook, "
-        "scale and zero-point. Per method the granularity with the lower FID vs fp is shown; **bold** = ours."
+        "scale and zero-point. Per method the granularity with the lower FID vs fp is shown; `mixed` rows choose "
+        "per-layer bits under a bits/weight budget (the code bits column shows the budget); **bold** = ours."
     )
     report = os.path.relpath(output.resolve() / "report.md", REPO)
     for model in models:
@@ -137,7 +139,7 @@ def main() -> None:
 
     from diffusers_otq.evaluation.config import expand_units, load_config
     from diffusers_otq.evaluation.report import write_report
-    from diffusers_otq.evaluation.runner import Evaluator, reference_jobs
+    from diffusers_otq.evaluation.runner import Evaluator, calibration_models, reference_jobs
     from diffusers_otq.evaluation.store import ResultStore
 
     try:
@@ -150,7 +152,8 @@ def main() -> None:
         level=logging.INFO if state.is_main_process else logging.WARNING,
         format=f"%(asctime)s [rank {rank}/{world}] %(name)s %(levelname)s %(message)s",
     )
-    for noisy in ("diffusers_otq.convert", "diffusers_otq.api", "diffusers_otq.quantizer"):
+    noisy_loggers = ("convert", "api", "quantizer", "calibration.api", "calibration.allocation")
+    for noisy in (f"diffusers_otq.{name}" for name in noisy_loggers):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(config.threads)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -174,6 +177,12 @@ def main() -> None:
             logger.info("reference batch %d/%d done", index * world + rank + 1, len(jobs))
         state.wait_for_everyone()
         done = store.done_keys()
+        # every process together: collecting is shared out over the processes (then cached on disk)
+        for model in calibration_models(units, done):
+            try:
+                evaluator.calibration_statistics(model, collective=True)
+            except Exception:  # its calibrated units retry and record the error in their rows
+                logger.exception("calibration statistics of %s failed", model)
         mine = units[rank::world]
         for index, unit in enumerate(mine, start=1):
             if args.max_minutes is not None and time.monotonic() - started > args.max_minutes * 60:

@@ -1,4 +1,5 @@
-"""Quantized variants for the evaluation grid: deploy scope, paper scope and peer formats on a real UNet."""
+"""Quantized variants for the evaluation grid: deploy scope, paper scope, peer formats, calibrated and
+mixed-precision variants on a real (tiny) UNet."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import copy
 import pytest
 import torch
 
-from diffusers_otq.evaluation.variants import Variant, family_of, quantize_variant
+from diffusers_otq import CalibrationConfig
+from diffusers_otq.evaluation.rows import ABLATION_METHODS
+from diffusers_otq.evaluation.variants import CALIBRATED, Variant, family_of, quantize_variant
 from diffusers_otq.layers import OTQLayerMixin
 from tests.tiny_models import tiny_unet, unet_inputs
 
@@ -83,7 +86,7 @@ def test_a_variant_that_fails_to_build_gives_error_rows_not_a_crash(tmp_path, mo
     from diffusers_otq.evaluation import runner
     from diffusers_otq.evaluation.config import Unit, load_config
 
-    def broken(model, variant):
+    def broken(model, variant, **kwargs):
         raise RuntimeError("library exploded")
 
     monkeypatch.setattr(runner, "quantize_variant", broken)
@@ -95,3 +98,137 @@ def test_a_variant_that_fails_to_build_gives_error_rows_not_a_crash(tmp_path, mo
     rows = evaluator.run_unit(unit, skip=set())
     assert [(r["metric_set"], r["status"]) for r in rows] == [("weights", "error"), ("probe", "error")]
     assert all("library exploded" in r["error"] for r in rows)
+
+
+# ------------------------------------------------------------------------------------ calibrated and mixed
+
+
+def test_calibrated_and_mixed_variants():
+    cal = Variant("ot-vp+cal", "group", 3)
+    assert (cal.calibrated, cal.mixed, cal.fitter, family_of(cal.method)) == (True, False, "ot-vp", "otq")
+    budget = Variant("ot-vp", "mixed", 3)
+    assert budget == Variant("ot-vp", "mixed", 3.0) and isinstance(budget.bits, float) and not budget.calibrated
+    # the ablation order of the report is the calibrated methods' order; +cal is CalibrationConfig()'s defaults
+    assert list(CALIBRATED) == list(ABLATION_METHODS[1:])
+    defaults = CalibrationConfig()
+    assert CALIBRATED["ot-vp+cal"].calibration(CalibrationConfig(seed=9)) == CalibrationConfig(seed=9)
+    assert (defaults.error_feedback, defaults.bias_correction) == (True, True)
+    assert not CALIBRATED["ot-vp+aw"].error_feedback and not CALIBRATED["ot-vp+ef"].bias_correction
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("ot-vp+cal", "channel", 3, "paper"), "scope='deploy'"),
+        (("uniform", "mixed", 2.5), "granularity='mixed'"),
+        (("ot-vp", "mixed", 2.5, "paper"), "deploy scope only"),
+        (("ot-vp", "mixed", 40.0), r"budget in \(0, 32\]"),
+        (("ot", "channel", 2.5), "int code width"),
+    ],
+)
+def test_bad_calibrated_and_mixed_variants_name_the_value(args, message):
+    with pytest.raises(ValueError, match=message):
+        Variant(*args)
+
+
+def test_a_calibrated_variant_needs_statistics():
+    with pytest.raises(ValueError, match="statistics"):
+        quantize_variant(tiny_unet(), Variant("ot-vp+aw", "channel", 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_evaluator(tmp_path_factory):
+    """An evaluator whose model "tiny" is a class-conditional tiny UNet pipeline (real calibration, 4 samples).
+
+    Torch runs one thread, as the evaluation does (``threads: 1``): the allocator's many small ops slow down
+    by an order of magnitude when two threads share a busy CPU.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusers_otq import FlowMatchPipeline
+    from diffusers_otq.evaluation.config import load_config
+    from diffusers_otq.evaluation.runner import Evaluator
+
+    config = load_config(
+        {
+            "models": ["tiny"],
+            "blocks": [{"name": "b", "methods": ["ot-vp+cal"], "bits": [3], "budgets": [3.0]}],
+            "sampling": {"steps": 2, "batch_size": 4},
+            "calibration": {"num_samples": 4, "batch_size": 4},
+        }
+    )
+    out = tmp_path_factory.mktemp("calibrated")
+    pipe = FlowMatchPipeline(tiny_unet(num_class_embeds=11), FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    evaluator = Evaluator(config, out, out)
+    evaluator._pipes["tiny"] = pipe
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    yield evaluator
+    torch.set_num_threads(threads)
+
+
+def _fresh(evaluator):
+    from diffusers_otq.evaluation.runner import Evaluator
+
+    fresh = Evaluator(evaluator.config, evaluator.output_dir, evaluator.stats_cache)
+    fresh._pipes.update(evaluator._pipes)
+    return fresh
+
+
+def test_calibration_statistics_are_collected_once_and_cached_on_disk(tiny_evaluator, monkeypatch):
+    import diffusers_otq.calibration as calibration
+    from diffusers_otq.evaluation import runner
+
+    statistics = tiny_evaluator.calibration_statistics("tiny")
+    path = tiny_evaluator.output_dir / "cache" / "tiny" / "calibration.safetensors"
+    assert path.is_file() and not list(path.parent.glob("*.tmp"))
+    assert tiny_evaluator.calibration_statistics("tiny") is statistics  # once per process
+    assert statistics.info["seed"] == 1234 and statistics.info["num_inference_steps"] == 2
+    assert len(statistics) == len(_float_weights(tiny_unet()))  # every Linear/Conv2d: one file for all variants
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the cached statistics should have been reused")
+
+    monkeypatch.setattr(calibration, "calibrate", no_sampling)
+    reloaded = _fresh(tiny_evaluator).calibration_statistics("tiny")
+    assert reloaded.info == statistics.info
+    pairs = [pair for n in statistics for pair in zip(statistics[n].tensors(), reloaded[n].tensors(), strict=True)]
+    assert all(torch.equal(a, b) for a, b in pairs)  # bit-identical: rows do not depend on the cache
+    # several processes: collecting alone would wait forever for the others
+    monkeypatch.setattr(runner, "_world_size", lambda: 2)
+    other = _fresh(tiny_evaluator)
+    monkeypatch.setattr(other, "calibration_path", lambda model: path.with_name("missing.safetensors"))
+    with pytest.raises(RuntimeError, match="collective=True"):
+        other.calibration_statistics("tiny")
+
+
+def test_calibrated_unit_records_calibration_and_quantization_seconds(tiny_evaluator):
+    from diffusers_otq.evaluation.config import Unit
+
+    unit = Unit("tiny", Variant("ot-vp+cal", "group", 3), (("weights", 0),))
+    (row,) = tiny_evaluator.run_unit(unit, skip=set())
+    metrics = row["metrics"]
+    assert row["status"] == "ok" and row["family"] == "otq" and row["bits"] == 3
+    assert metrics["calibrate_s"] == tiny_evaluator.calibration_statistics("tiny").info["seconds"]
+    assert metrics["quantize_s"] > 0 and "plan" not in metrics
+    assert 3 < metrics["bits_per_weight"] < 5 and 0 < metrics["rel_mse_mean"] < 1
+
+
+def test_mixed_units_meet_their_budget(tiny_evaluator):
+    from diffusers_otq.evaluation.config import Unit
+
+    for variant, sensitivity in (
+        (Variant("ot-vp+cal", "mixed", 3.0), "velocity"),
+        (Variant("ot-vp", "mixed", 2.5), "weights"),
+    ):
+        (row,) = tiny_evaluator.run_unit(Unit("tiny", variant, (("weights", 0),)), skip=set())
+        metrics, plan = row["metrics"], row["metrics"]["plan"]
+        assert row["status"] == "ok" and row["bits"] == variant.bits and row["granularity"] == "mixed"
+        assert variant.bits - 0.1 < metrics["bits_per_weight"] <= variant.bits + 0.01, metrics["bits_per_weight"]
+        assert plan["budget"] == variant.bits and plan["reached"] == pytest.approx(
+            metrics["bits_per_weight"], abs=1e-3
+        )
+        assert plan["sensitivity"] == sensitivity and ("calibrate_s" in metrics) == variant.calibrated
+        assert sum(plan["layers"].values()) == metrics["quantized_layers"]
+        assert sorted(set(layer["setting"] for layer in metrics["layers"])) == sorted(plan["layers"])

@@ -1,9 +1,15 @@
 """The evaluation config (YAML) and its expansion into work units.
 
 A config lists models, sampler settings, metric sizes and *blocks*; each block is a sub-grid
-``methods x granularities x bits x scopes`` (plus peer formats) with the metric sets and seeds to compute on
-it. Blocks overlap freely: a :class:`Unit` (one model quantized one way) collects every ``(metric_set, seed)``
-task any block asks of it, so each variant is quantized once per process.
+``methods x granularities x bits x scopes`` (plus ``methods x budgets`` mixed-precision variants and peer
+formats) with the metric sets and seeds to compute on it. Blocks overlap freely: a :class:`Unit` (one model
+quantized one way) collects every ``(metric_set, seed)`` task any block asks of it, so each variant is
+quantized once per process.
+
+A block's ``budgets`` (bits/weight, e.g. ``[2.0, 2.5]``) give variants of granularity ``"mixed"`` whose row
+``bits`` is the budget as a float (``2.0``, ``2.5``), so their keys never collide with a code width's. The
+calibrated methods (``ot-vp+aw``, ``ot-vp+ef``, ``ot-vp+cal``) fit on statistics collected once per model with
+the ``calibration`` section (sizes and seed) and the ``sampling`` section (steps and guidance).
 
 ``weights`` and ``probe`` do not depend on the seed and always use seed 0; ``samples``, ``fid`` and ``steps``
 use the block's seeds (seed ``s`` draws the noise of batch ``b`` from ``manual_seed(s * 1_000_003 + b)``).
@@ -11,18 +17,19 @@ use the block's seeds (seed ``s`` draws the noise of batch ``b`` from ``manual_s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..functional.fitters import METHODS
+from ..calibration import CalibrationConfig
 from ..options import GRANULARITIES
 from .peers import PEER_FORMATS
 from .store import row_key
-from .variants import SCOPES, Variant
+from .variants import CALIBRATED, EVAL_METHODS, MIXED, MIXED_METHODS, SCOPES, Variant
 
 
-__all__ = ["METRIC_SETS", "EvalConfig", "Unit", "expand_units", "load_config"]
+__all__ = ["METRIC_SETS", "Calibration", "EvalConfig", "Unit", "expand_units", "load_config"]
 
 METRIC_SETS: tuple[str, ...] = ("weights", "probe", "samples", "fid", "steps")
 SEEDLESS: tuple[str, ...] = ("weights", "probe")
@@ -52,13 +59,25 @@ class Sizes:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """The calibration statistics of the calibrated methods: ``num_samples`` images sampled by the full-precision
+    pipeline in batches of ``batch_size``, noise from ``seed`` (batch ``b``: ``manual_seed(seed * 1_000_003 +
+    b)``, so the seed must be none of the evaluation's seeds). Steps and guidance come from :class:`Sampling`."""
+
+    num_samples: int = 64
+    batch_size: int = 32
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
 class Block:
-    """A sub-grid and what to measure on it."""
+    """A sub-grid and what to measure on it (``budgets``: bits/weight budgets of mixed-precision variants)."""
 
     name: str
     methods: tuple[str, ...] = ()
     granularities: tuple[str, ...] = ("channel",)
     bits: tuple[int, ...] = ()
+    budgets: tuple[float, ...] = ()
     scopes: tuple[str, ...] = ("deploy",)
     peers: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ("weights", "probe")
@@ -76,6 +95,19 @@ class EvalConfig:
     sizes: Sizes = field(default_factory=Sizes)
     group_size: int = 64
     threads: int = 1
+    calibration: Calibration = field(default_factory=Calibration)
+
+    def calibration_config(self) -> CalibrationConfig:
+        """The :class:`~diffusers_otq.CalibrationConfig` of the statistics (and the base of every calibrated fit):
+        the ``calibration`` section's sizes and seed, the sampler's steps and guidance, no progress bars."""
+        return CalibrationConfig(
+            num_samples=self.calibration.num_samples,
+            batch_size=self.calibration.batch_size,
+            num_inference_steps=self.sampling.steps,
+            guidance_scale=self.sampling.guidance_scale,
+            seed=self.calibration.seed,
+            progress=False,
+        )
 
 
 @dataclass(frozen=True)
@@ -89,6 +121,11 @@ class Unit:
     @property
     def method(self) -> str:
         return "fp" if self.variant is None else self.variant.method
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether quantizing this unit needs the model's calibration statistics."""
+        return self.variant is not None and self.variant.calibrated
 
     def row_fields(self) -> dict[str, Any]:
         """The key fields of this unit's rows (without metric_set and seed)."""
@@ -130,6 +167,23 @@ def _known_keys(data: dict, allowed: set[str], where: str) -> None:
         raise ValueError(f"{where}: unknown key(s) {unknown}; expected keys from {sorted(allowed)}.")
 
 
+def _budgets(value: Any, what: str) -> tuple[float, ...]:
+    """Bits/weight budgets as floats in (0, 32] (``2`` and ``2.0`` are the same budget)."""
+    items = value if isinstance(value, list | tuple) else [value]
+    for item in items:
+        if (
+            isinstance(item, bool)
+            or not isinstance(item, int | float)
+            or not math.isfinite(item)
+            or not 0 < item <= 32
+        ):
+            raise ValueError(
+                f"{what} must be bits/weight budgets in (0, 32] (a number or a list of them), got {value!r}; "
+                "e.g. budgets: [2.0, 2.5, 3.0]."
+            )
+    return tuple(float(item) for item in items)
+
+
 def _block(data: Any, index: int) -> Block:
     where = f"blocks[{index}]"
     if not isinstance(data, dict) or "name" not in data:
@@ -137,15 +191,20 @@ def _block(data: Any, index: int) -> Block:
     _known_keys(data, set(Block.__dataclass_fields__), where)
     peers = data.get("peers", [])
     peers = tuple(PEER_FORMATS) if peers == "all" else _tuple(peers, f"{where}.peers", str)
+    granularities = _tuple(data.get("granularities", ["channel"]), f"{where}.granularities", str)
+    if MIXED in granularities:
+        raise ValueError(
+            f"{where}.granularities: {MIXED!r} is not a granularity to list; mixed-precision variants come from a "
+            "bits/weight budget, e.g. budgets: [2.0, 2.5]."
+        )
     block = Block(
         name=str(data["name"]),
-        methods=_choices(_tuple(data.get("methods", []), f"{where}.methods", str), list(METHODS), f"{where}.methods"),
-        granularities=_choices(
-            _tuple(data.get("granularities", ["channel"]), f"{where}.granularities", str),
-            list(GRANULARITIES),
-            f"{where}.granularities",
+        methods=_choices(
+            _tuple(data.get("methods", []), f"{where}.methods", str), list(EVAL_METHODS), f"{where}.methods"
         ),
+        granularities=_choices(granularities, list(GRANULARITIES), f"{where}.granularities"),
         bits=_choices(_tuple(data.get("bits", []), f"{where}.bits", int), list(range(1, 9)), f"{where}.bits"),
+        budgets=_budgets(data.get("budgets", []), f"{where}.budgets"),
         scopes=_choices(
             _tuple(data.get("scopes", ["deploy"]), f"{where}.scopes", str), list(SCOPES), f"{where}.scopes"
         ),
@@ -158,9 +217,43 @@ def _block(data: Any, index: int) -> Block:
         seeds=_tuple(data.get("seeds", [0]), f"{where}.seeds", int),
         reference=bool(data.get("reference", False)),
     )
-    if block.methods and not block.bits:
-        raise ValueError(f"{where} ({block.name}) lists methods but no bits; add e.g. bits: [2, 3, 4].")
+    if block.methods and not block.bits and not block.budgets:
+        raise ValueError(
+            f"{where} ({block.name}) lists methods but no bits or budgets; add e.g. bits: [2, 3, 4] (code widths) "
+            "or budgets: [2.5] (bits/weight, mixed precision)."
+        )
+    if block.budgets and not block.methods:
+        raise ValueError(f"{where} ({block.name}) lists budgets but no methods; add e.g. methods: [ot-vp+cal].")
+    not_mixed = [m for m in block.methods if m not in MIXED_METHODS]
+    if block.budgets and not_mixed:
+        raise ValueError(
+            f"{where} ({block.name}): budgets run our methods {list(MIXED_METHODS)} only, got {not_mixed}; move "
+            f"{not_mixed} to a block without budgets."
+        )
+    calibrated = [m for m in block.methods if m in CALIBRATED]
+    if "paper" in block.scopes and (calibrated or block.budgets):
+        what = f"the calibrated method(s) {calibrated}" if calibrated else "budgets"
+        raise ValueError(
+            f"{where} ({block.name}): {what} run in the deploy scope only (they fit the packed Linear/Conv2d "
+            "layers), but scopes lists 'paper'; use scopes: [deploy], or move them to a block of their own."
+        )
     return block
+
+
+def _calibration(data: Any, where: str) -> Calibration:
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{where}: calibration must be a mapping, e.g. {{num_samples: 64, seed: 1234}}, got {data!r}."
+        )
+    _known_keys(data, set(Calibration.__dataclass_fields__), f"{where}: calibration")
+    for name, value in data.items():
+        low = 0 if name == "seed" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(
+                f"{where}: calibration.{name}={value!r} must be an int >= {low}, e.g. "
+                f"{name}: {getattr(Calibration(), name)}."
+            )
+    return Calibration(**data)
 
 
 def load_config(source: Path | dict) -> EvalConfig:
@@ -177,7 +270,7 @@ def load_config(source: Path | dict) -> EvalConfig:
         data, where = yaml.safe_load(path.read_text()), str(path)
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a YAML mapping, got {type(data).__name__}.")
-    _known_keys(data, {"models", "blocks", "sampling", "sizes", "group_size", "threads"}, where)
+    _known_keys(data, {"models", "blocks", "sampling", "sizes", "group_size", "threads", "calibration"}, where)
     if not data.get("models") or not data.get("blocks"):
         raise ValueError(f"{where} needs non-empty 'models' and 'blocks'.")
     sampling, sizes = data.get("sampling") or {}, data.get("sizes") or {}
@@ -192,9 +285,19 @@ def load_config(source: Path | dict) -> EvalConfig:
         sizes=Sizes(**sizes),
         group_size=int(data.get("group_size", 64)),
         threads=int(data.get("threads", 1)),
+        calibration=_calibration(data.get("calibration") or {}, where),
     )
     if config.sampling.steps < 1 or config.sampling.batch_size < 1 or config.threads < 1:
         raise ValueError(f"{where}: sampling.steps, sampling.batch_size and threads must be >= 1.")
+    seeds = sorted({seed for block in config.blocks for seed in block.seeds})
+    calibrated = any(method in CALIBRATED for block in config.blocks for method in block.methods)
+    if calibrated and config.calibration.seed in seeds:
+        raise ValueError(
+            f"{where}: calibration.seed={config.calibration.seed} is also an evaluation seed (the blocks use seeds "
+            f"{seeds}); the calibration samples must not share the evaluated noise. Pick another seed, e.g. "
+            f"calibration: {{seed: {Calibration().seed}}}."
+        )
+    config.calibration_config()  # the sizes and sampler settings make a valid CalibrationConfig
     return config
 
 
@@ -214,6 +317,12 @@ def expand_units(config: EvalConfig) -> list[Unit]:
                 for method in block.methods
                 for granularity in block.granularities
                 for bits in block.bits
+            ]
+            variants += [
+                Variant(method, MIXED, budget, scope, config.group_size)
+                for scope in block.scopes
+                for method in block.methods
+                for budget in block.budgets
             ]
             variants += [Variant(peer, "native", PEER_FORMATS[peer].bits, "deploy") for peer in block.peers]
             for variant in variants:

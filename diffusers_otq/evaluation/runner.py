@@ -9,6 +9,13 @@ fixed number of torch threads per process, so the rows do not depend on how many
 2. :meth:`Evaluator.run_unit`: quantize a copy of the denoiser (:func:`~.variants.quantize_variant`) and
    compute the unit's metric sets against the cached reference.
 
+Calibrated variants need the model's calibration statistics (:meth:`Evaluator.calibration_statistics`):
+collected once per model with :func:`diffusers_otq.calibrate` on the full-precision pipeline (every
+Linear/Conv2d, so one file serves every calibrated variant), cached as
+``<output>/cache/<model>/calibration.safetensors`` and reused by later processes and reruns. Under several
+processes the collection is collective (every process runs a share of the batches), so
+:func:`calibration_models` tells ``scripts/evaluate.py`` which models to calibrate together before the units.
+
 Noise of batch ``b`` of seed ``s`` comes from ``torch.Generator().manual_seed(s * 1_000_003 + b)``; labels
 cycle through the classes by global sample index, so the full-precision and quantized models see identical
 inputs batch by batch.
@@ -19,8 +26,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..calibration import CalibrationConfig, CalibrationStatistics
 from ..image_metrics import ssim
 from .config import EvalConfig, Unit
 from .peers import PeerUnavailable
@@ -35,11 +45,14 @@ from .probes import bottleneck_features, feature_agreement, pca_statistics, velo
 from .variants import family_of, quantize_variant
 
 
-__all__ = ["Evaluator", "ReferenceJob", "reference_jobs", "slug"]
+__all__ = ["CALIBRATION_NAME", "Evaluator", "ReferenceJob", "calibration_models", "reference_jobs", "slug"]
 
 logger = logging.getLogger(__name__)
 _SEED_STRIDE = 1_000_003
 _NEEDS_SAMPLES = ("samples", "fid")
+CALIBRATION_NAME = "calibration.safetensors"
+# CalibrationConfig.describe() fields that shape the statistics: a cached file with other values is recomputed
+_CALIBRATION_FIELDS = ("num_samples", "batch_size", "num_inference_steps", "guidance_scale", "seed", "gram")
 
 
 def slug(model: str) -> str:
@@ -77,6 +90,17 @@ def _sample_counts(config: EvalConfig, units: list[Unit], model: str) -> dict[tu
     return needs
 
 
+def calibration_models(units: Sequence[Unit], done: set[str]) -> list[str]:
+    """The models (in unit order) with a calibrated unit that still has a task whose row key is not in ``done``."""
+    return list(dict.fromkeys(unit.model for unit in units if unit.calibrated and unit.pending(done)))
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def reference_jobs(config: EvalConfig, units: list[Unit]) -> list[ReferenceJob]:
     """Every full-precision batch the units need, in a fixed order (shard them with ``jobs[rank::world]``)."""
     jobs = []
@@ -103,6 +127,7 @@ class Evaluator:
         self.stats_cache = Path(stats_cache)
         self._pipes: dict = {}
         self._probe_reference: dict = {}
+        self._statistics: dict[str, CalibrationStatistics] = {}
         self._inception = None
 
     # ------------------------------------------------------------------------------------------ shared state
@@ -161,6 +186,63 @@ class Evaluator:
                 "latent": bottleneck_features(denoiser, latent_images, null),
             }
         return self._probe_reference[model]
+
+    # ------------------------------------------------------------------------------------------ calibration
+
+    def calibration_path(self, model: str) -> Path:
+        """Where the calibration statistics of ``model`` are cached: ``<output>/cache/<slug>/calibration.safetensors``."""
+        return self.output_dir / "cache" / slug(model) / CALIBRATION_NAME
+
+    def calibration_statistics(self, model: str, *, collective: bool = False) -> CalibrationStatistics:
+        """The calibration statistics of ``model``: from memory, else from the cache file, else collected.
+
+        Collecting samples ``config.calibration.num_samples`` images with the full-precision pipeline (the
+        sampler's steps and guidance, noise from ``config.calibration.seed``) and records the inputs of every
+        Linear/Conv2d (:func:`diffusers_otq.calibrate` with ``OTQConfig(bits=4)``); the file is written atomically
+        (a temporary file per process, then ``os.replace``) and reused by later processes and reruns, unless the
+        settings it records differ from the config's (then it is collected again). The statistics of a file
+        and of a fresh collection are identical, so rows do not depend on which one a process used.
+
+        Args:
+            model: the model name of the config.
+            collective: every process of a multi-process run calls this together (as ``scripts/evaluate.py``
+                does before the units); collecting is then shared out over the processes.
+
+        Raises:
+            RuntimeError: the statistics must be collected, several processes run, and ``collective`` is False
+                (one process alone would wait forever for the others).
+        """
+        if model in self._statistics:
+            return self._statistics[model]
+        calibration = self.config.calibration_config()
+        path = self.calibration_path(model)
+        statistics = CalibrationStatistics.load(path) if path.is_file() else None
+        if statistics is not None and not _same_settings(statistics, calibration):
+            logger.warning("%s was collected with other calibration settings; collecting it again", path)
+            statistics = None
+        if statistics is None:
+            if _world_size() > 1 and not collective:
+                raise RuntimeError(
+                    f"the calibration statistics of {model} ({path}) are missing, and collecting them takes every "
+                    "process of this run together; run the calibration phase first (scripts/evaluate.py does: "
+                    "Evaluator.calibration_statistics(model, collective=True) on every process)."
+                )
+            statistics = self._calibrate(model, calibration, path)
+        self._statistics[model] = statistics
+        return statistics
+
+    def _calibrate(self, model: str, calibration: CalibrationConfig, path: Path) -> CalibrationStatistics:
+        from ..calibration import calibrate
+        from ..config import OTQConfig
+
+        statistics = calibrate(self.pipeline(model), OTQConfig(bits=4), calibration)  # bits=4: every Linear/Conv2d
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # each process its own, then one atomic rename
+        statistics.save(tmp)
+        os.replace(tmp, path)
+        seconds = statistics.info.get("seconds", math.nan)
+        logger.info("calibration statistics of %s: %d layers in %.1f s -> %s", model, len(statistics), seconds, path)
+        return statistics
 
     # ------------------------------------------------------------------------------------------ sampling
 
@@ -273,9 +355,15 @@ class Evaluator:
         rows: list[dict] = []
         weights_metrics: dict | None = None
         if unit.variant is not None:
-            start = time.perf_counter()
             try:
-                weights_metrics = quantize_variant(pipe.transformer, unit.variant)
+                statistics = self.calibration_statistics(unit.model) if unit.calibrated else None
+                start = time.perf_counter()  # the weights row's time is the quantization's, not the calibration's
+                weights_metrics = quantize_variant(
+                    pipe.transformer,
+                    unit.variant,
+                    statistics=statistics,
+                    calibration=self.config.calibration_config(),
+                )
             except PeerUnavailable as err:
                 return _failed_rows(base, pending, "unavailable", str(err))
             except Exception as err:  # a broken variant must not stop the run; its rows record why
@@ -362,6 +450,12 @@ class Evaluator:
             result["velocity_ssim"] = ssim(velocity, reference["velocity"], padding="zero").mean().item()
             result.update(feature_agreement(reference["latent"], latent))
         return result
+
+
+def _same_settings(statistics: CalibrationStatistics, calibration: CalibrationConfig) -> bool:
+    """Whether ``statistics`` were collected with the sampling settings of ``calibration``."""
+    wanted = calibration.describe()
+    return all(statistics.info.get(name) == wanted[name] for name in _CALIBRATION_FIELDS)
 
 
 def _failed_rows(base: dict, pending: list[tuple[str, int]], status: str, error: str) -> list[dict]:

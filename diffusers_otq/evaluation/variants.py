@@ -5,6 +5,13 @@ that variant in place and measures what it stored:
 
 * ``scope="deploy"`` with one of our methods: exactly what ``OTQConfig`` does (packed OTQ layers for every
   ``nn.Linear``/``nn.Conv2d`` weight, via :func:`diffusers_otq.quantize_model`).
+* ``scope="deploy"`` with a calibrated method (:data:`CALIBRATED`: ``ot-vp+aw``, ``ot-vp+ef``, ``ot-vp+cal``):
+  the ``ot-vp`` fitter on the model's calibration statistics (:func:`diffusers_otq.calibrate`), with the fit
+  switches of :class:`CalibratedFit`; same packed layers.
+* ``granularity="mixed"`` (deploy scope, our methods): ``bits`` is a bits/weight *budget* (a float, e.g. 2.5),
+  and :func:`diffusers_otq.quantize_model` with ``OTQConfig(bits_per_weight=bits)`` chooses per-layer bits and
+  granularity under it (every code, codebook and scale counted), from the statistics for calibrated methods
+  and data-free otherwise.
 * ``scope="paper"`` with one of our methods: what the source paper's scripts do, fake quantization of *every*
   floating tensor of the state dict (biases, norms and embeddings too) with float32 codebooks; tensors with
   ``ndim >= 2`` get the variant's granularity, 1-D tensors one codebook each.
@@ -20,12 +27,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..calibration import CalibrationConfig, CalibrationStatistics
 from ..config import OTQConfig
 from ..convert import plan_layers
 from ..functional.fitters import METHODS
@@ -34,11 +43,46 @@ from ..quantized_tensor import quantize_tensor
 from .peers import PEER_FORMATS, PeerNotApplicable, peer_format
 
 
-__all__ = ["FAMILIES", "SCOPES", "Variant", "family_of", "quantize_variant"]
+__all__ = [
+    "CALIBRATED",
+    "EVAL_METHODS",
+    "FAMILIES",
+    "MIXED",
+    "MIXED_METHODS",
+    "SCOPES",
+    "CalibratedFit",
+    "Variant",
+    "family_of",
+    "quantize_variant",
+]
+
+
+@dataclass(frozen=True)
+class CalibratedFit:
+    """How a calibrated method fits: the codebook ``fitter`` and the :class:`~diffusers_otq.CalibrationConfig`
+    switches (activation-weighted codebooks are always on; a calibrated fit without statistics does not exist)."""
+
+    fitter: str
+    error_feedback: bool
+    bias_correction: bool
+
+    def calibration(self, base: CalibrationConfig) -> CalibrationConfig:
+        """``base`` (sampling sizes, seed, damping, ...) with this method's fit switches."""
+        return replace(base, error_feedback=self.error_feedback, bias_correction=self.bias_correction)
+
 
 SCOPES: tuple[str, ...] = ("deploy", "paper")
 OURS: tuple[str, ...] = ("ot", "ot-vp")
-FAMILIES: dict[str, str] = {m: "otq" if m in OURS else "paper" for m in METHODS}
+# The calibration ablation, in order: activation-weighted codebooks only, + error feedback, + bias correction.
+CALIBRATED: dict[str, CalibratedFit] = {
+    "ot-vp+aw": CalibratedFit("ot-vp", error_feedback=False, bias_correction=False),
+    "ot-vp+ef": CalibratedFit("ot-vp", error_feedback=True, bias_correction=False),
+    "ot-vp+cal": CalibratedFit("ot-vp", error_feedback=True, bias_correction=True),  # CalibrationConfig() defaults
+}
+EVAL_METHODS: tuple[str, ...] = (*METHODS, *CALIBRATED)  # every method name a block may list
+MIXED = "mixed"  # the granularity of a bits-budget variant (per-layer bits and granularity chosen by the allocator)
+MIXED_METHODS: tuple[str, ...] = (*OURS, *CALIBRATED)  # the methods that run under a bits budget
+FAMILIES: dict[str, str] = {m: "otq" if m in MIXED_METHODS else "paper" for m in EVAL_METHODS}
 _FLOAT_BITS = 16  # what an unquantized float weight costs in the shipped (fp16) models
 
 
@@ -57,11 +101,15 @@ def family_of(method: str) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    """One grid point: ``method`` at ``bits`` with ``granularity`` in ``scope`` (``group_size`` for groups)."""
+    """One grid point: ``method`` at ``bits`` with ``granularity`` in ``scope`` (``group_size`` for groups).
+
+    ``bits`` is the code width (an int) except for ``granularity="mixed"``, where it is the bits/weight budget
+    (stored as a float, so the row key reads e.g. ``2.0`` or ``2.5`` and never collides with a code width).
+    """
 
     method: str
     granularity: str
-    bits: int
+    bits: int | float
     scope: str = "deploy"
     group_size: int = 64
 
@@ -69,6 +117,27 @@ class Variant:
         family = family_of(self.method)
         if self.scope not in SCOPES:
             raise ValueError(f"scope={self.scope!r} is unknown; expected one of {list(SCOPES)}.")
+        if self.calibrated and self.scope != "deploy":
+            raise ValueError(
+                f"{self.method!r} is calibrated on the Linear/Conv2d inputs of the deploy format and has no "
+                f"scope={self.scope!r} variant; use scope='deploy' (or the data-free 'ot-vp' in the paper scope)."
+            )
+        if self.mixed:
+            if self.method not in MIXED_METHODS or self.scope != "deploy":
+                raise ValueError(
+                    f"granularity='mixed' (a bits budget) runs our methods {list(MIXED_METHODS)} in the deploy scope "
+                    f"only, got method={self.method!r}, scope={self.scope!r}."
+                )
+            if isinstance(self.bits, bool) or not isinstance(self.bits, int | float) or not 0 < self.bits <= 32:
+                raise ValueError(
+                    f"a mixed variant's bits is its bits/weight budget in (0, 32], got bits={self.bits!r}; e.g. 2.5."
+                )
+            object.__setattr__(self, "bits", float(self.bits))  # one key per budget: 3 and 3.0 are the same
+        elif isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise ValueError(
+                f"bits={self.bits!r} must be an int code width for granularity={self.granularity!r}; for a bits/weight "
+                "budget use granularity='mixed'."
+            )
         if family == "peer" and (self.scope != "deploy" or self.granularity != "native"):
             raise ValueError(
                 f"peer format {self.method!r} runs with granularity='native' in the deploy scope only, got "
@@ -78,6 +147,21 @@ class Variant:
             raise ValueError(
                 f"{self.method!r} stores {peer_format(self.method).bits}-bit codes, not bits={self.bits}."
             )
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether this variant is fitted on calibration statistics (one of :data:`CALIBRATED`)."""
+        return self.method in CALIBRATED
+
+    @property
+    def mixed(self) -> bool:
+        """Whether ``bits`` is a bits/weight budget spent by the allocator (``granularity="mixed"``)."""
+        return self.granularity == MIXED
+
+    @property
+    def fitter(self) -> str:
+        """The codebook fitter (``OTQConfig.method``): ``ot-vp`` for the calibrated methods, else ``method``."""
+        return CALIBRATED[self.method].fitter if self.calibrated else self.method
 
 
 def _layer_row(name: str, original: torch.Tensor, quantized: torch.Tensor) -> dict:
@@ -105,10 +189,22 @@ def _summary(layers: list[dict], stored_bits: float, quantized_numel: int, float
 
 
 def _otq_config(variant: Variant) -> OTQConfig:
+    """The ``OTQConfig`` of a deploy-scope variant of ours.
+
+    A mixed variant gets ``bits_per_weight`` and a group base granularity: that only carries ``group_size`` into
+    the allocator's group candidates (every layer is then pinned by the plan's ``module_overrides``).
+    """
+    if variant.mixed:
+        return OTQConfig(
+            method=variant.fitter,
+            granularity="group",
+            group_size=variant.group_size,
+            bits_per_weight=variant.bits,
+        )
     group = variant.granularity == "group"
     return OTQConfig(
         bits=variant.bits,
-        method=variant.method,
+        method=variant.fitter,
         granularity=variant.granularity,
         group_size=variant.group_size if group else None,
     )
@@ -120,23 +216,63 @@ def _layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {layer.name: layer.module.weight.detach().float().clone() for layer in plan}
 
 
-def _deploy_ours(model: nn.Module, variant: Variant) -> dict:
-    from ..api import quantize_model
+def _setting(qweight: Any) -> str:
+    """``"3-bit channel"`` or ``"2-bit group 64"``: one layer's setting (the allocator's label)."""
+    text = f"{qweight.bits}-bit {qweight.granularity}"
+    return text + (f" {qweight.group_size}" if qweight.group_size else "")
+
+
+def _plan_summary(model: nn.Module) -> dict[str, Any]:
+    """The allocator's record of a mixed variant: ``budget``, ``reached`` bits/weight, ``sensitivity`` and the
+    number of layers per setting (``layers``), from ``model.config.quantization_config.provenance``."""
+    config = model.config.quantization_config
+    provenance = config.get("provenance") if isinstance(config, dict) else config.provenance
+    return dict((provenance or {}).get("bits_per_weight") or {})
+
+
+def _deploy_ours(
+    model: nn.Module,
+    variant: Variant,
+    statistics: CalibrationStatistics | None,
+    calibration: CalibrationConfig | None,
+) -> dict:
+    from ..api import quantize_model as quantize_data_free
+    from ..calibration import quantize_model
     from ..layers import OTQLayerMixin
 
+    if variant.calibrated and statistics is None:
+        raise ValueError(
+            f"{variant.method!r} fits on calibration statistics; pass statistics=diffusers_otq.calibrate(pipe, "
+            "OTQConfig(bits=4), CalibrationConfig(...)) (the evaluation runner collects them once per model)."
+        )
     originals = _layer_weights(model)
     float_numel = _float_numel(model) - sum(w.numel() for w in originals.values())
+    config = _otq_config(variant)
     start = time.perf_counter()
-    quantize_model(model, _otq_config(variant), progress=False, compute_metrics=False)
+    if variant.calibrated or variant.mixed:
+        fit = replace(calibration or CalibrationConfig(), progress=False)
+        if variant.calibrated:
+            fit = CALIBRATED[variant.method].calibration(fit)
+        statistics = statistics if variant.calibrated else None  # a data-free budget allocates without them
+        quantize_model(model, config, statistics=statistics, calibration=fit, progress=False, compute_metrics=False)
+    else:
+        quantize_data_free(model, config, progress=False, compute_metrics=False)
     seconds = time.perf_counter() - start
     layers, stored_bits, quantized_numel = [], 0.0, 0
     for name, module in model.named_modules():
         if isinstance(module, OTQLayerMixin):
             qweight = module.quantized_weight()
             layers.append(_layer_row(name, originals[name], qweight.dequantize(torch.float32)))
+            if variant.mixed:
+                layers[-1]["setting"] = _setting(qweight)
             stored_bits += qweight.nbytes * 8
             quantized_numel += qweight.numel
-    return _summary(layers, stored_bits, quantized_numel, float_numel, seconds)
+    summary = _summary(layers, stored_bits, quantized_numel, float_numel, seconds)
+    if variant.calibrated:
+        summary["calibrate_s"] = float(statistics.info.get("seconds", math.nan))
+    if variant.mixed:
+        summary["plan"] = _plan_summary(model)
+    return summary
 
 
 def _float_numel(model: nn.Module) -> int:
@@ -203,17 +339,38 @@ def _paper_scope(model: nn.Module, variant: Variant) -> dict:
     return _summary(layers, stored_bits, quantized_numel, float_numel, seconds)
 
 
-def quantize_variant(model: nn.Module, variant: Variant) -> dict:
+def quantize_variant(
+    model: nn.Module,
+    variant: Variant,
+    *,
+    statistics: CalibrationStatistics | None = None,
+    calibration: CalibrationConfig | None = None,
+) -> dict:
     """Turn the float ``model`` into ``variant`` in place; returns the ``weights`` metrics of the variant.
 
+    Args:
+        model: the float denoiser (changed in place).
+        variant: the grid point.
+        statistics: the model's calibration statistics (every Linear/Conv2d, e.g. from
+            ``diffusers_otq.calibrate(pipe, OTQConfig(bits=4), ...)``); required by calibrated variants, ignored
+            by the others (a data-free mixed variant allocates without them).
+        calibration: fit settings (damping, refit rounds, sensitivity) a calibrated variant's switches are
+            applied to (:meth:`CalibratedFit.calibration`); defaults when None.
+
     Returns:
-        ``bits_per_weight``, ``model_bytes``, ``quantize_s``, ``quantized_layers``, ``skipped_layers``,
-        ``rel_mse_mean`` (numel-weighted), ``w2_mean`` (mean over layers) and ``layers`` (per tensor: name,
-        numel, rel_mse, w2; peers add ``skipped`` with the reason for weights their format cannot store).
+        ``bits_per_weight``, ``model_bytes``, ``quantize_s`` (the quantize call, bits allocation included),
+        ``quantized_layers``, ``skipped_layers``, ``rel_mse_mean`` (numel-weighted), ``w2_mean`` (mean over
+        layers) and ``layers`` (per tensor: name, numel, rel_mse, w2; peers add ``skipped`` with the reason for
+        weights their format cannot store; mixed variants add each layer's ``setting``). Calibrated variants add
+        ``calibrate_s`` (``statistics.info["seconds"]``, the one-off statistics collection); mixed variants add
+        ``plan`` (``budget``, ``reached``, ``sensitivity`` and ``layers``: the number of layers per setting).
+
+    Raises:
+        ValueError: a calibrated variant without ``statistics``.
     """
     family = family_of(variant.method)
     if family == "peer":
         return _deploy_peer(model, variant)
     if variant.scope == "paper":
         return _paper_scope(model, variant)
-    return _deploy_ours(model, variant)
+    return _deploy_ours(model, variant, statistics, calibration)
