@@ -110,3 +110,21 @@ def test_card_without_quantized_metrics_says_how_to_measure(pipeline: Path) -> N
     (pipeline / "reference.json").write_text(json.dumps(info))
     card = render_reference_card(pipeline, TEMPLATE)
     assert "Not measured yet" in str(card) and "--update-cards" in str(card)
+
+
+def test_budget_entries_keep_one_row_per_budget_and_read_as_budgets(rows: list[dict], pipeline: Path) -> None:
+    for budget, fid in ((2.5, 41.0), (3.0, 38.0)):  # bits of a mixed row is its bits/weight budget (a float)
+        rows.append(_row("ot-vp+cal", "otq", "mixed", budget, "weights", 0, bits_per_weight=budget - 0.002))
+        rows.append(_row("ot-vp+cal", "otq", "mixed", budget, "fid", 0, fid_vs_fp=fid, fid_vs_test=55.0))
+    entries = quantized_summary(rows, MODEL)
+    assert [(e["method"], e["bits"]) for e in entries] == [
+        ("ot-vp+cal", 2.5),
+        ("ot-vp+cal", 3.0),
+        ("ot", 3),
+        ("hqq-3", 3),
+        ("fp", 32),
+    ]
+    kwargs = dict(command="c", report="r", description="d", template=TEMPLATE)
+    assert update_reference_card(pipeline, rows, **kwargs)
+    card = (pipeline / "README.md").read_text()
+    assert "| **ot-vp+cal** | mixed | budget 2.5 | 2.50 |" in card and "| **ot-vp+cal** | mixed | budget 3 |" in card

@@ -80,6 +80,24 @@ def test_rate_distortion_zoom_leaves_out_wider_codes(tmp_path: Path) -> None:
     assert not none.exists()
 
 
+def test_budgets_are_a_curve_of_their_own_with_square_markers(tmp_path: Path, monkeypatch) -> None:
+    drawn: dict[str, tuple[str, list[float]]] = {}
+    original = plots._errorbar
+
+    def record(axes: Any, series: Any, metric: Any, **style: Any) -> None:
+        drawn[style["label"]] = (style["fmt"], [p.bits_per_weight for p in series])
+        original(axes, series, metric, **style)
+
+    monkeypatch.setattr(plots, "_errorbar", record)
+    budgets = [_point("ot-vp+cal", "otq", "mixed", b, 20.0 + b, b - 0.25) for b in (3.0, 2.1, 2.5)]
+    calibrated = _point("ot-vp+cal", "otq", "channel", 2, 21.0, 2.2)
+    assert plot_rate_distortion(
+        [*POINTS, *budgets, calibrated], SAMPLE_PSNR, log_y=False, title="m", path=tmp_path / "rd.png", max_bits=2
+    )
+    assert drawn["ot-vp+cal (mixed)"] == ("s", [1.85, 2.25]), "budgets up to max_bits, by bits/weight"
+    assert drawn["ot-vp+cal (channel)"] == ("o", [2.2]) and drawn["ot (channel)"] == ("o", [2.1])
+
+
 def test_w2_matrix_averages_selected_rows_only() -> None:
     selected = [
         _weights_row("uniform", "paper", [1e-2, 2e-2]),

@@ -299,3 +299,112 @@ def test_model_with_only_failed_rows_is_still_reported(tmp_path: Path) -> None:
     assert f"_No ok deploy-scope rows for {DIT} at 2, 3, 4 bits._" in text
     assert "| boom |" in text
     assert "![" not in text and not (tmp_path / "plots").exists()
+
+
+# ------------------------------------------------------------------------------------ calibrated and mixed
+
+ABLATION = ("ot-vp", "ot-vp+aw", "ot-vp+ef", "ot-vp+cal")
+BUDGETS = (2.0, 2.1, 2.5, 3.0)
+CAL_SECONDS = 20.0
+
+
+def _calibrated_rows(model: str) -> list[dict[str, Any]]:
+    """ot-vp and its calibrated fits at channel/group x 2/3 bits (plus ot-vp channel 4 with no calibrated
+    counterpart), and data-free ot-vp and ot-vp+cal under four bits budgets (granularity mixed, bits = budget)."""
+    rows = []
+    cells = [(g, b) for g in ("channel", "group") for b in (2, 3)] + [("channel", 4)]
+    for index, method in enumerate(ABLATION):
+        for granularity, bits in cells if index == 0 else cells[:-1]:
+            common = (model, method, "otq", granularity, bits, "deploy")
+            weights = _weights(granularity, bits) | ({"calibrate_s": CAL_SECONDS} if index else {})
+            rows.append(_row(*common, "weights", 0, weights))
+            rows.append(_row(*common, "probe", 0, {"velocity_psnr": 20.0 + bits + index}))
+            for seed in SEEDS:
+                psnr = 10.0 + 5.0 * bits + index + seed
+                rows.append(_row(*common, "samples", seed, {"psnr": psnr, "class_accuracy": 0.5 + index / 10}))
+            if method == "ot-vp+cal":
+                rows.append(_row(*common, "fid", 0, {"fid_vs_fp": 5.0 / bits, "fid_vs_test": 9.0}))
+    for method in ("ot-vp", "ot-vp+cal"):
+        calibrated = method == "ot-vp+cal"
+        for budget in BUDGETS:
+            common = (model, method, "otq", "mixed", budget, "deploy")
+            plan = {
+                "budget": budget,
+                "reached": budget - 0.001,
+                "sensitivity": "velocity" if calibrated else "weights",
+                "layers": {"3-bit channel": 1, "2-bit tensor": 3},
+            }
+            weights = {"bits_per_weight": budget - 0.001, "quantize_s": 5.0, "plan": plan}
+            rows.append(_row(*common, "weights", 0, weights | ({"calibrate_s": CAL_SECONDS} if calibrated else {})))
+            rows.append(_row(*common, "probe", 0, {"velocity_psnr": 20.0 + budget}))
+            for seed in SEEDS:
+                psnr = 10.0 + 5.0 * budget + calibrated + seed
+                rows.append(_row(*common, "samples", seed, {"psnr": psnr, "class_accuracy": 0.8}))
+            if calibrated:
+                rows.append(_row(*common, "fid", 0, {"fid_vs_fp": 4.0 / budget, "fid_vs_test": 8.0}))
+    fp = (model, "fp", "reference", "none", 32, "deploy")
+    rows.append(_row(*fp, "samples", 0, {"class_accuracy": 0.95, "num_samples": 8}))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def calibrated_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_report(_calibrated_rows(UNET), tmp_path_factory.mktemp("calibrated"), command=COMMAND)
+
+
+def test_ablation_table_steps_from_data_free_to_full_calibration_then_budgets(calibrated_report: Path) -> None:
+    section = _section(calibrated_report.read_text(), "### Calibration ablation")
+    table = _table_rows(section.split("**Bits plans**")[0])
+    labels = [tuple(r[:3]) for r in table]
+    fixed = [(m, g, str(b)) for g in ("channel", "group") for b in (2, 3) for m in ABLATION]
+    mixed = [(m, "mixed", f"budget {b:g}") for b in BUDGETS for m in ("ot-vp", "ot-vp+cal")]
+    assert labels == fixed + mixed, "ot-vp channel 4 has no calibrated counterpart and is left out"
+    by_label = {tuple(r[:3]): r for r in table}
+    # Method | Gran. | Bits | Bits/weight | Sample PSNR | Class acc. | FID vs fp | t=0 vel. PSNR | Calib. | Quant.
+    data_free, full = by_label[("ot-vp", "group", "3")], by_label[("ot-vp+cal", "group", "3")]
+    assert data_free[3] == full[3] == f"{_bpw('group', 3):.3f}"
+    assert full[4] == f"{10.0 + 15 + 3 + 0.5:.2f} ± 0.71" and full[5] == f"{100 * 0.8:.1f} ± 0.0"
+    assert full[6] == f"{5.0 / 3:.2f}" and data_free[6] == "—", "FID where measured"
+    assert full[7] == f"{20.0 + 3 + 3:.2f}" and full[8] == f"{CAL_SECONDS:.2f}" and data_free[8] == "—"
+    assert full[9] == f"{0.25 * 3:.2f}"
+    budget = by_label[("ot-vp+cal", "mixed", "budget 2.1")]
+    assert budget[3] == "2.099" and budget[6] == f"{4.0 / 2.1:.2f}" and budget[9] == "5.00"
+
+
+def test_bits_plans_table_lists_layers_per_setting(calibrated_report: Path) -> None:
+    plans = _table_rows(_section(calibrated_report.read_text(), "### Calibration ablation").split("**Bits plans**")[1])
+    assert [tuple(r[:2]) for r in plans] == [(m, f"{b:g}") for b in BUDGETS for m in ("ot-vp", "ot-vp+cal")]
+    assert plans[1] == ["ot-vp+cal", "2", "1.999", "velocity", "2-bit tensor ×3, 3-bit channel ×1"]
+
+
+def test_headline_shows_calibrated_methods_and_one_row_per_budget(calibrated_report: Path) -> None:
+    table = _table_rows(_section(calibrated_report.read_text(), "### Headline"))
+    labels = [tuple(r[:3]) for r in table]
+    # budgets 2.0-2.5 count as 2 nominal bits, 3.0 as 3; each budget keeps its own row, never a code width's
+    for method in ("ot-vp", "ot-vp+cal"):
+        assert {(m, b) for m, g, b in labels if (m, g) == (method, "mixed")} == {
+            (method, f"budget {b:g}") for b in BUDGETS
+        }
+    # the calibrated methods compete over granularities like the others (equal sample PSNR: channel wins ties)
+    assert ("ot-vp+cal", "channel", "2") in labels and ("ot-vp+aw", "channel", "3") in labels
+    assert not any(m == "ot-vp+cal" and g == "group" for m, g, _ in labels)
+    bpw = [float(r[3]) for r in table if r[3] != "—"]
+    assert bpw == sorted(bpw)
+
+
+def test_reports_without_calibrated_rows_have_no_ablation(report: Path) -> None:
+    assert "Calibration ablation" not in report.read_text()
+
+
+def test_budget_rows_plot_and_render_independent_of_order(calibrated_report: Path, tmp_path: Path) -> None:
+    text = calibrated_report.read_text()
+    assert "plots/otq-fashion-mnist-unet-rd-sample-psnr.png" in text
+    shuffled = _calibrated_rows(UNET)
+    random.Random(2).shuffle(shuffled)
+    assert write_report(shuffled, tmp_path, command=COMMAND).read_text() == text
+    for png in sorted((calibrated_report.parent / "plots").glob("*.png")):
+        assert (tmp_path / "plots" / png.name).read_bytes() == png.read_bytes(), png.name
+    with (calibrated_report.parent / "results.csv").open(newline="") as handle:
+        records = {r["key"]: r for r in csv.DictReader(handle)}
+    budget = records[f"{UNET}|ot-vp+cal|mixed|2.5|deploy|weights|0"]
+    assert budget["bits"] == "2.5" and budget["metrics.plan.layers.2-bit tensor"] == "3"

@@ -105,3 +105,16 @@ def test_shards_written_with_per_layer_dicts_still_read(tmp_path):
     (row,) = store.rows()
     assert row["metrics"]["layers"] == legacy["metrics"]["layers"]
     assert "columns" in json.loads(store.merge().read_text())["metrics"]["layers"]
+
+
+def test_a_budget_row_keeps_its_float_bits_and_key_through_the_store(tmp_path):
+    budget = {**_row("ot-vp+cal", 2), "granularity": "mixed", "bits": 2.0}  # a 2.0 bits/weight budget
+    code = _row("ot-vp+cal", 2)  # 2-bit codes: another cell
+    store = ResultStore(tmp_path, 0)
+    store.append([budget, code])
+    merged = read_jsonl(store.merge())
+    assert [r["key"] for r in merged] == [
+        "m|ot-vp+cal|channel|2|deploy|weights|0",
+        "m|ot-vp+cal|mixed|2.0|deploy|weights|0",
+    ]
+    assert isinstance(merged[1]["bits"], float) and store.done_keys() == {row_key(budget), row_key(code)}

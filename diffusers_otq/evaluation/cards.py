@@ -19,7 +19,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..reference import INFO_NAME
 from .report import MISSING, format_mean_std, headline_points
-from .rows import BPW, CLASS_ACC, FID_FP, FID_TEST, FP_METHOD, SAMPLE_PSNR, SIZE, Metric
+from .rows import BPW, CLASS_ACC, FID_FP, FID_TEST, FP_METHOD, SAMPLE_PSNR, SIZE, Metric, format_bits
 
 
 __all__ = ["CARD_BITS", "quantized_summary", "render_reference_card", "update_reference_card"]
@@ -43,7 +43,8 @@ def quantized_summary(rows: Sequence[dict[str, Any]], model: str, bits: Sequence
     """The configurations of ``model`` whose FID was measured, one per (method, nominal bits), plus fp.
 
     Per (method, bits) the granularity with the lowest FID vs the full-precision samples is kept (the report's
-    ``fid`` ranking). Metrics are means over seeds; ``<field>_std`` is the sample standard deviation where
+    ``fid`` ranking); mixed-precision variants keep one entry per bits/weight budget (``bits`` is the budget,
+    a float, for granularity ``"mixed"``). Metrics are means over seeds; ``<field>_std`` is the sample standard deviation where
     several seeds succeeded. Class accuracy is in percent, sizes in KiB.
 
     Args:
@@ -90,7 +91,7 @@ def _quantized_markdown(quantized: dict | None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in quantized["entries"]:
         method = f"**{entry['method']}**" if entry["family"] == "otq" else entry["method"]
-        cells = [method, entry["granularity"], str(entry["bits"])]
+        cells = [method, entry["granularity"], format_bits(entry["granularity"], entry["bits"])]
         cells += [_cell(entry, field, fmt) for field, _, _, fmt in _CARD_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(

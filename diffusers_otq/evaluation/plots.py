@@ -17,12 +17,14 @@ from typing import Any
 from diffusers_otq.evaluation.rows import (
     FAMILY_ORDER,
     FP_METHOD,
+    MIXED,
     SAMPLE_PSNR,
     SAMPLE_SSIM,
     Metric,
     Point,
     StepSeries,
     ok_rows,
+    row_bits,
     scalar,
     summarize,
 )
@@ -54,9 +56,10 @@ def plot_rate_distortion(
 ) -> bool:
     """Plot ``metric`` against effective bits/weight.
 
-    One line per (method, granularity) of our and the paper's methods, one marker series per peer library
-    (method name up to the first ``-``, each point annotated with its method), fp as a dashed horizontal line.
-    Error bars show the standard deviation over seeds.
+    One line per (method, granularity) of our and the paper's methods (mixed-precision budgets are a line of
+    their own per method, square markers), one marker series per peer library (method name up to the first
+    ``-``, each point annotated with its method), fp as a dashed horizontal line. Error bars show the standard
+    deviation over seeds.
 
     Args:
         points: configurations of one model and scope (e.g. from :func:`~diffusers_otq.evaluation.rows.build_points`).
@@ -64,7 +67,8 @@ def plot_rate_distortion(
         log_y: use a logarithmic y axis.
         title: the axes' title.
         path: the PNG to write (parent folders are created).
-        max_bits: leave out configurations of more nominal code bits (a zoom on the low-bit end).
+        max_bits: leave out configurations of more nominal code bits (a zoom on the low-bit end); a bits/weight
+            budget ``b`` counts as ``floor(b)`` code bits, as in the headline table.
 
     Returns:
         Whether the PNG was written: ``False`` when no non-fp point has the metric.
@@ -77,7 +81,8 @@ def plot_rate_distortion(
     for point in points:
         if point.get(metric) is None:
             continue
-        if max_bits is not None and point.method != FP_METHOD and point.bits > max_bits:
+        nominal = math.floor(point.bits) if point.granularity == MIXED else point.bits
+        if max_bits is not None and point.method != FP_METHOD and nominal > max_bits:
             continue
         if point.method == FP_METHOD:
             fp_stat = point.get(metric)
@@ -93,7 +98,8 @@ def plot_rate_distortion(
     for index, (label, series) in enumerate(lines.items()):
         series = sorted(series, key=lambda p: p.bits_per_weight)
         style = {"color": colours(index % 10), "linestyle": ("-", "--", ":", "-.")[index // 10 % 4]}
-        _errorbar(axes, series, metric, label=label, fmt="o", **style)
+        marker = "s" if series[0].granularity == MIXED else "o"
+        _errorbar(axes, series, metric, label=label, fmt=marker, **style)
     for index, (family, series) in enumerate(peers.items()):
         marker = "sDv^<>pP*X"[index % 10]
         _errorbar(axes, series, metric, label=family, color="black", fmt=marker, fillstyle="none")
@@ -140,7 +146,7 @@ def w2_matrix(rows: Sequence[dict[str, Any]], model: str) -> tuple[list[str], li
             if r["metric_set"] == "weights"
             and r["scope"] == "deploy"
             and r["granularity"] == "channel"
-            and int(r["bits"]) == HEATMAP_BITS
+            and row_bits(r) == HEATMAP_BITS
             and r["method"] != FP_METHOD
         ),
         key=lambda r: r["key"],

@@ -4,6 +4,10 @@ The harness appends one JSON object per line (fields in :data:`REQUIRED_FIELDS`,
 :func:`write_report` turns a list of such rows into ``report.md``, ``results.csv`` and ``plots/*.png`` inside one
 output directory; :func:`headline_table` renders the per-model summary table alone (e.g. for a model card).
 
+A row's ``bits`` is the code width, or for granularity ``"mixed"`` (per-layer bits chosen by the allocator) the
+bits/weight budget as a float; tables show a budget as ``budget 2.5``. Calibrated methods (``ot-vp+aw``,
+``ot-vp+ef``, ``ot-vp+cal``) also get a per-model ablation table against data-free ``ot-vp``.
+
 Rows that differ only in ``seed`` form one *configuration*; its metrics are shown as ``mean ± std`` with the
 sample standard deviation (``n - 1`` denominator) when several seeds succeeded, else as the single value. Only
 rows with ``status == "ok"`` contribute numbers; every other row is listed with its error. The output depends
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -29,7 +34,9 @@ from typing import Any
 
 from diffusers_otq.evaluation.plots import HEATMAP_BITS, plot_rate_distortion, plot_steps, plot_w2_heatmap
 from diffusers_otq.evaluation.rows import (
+    ABLATION_METHODS,
     BPW,
+    CALIB_TIME,
     CLASS_ACC,
     FAMILY_ORDER,
     FID_FP,
@@ -37,6 +44,7 @@ from diffusers_otq.evaluation.rows import (
     FP_METHOD,
     GRANULARITY_ORDER,
     LATENT_COSINE,
+    MIXED,
     PCA_COLLAPSED,
     PCA_MEAN_VAR,
     QUANT_TIME,
@@ -52,13 +60,24 @@ from diffusers_otq.evaluation.rows import (
     Stat,
     StepSeries,
     build_points,
+    format_bits,
     ok_rows,
+    row_bits,
     step_series,
 )
 from diffusers_otq.evaluation.store import read_jsonl
 
 
-__all__ = ["REQUIRED_FIELDS", "Stat", "headline_points", "headline_table", "load_rows", "write_report"]
+__all__ = [
+    "REQUIRED_FIELDS",
+    "Stat",
+    "ablation_table",
+    "headline_points",
+    "headline_table",
+    "load_rows",
+    "plans_table",
+    "write_report",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +89,7 @@ _MAX_ERROR_CHARS = 400  # keeps a traceback-sized error from swamping the failed
 
 HEADLINE_METRICS = (BPW, SIZE, SAMPLE_PSNR, SAMPLE_SSIM, CLASS_ACC, FID_FP, FID_TEST, VEL_PSNR, QUANT_TIME)
 GRID_METRICS = (BPW, REL_MSE, W2, VEL_PSNR, SAMPLE_PSNR, SAMPLE_SSIM, CLASS_ACC)
+ABLATION_METRICS = (BPW, SAMPLE_PSNR, CLASS_ACC, FID_FP, VEL_PSNR, CALIB_TIME, QUANT_TIME)
 PARITY_METRICS = (VEL_PSNR, VEL_SSIM, PCA_MEAN_VAR, PCA_COLLAPSED, LATENT_COSINE)
 RD_PLOTS = (  # (file-name part, metric, log y axis, largest nominal code bits plotted or None for all)
     ("sample-psnr-2-4bit", SAMPLE_PSNR, False, 4),  # the headline region, where the methods differ
@@ -153,13 +173,23 @@ def _rank_key(point: Point, metric: Metric) -> tuple[Any, ...]:
     return (0, stat.mean if metric.lower_is_better else -stat.mean, *granularity)
 
 
+def _in_headline(point: Point, bits: Sequence[int]) -> bool:
+    """fp always; a code width when it is in ``bits``; a budget ``b`` when ``floor(b)`` is (2.0-2.9 count as 2)."""
+    if point.method == FP_METHOD:
+        return True
+    if point.granularity == MIXED:
+        return math.floor(point.bits) in bits
+    return point.bits in bits
+
+
 def headline_points(
     rows: Sequence[dict[str, Any]], model: str, metric_set: str, bits: Sequence[int], scope: str
 ) -> list[Point]:
     """One :class:`Point` per (method, nominal bits in ``bits``) of ``model`` in ``scope``, plus fp.
 
     Where a method ran at several granularities the one best by ``metric_set``'s ranking metric is kept (see
-    :func:`headline_table`). Sorted by effective bits/weight, then family, method and granularity.
+    :func:`headline_table`). Mixed-precision points keep one row per budget; a budget ``b`` belongs to the
+    nominal bits ``floor(b)``. Sorted by effective bits/weight, then family, method and granularity.
 
     Raises:
         ValueError: ``metric_set`` has no ranking metric.
@@ -167,11 +197,11 @@ def headline_points(
     if metric_set not in _RANK_METRICS:
         raise ValueError(f"metric_set must be one of {sorted(_RANK_METRICS)}, got {metric_set!r}.")
     rank = _RANK_METRICS[metric_set]
-    best: dict[tuple[str, int], Point] = {}
+    best: dict[tuple[str, int | float, bool], Point] = {}
     for point in build_points(rows, model, scope):
-        if point.method != FP_METHOD and point.bits not in bits:
+        if not _in_headline(point, bits):
             continue
-        slot = (point.method, point.bits)
+        slot = (point.method, point.bits, point.granularity == MIXED)  # a budget never competes with a code width
         if slot not in best or _rank_key(point, rank) < _rank_key(best[slot], rank):
             best[slot] = point
     return sorted(best.values(), key=lambda p: (p.bits_per_weight, *p.sort_key()))
@@ -216,8 +246,9 @@ def headline_table(
 
     Each (method, nominal bits) gets one row. When it ran at several granularities the row shows the best one
     by the ranking metric of ``metric_set`` (samples: sample PSNR; probe: t=0 velocity PSNR; fid: FID vs fp;
-    weights: relative MSE), ties broken by channel < group < tensor. Rows are sorted by effective bits/weight
-    (nominal bits where no weights row succeeded); missing metrics show ``—``.
+    weights: relative MSE), ties broken by channel < group < tensor. Mixed-precision variants get one row per
+    bits/weight budget ``b`` with ``floor(b)`` in ``bits`` (``Bits`` reads ``budget b``). Rows are sorted by
+    effective bits/weight (nominal bits where no weights row succeeded); missing metrics show ``—``.
 
     Args:
         rows: result rows of any models; rows whose status is not ``"ok"`` are ignored.
@@ -236,8 +267,119 @@ def headline_table(
     if not points:
         return f"_No ok {scope}-scope rows for {model} at {', '.join(map(str, bits))} bits._"
     header = ["Method", "Gran.", "Bits", *(m.label for m in HEADLINE_METRICS)]
-    body = [[p.method, p.granularity, str(p.bits), *(_fmt(p.get(m), m) for m in HEADLINE_METRICS)] for p in points]
+    body = [
+        [p.method, p.granularity, format_bits(p.granularity, p.bits), *(_fmt(p.get(m), m) for m in HEADLINE_METRICS)]
+        for p in points
+    ]
     return _table(header, body, text_columns=2)
+
+
+def _ablation_points(points: Sequence[Point]) -> list[Point]:
+    """The ablation's rows: per (granularity, code bits) where a calibrated method ran, data-free ``ot-vp`` and its
+    calibrated fits in :data:`~.rows.ABLATION_METHODS` order; then every mixed-precision point by budget."""
+    order = {method: i for i, method in enumerate(ABLATION_METHODS)}
+    calibrated = set(ABLATION_METHODS[1:])
+    cells = {(p.granularity, p.bits) for p in points if p.method in calibrated and p.granularity != MIXED}
+    fixed = [p for p in points if p.method in order and (p.granularity, p.bits) in cells]
+    mixed = [p for p in points if p.granularity == MIXED]
+
+    def key(p: Point) -> tuple[Any, ...]:
+        return (
+            GRANULARITY_ORDER.get(p.granularity, 9),
+            p.granularity,
+            p.bits,
+            order.get(p.method, len(order)),
+            p.method,
+        )
+
+    return sorted(fixed, key=key) + sorted(mixed, key=key)
+
+
+def ablation_table(rows: Sequence[dict[str, Any]], model: str, scope: str = "deploy") -> str | None:
+    """The calibration ablation of one model: data-free ``ot-vp`` → ``+aw`` → ``+ef`` → ``+cal``, then budgets.
+
+    For each (granularity, code bits) where a calibrated method ran, one row per method of
+    :data:`~.rows.ABLATION_METHODS` that ran there (data-free first), then one row per mixed-precision
+    (method, budget). Columns: effective bits/weight, sample PSNR, class accuracy, FID vs fp, t=0 velocity
+    PSNR, calibration seconds (the model's statistics, collected once and shared by its calibrated variants) and
+    quantization seconds (the fit, bits allocation included); missing metrics show ``—``.
+
+    Args:
+        rows: result rows of any models; rows whose status is not ``"ok"`` are ignored.
+        model: the model whose table to render.
+        scope: the scope of the rows (calibrated and mixed variants exist in ``"deploy"`` only).
+
+    Returns:
+        The markdown table, or ``None`` when ``model`` has no calibrated or mixed-precision point.
+    """
+    points = _ablation_points(build_points(rows, model, scope))
+    if not points:
+        return None
+    header = ["Method", "Gran.", "Bits", *(m.label for m in ABLATION_METRICS)]
+    body = [
+        [p.method, p.granularity, format_bits(p.granularity, p.bits), *(_fmt(p.get(m), m) for m in ABLATION_METRICS)]
+        for p in points
+    ]
+    return _table(header, body, text_columns=2)
+
+
+def plans_table(rows: Sequence[dict[str, Any]], model: str, scope: str = "deploy") -> str | None:
+    """The bits plans of ``model``'s mixed-precision variants: budget, reached bits/weight, the sensitivity the
+    allocator used, and how many layers got each setting (from the weights rows' ``plan``).
+
+    Returns:
+        The markdown table (one row per method and budget), or ``None`` when no ok weights row has a plan.
+    """
+    plans = {
+        (r["method"], row_bits(r)): r["metrics"]["plan"]
+        for r in ok_rows(rows, model)
+        if r["granularity"] == MIXED
+        and r["scope"] == scope
+        and r["metric_set"] == "weights"
+        and isinstance(r.get("metrics", {}).get("plan"), dict)
+    }
+    if not plans:
+        return None
+    body = []
+    for (method, budget), plan in sorted(plans.items(), key=lambda item: (item[0][1], item[0][0])):
+        layers = plan.get("layers") or {}
+        settings = ", ".join(f"{label} ×{count}" for label, count in sorted(layers.items()))
+        reached = plan.get("reached")
+        body.append(
+            [
+                method,
+                format(budget, "g"),
+                MISSING if reached is None else format(reached, ".3f"),
+                str(plan.get("sensitivity", MISSING)),
+                settings or MISSING,
+            ]
+        )
+    return _table(["Method", "Budget", "Reached", "Sensitivity", "Layers per setting"], body, text_columns=5)
+
+
+def _ablation_section(rows: Sequence[dict[str, Any]], model: str) -> list[str]:
+    """The calibration ablation and the mixed-precision plans; nothing when the model has neither."""
+    table = ablation_table(rows, model)
+    if table is None:
+        return []
+    lines = [
+        "### Calibration ablation (deploy scope)",
+        "",
+        "Data-free `ot-vp`, then fitted on the model's calibration statistics: activation-weighted codebooks "
+        "(`ot-vp+aw`), plus GPTQ-style error feedback (`ot-vp+ef`), plus bias correction (`ot-vp+cal`, the full "
+        "calibration), at each granularity and code width a calibrated variant ran; then the `mixed` variants, "
+        "whose per-layer bits and granularity are allocated under a bits/weight budget (data-free for `ot-vp`, "
+        "from the statistics for the calibrated methods). Calibration time is the one-off collection of the "
+        "model's statistics (shared by all its calibrated variants); quantization time is the fit, bits "
+        "allocation included.",
+        "",
+        table,
+        "",
+    ]
+    plans = plans_table(rows, model)
+    if plans is not None:
+        lines += ["**Bits plans** of the mixed-precision variants (layers per setting).", "", plans, ""]
+    return lines
 
 
 def _parity_section(rows: Sequence[dict[str, Any]], model: str) -> list[str]:
@@ -268,7 +410,14 @@ def _grid_section(points: Sequence[Point]) -> list[str]:
         return [*lines, "_No ok deploy-scope rows._", ""]
     header = ["Method", "Family", "Gran.", "Bits", "Seeds", *(m.label for m in GRID_METRICS)]
     body = [
-        [p.method, p.family, p.granularity, str(p.bits), str(len(p.seeds)), *(_fmt(p.get(m), m) for m in GRID_METRICS)]
+        [
+            p.method,
+            p.family,
+            p.granularity,
+            format_bits(p.granularity, p.bits),
+            str(len(p.seeds)),
+            *(_fmt(p.get(m), m) for m in GRID_METRICS),
+        ]
         for p in points
     ]
     return [*lines, _table(header, body, text_columns=3), ""]
@@ -326,7 +475,7 @@ def _grid_images(rows: Sequence[dict[str, Any]], model: str, points: Sequence[Po
             (
                 r
                 for r in samples
-                if (r["method"], r["granularity"], int(r["bits"])) == (point.method, point.granularity, point.bits)
+                if (r["method"], r["granularity"], row_bits(r)) == (point.method, point.granularity, point.bits)
                 and (r["scope"] == "deploy" or point.method == FP_METHOD)
             ),
             None,
@@ -337,7 +486,8 @@ def _grid_images(rows: Sequence[dict[str, Any]], model: str, points: Sequence[Po
         if not (output_dir / relative).is_file():
             logger.warning("sample grid %s of row %r does not exist; not linked", relative, match["key"])
             continue
-        images.append(f"![{point.method} {point.granularity} {point.bits}-bit, seed {match['seed']}]({relative})")
+        bits = format_bits(point.granularity, point.bits) + ("" if point.granularity == MIXED else "-bit")
+        images.append(f"![{point.method} {point.granularity} {bits}, seed {match['seed']}]({relative})")
     return images
 
 
@@ -355,6 +505,7 @@ def _model_section(rows: Sequence[dict[str, Any]], model: str, output_dir: Path)
         headline_table(rows, model),
         "",
     ]
+    lines += _ablation_section(rows, model)
     lines += _parity_section(rows, model)
     deploy_points = build_points(rows, model, "deploy")
     lines += _grid_section(deploy_points)
@@ -422,8 +573,8 @@ def write_report(
 ) -> Path:
     """Write ``report.md``, ``results.csv`` and ``plots/*.png`` for ``rows`` into ``output_dir``.
 
-    The report has one section per model (sorted by name): headline table, paper-parity tables, full deploy
-    grid, steps sweep, rows that are not ok, then rate–distortion plots and the per-layer W2 heatmap, all
+    The report has one section per model (sorted by name): headline table, calibration ablation (when
+    calibrated or mixed-precision rows exist), paper-parity tables, full deploy grid, steps sweep, rows that are not ok, then rate–distortion plots and the per-layer W2 heatmap, all
     linked relative to ``output_dir``. Output is identical for any order of ``rows``.
 
     Args:

@@ -1,7 +1,8 @@
 """Result rows aggregated into configurations: the types and metric catalogue shared by the report and its plots.
 
 :func:`build_points` groups the ok rows of one model and scope into :class:`Point` s, one per (method,
-granularity, bits), whose metrics are :class:`Stat` s over seeds. A :class:`Metric` names one scalar metric of one
+granularity, bits), whose metrics are :class:`Stat` s over seeds. ``bits`` is the code width (an int), except
+for granularity ``"mixed"`` where it is the bits/weight budget (a float; :func:`row_bits`, :func:`format_bits`). A :class:`Metric` names one scalar metric of one
 ``metric_set`` together with its display label and format. :mod:`~diffusers_otq.evaluation.report` and
 :mod:`~diffusers_otq.evaluation.plots` both import from here; this module imports neither.
 
@@ -24,7 +25,9 @@ from typing import Any
 
 
 __all__ = [
+    "ABLATION_METHODS",
     "BPW",
+    "CALIB_TIME",
     "CLASS_ACC",
     "FAMILY_ORDER",
     "FID_FP",
@@ -32,6 +35,7 @@ __all__ = [
     "FP_METHOD",
     "GRANULARITY_ORDER",
     "LATENT_COSINE",
+    "MIXED",
     "PCA_COLLAPSED",
     "PCA_MEAN_VAR",
     "QUANT_TIME",
@@ -47,7 +51,9 @@ __all__ = [
     "Stat",
     "StepSeries",
     "build_points",
+    "format_bits",
     "ok_rows",
+    "row_bits",
     "scalar",
     "step_series",
     "summarize",
@@ -56,8 +62,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FP_METHOD = "fp"
+MIXED = "mixed"  # per-layer bits under a bits/weight budget; the row's bits is the budget
 FAMILY_ORDER = {"otq": 0, "paper": 1, "peer": 2, "reference": 3}
-GRANULARITY_ORDER = {"channel": 0, "group": 1, "tensor": 2, "native": 3, "none": 4}
+GRANULARITY_ORDER = {"channel": 0, "group": 1, MIXED: 2, "tensor": 3, "native": 4, "none": 5}
+# The calibration ablation in order: data-free ot-vp, then its calibrated fits (evaluation.variants.CALIBRATED).
+ABLATION_METHODS: tuple[str, ...] = ("ot-vp", "ot-vp+aw", "ot-vp+ef", "ot-vp+cal")
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,7 @@ class Metric:
 BPW = Metric("weights", "bits_per_weight", "Bits/weight", ".3f")
 SIZE = Metric("weights", "model_bytes", "Size (KiB)", ".1f", scale=1 / 1024)
 QUANT_TIME = Metric("weights", "quantize_s", "Quant. time (s)", ".2f")
+CALIB_TIME = Metric("weights", "calibrate_s", "Calib. time (s)", ".2f")  # the model's statistics, collected once
 REL_MSE = Metric("weights", "rel_mse_mean", "Rel. MSE", ".3e", lower_is_better=True)
 W2 = Metric("weights", "w2_mean", "W2", ".3e", lower_is_better=True)
 VEL_PSNR = Metric("probe", "velocity_psnr", "t=0 vel. PSNR (dB)", ".2f")
@@ -104,14 +114,31 @@ FID_FP = Metric("fid", "fid_vs_fp", "FID vs fp", ".2f", lower_is_better=True)
 FID_TEST = Metric("fid", "fid_vs_test", "FID vs test", ".2f", lower_is_better=True)
 
 
+def row_bits(row: dict[str, Any]) -> int | float:
+    """A row's ``bits``: the code width as an int, or for granularity ``"mixed"`` the budget as a float."""
+    return float(row["bits"]) if row["granularity"] == MIXED else int(row["bits"])
+
+
+def format_bits(granularity: str, bits: float) -> str:
+    """``"3"`` for a code width, ``"budget 2.5"`` for a mixed variant's bits/weight budget.
+
+    >>> format_bits("channel", 3), format_bits("mixed", 2.0), format_bits("mixed", 2.25)
+    ('3', 'budget 2', 'budget 2.25')
+    """
+    return f"budget {bits:g}" if granularity == MIXED else str(bits)
+
+
 @dataclass
 class Point:
-    """One configuration (method, granularity, bits) of one model in one scope, with its aggregated metrics."""
+    """One configuration (method, granularity, bits) of one model in one scope, with its aggregated metrics.
+
+    ``bits`` is the code width, or for granularity ``"mixed"`` the bits/weight budget (a float).
+    """
 
     method: str
     family: str
     granularity: str
-    bits: int
+    bits: int | float
     seeds: tuple[int, ...]
     stats: dict[tuple[str, str], Stat] = field(default_factory=dict)
 
@@ -190,9 +217,9 @@ def build_points(rows: Iterable[dict[str, Any]], model: str, scope: str) -> list
     ok = [r for r in ok_rows(rows, model) if r["metric_set"] != "steps"]
     selected = [r for r in ok if r["method"] != FP_METHOD and r["scope"] == scope]
     selected += _fp_rows([r for r in ok if r["method"] == FP_METHOD], scope)
-    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, str, int | float], list[dict[str, Any]]] = defaultdict(list)
     for row in selected:
-        groups[(row["method"], row["granularity"], int(row["bits"]))].append(row)
+        groups[(row["method"], row["granularity"], row_bits(row))].append(row)
     points = []
     for (method, granularity, bits), group in groups.items():
         values: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -237,7 +264,7 @@ def step_series(rows: Sequence[dict[str, Any]], model: str) -> list[StepSeries]:
     for row in ok_rows(rows, model):
         triples = _steps_points(row) if row["metric_set"] == "steps" else None
         family, granularity = FAMILY_ORDER.get(row["family"], 9), GRANULARITY_ORDER.get(row["granularity"], 9)
-        key = (family, row["method"], granularity, row["granularity"], int(row["bits"]), row["scope"])
+        key = (family, row["method"], granularity, row["granularity"], row_bits(row), row["scope"])
         for steps, psnr, ssim in triples or []:
             for name, value in (("psnr", psnr), ("ssim", ssim)):
                 if value is not None:
@@ -249,10 +276,17 @@ def step_series(rows: Sequence[dict[str, Any]], model: str) -> list[StepSeries]:
         steps = sorted(per_step)
         series.append(
             StepSeries(
-                label=f"{method} {granularity} {bits}-bit ({scope})" if method != FP_METHOD else f"fp ({scope})",
+                label=f"{method} {granularity} {_bits_label(granularity, bits)} ({scope})"
+                if method != FP_METHOD
+                else f"fp ({scope})",
                 steps=steps,
                 psnr=[summarize(per_step[n]["psnr"]) if per_step[n]["psnr"] else None for n in steps],
                 ssim=[summarize(per_step[n]["ssim"]) if per_step[n]["ssim"] else None for n in steps],
             )
         )
     return series
+
+
+def _bits_label(granularity: str, bits: float) -> str:
+    """``"3-bit"`` or ``"budget 2.5"``."""
+    return format_bits(granularity, bits) if granularity == MIXED else f"{bits}-bit"
