@@ -16,7 +16,7 @@ from diffusers_otq.evaluation.store import read_jsonl
 
 
 REPO = Path(__file__).resolve().parent.parent
-TIMINGS = ("elapsed_s", "quantize_s")
+TIMINGS = ("elapsed_s", "quantize_s", "calibrate_s")
 
 
 def _run(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -67,10 +67,18 @@ def test_quick_run_writes_rows_report_and_plots(quick_run):
     assert 4.0 < peer["bits_per_weight"] < 4.3 and "Linear" in peer["native_coverage"]
     fid = [by_key[f"{model}|bnb-nf4|native|4|deploy|fid|{seed}"]["metrics"] for seed in (0, 1)]
     assert all(f["fid_vs_fp"] > 0 and f["fid_vs_test"] > 0 for f in fid) and fid[0] != fid[1]
+    # the calibrated variant: statistics collected once (cached), both timings recorded; the bits budget is met
+    calibrated = by_key[f"{model}|ot-vp+cal|group|3|deploy|weights|0"]["metrics"]
+    assert calibrated["calibrate_s"] > 0 and calibrated["quantize_s"] > 0
+    assert (out / "cache" / "otq-fashion-mnist-unet" / "calibration.safetensors").is_file()
+    assert by_key[f"{model}|ot-vp+cal|group|3|deploy|samples|0"]["metrics"]["psnr"] > samples2["psnr"]
+    budget = by_key[f"{model}|ot-vp|mixed|2.5|deploy|weights|0"]["metrics"]
+    assert budget["bits_per_weight"] <= 2.5 + 0.01 and budget["plan"]["budget"] == 2.5
     steps = by_key[f"{model}|ot|channel|2|deploy|steps|0"]["metrics"]
     assert steps["steps"] == [2, 4] and len(steps["psnr"]) == 2
     report = (out / "report.md").read_text()
     assert "scripts/evaluate.py --quick" in report and "| bnb-nf4 |" in report
+    assert "### Calibration ablation" in report and "| ot-vp | mixed | budget 2.5 |" in report
     assert "Unfinished" not in report
     for link in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
         assert (out / link).is_file(), link
