@@ -44,8 +44,8 @@ def quantized_summary(rows: Sequence[dict[str, Any]], model: str, bits: Sequence
 
     Per (method, bits) the granularity with the lowest FID vs the full-precision samples is kept (the report's
     ``fid`` ranking); mixed-precision variants keep one entry per bits/weight budget (``bits`` is the budget,
-    a float, for granularity ``"mixed"``). Metrics are means over seeds; ``<field>_std`` is the sample standard deviation where
-    several seeds succeeded. Class accuracy is in percent, sizes in KiB.
+    a float, for granularity ``"mixed"``). Metrics are means over seeds; ``<field>_std`` is the sample standard
+    deviation where several seeds succeeded. Class accuracy is in percent, sizes in KiB.
 
     Args:
         rows: evaluation result rows of any models (deploy scope is used).

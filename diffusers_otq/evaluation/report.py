@@ -574,8 +574,9 @@ def write_report(
     """Write ``report.md``, ``results.csv`` and ``plots/*.png`` for ``rows`` into ``output_dir``.
 
     The report has one section per model (sorted by name): headline table, calibration ablation (when
-    calibrated or mixed-precision rows exist), paper-parity tables, full deploy grid, steps sweep, rows that are not ok, then rate–distortion plots and the per-layer W2 heatmap, all
-    linked relative to ``output_dir``. Output is identical for any order of ``rows``.
+    calibrated or mixed-precision rows exist), paper-parity tables, full deploy grid, steps sweep, rows that
+    are not ok, then rate–distortion plots and the per-layer W2 heatmap, all linked relative to
+    ``output_dir``. Output is identical for any order of ``rows``.
 
     Args:
         rows: result rows (e.g. from :func:`load_rows`); keys must be unique.

@@ -2,9 +2,10 @@
 
 :func:`build_points` groups the ok rows of one model and scope into :class:`Point` s, one per (method,
 granularity, bits), whose metrics are :class:`Stat` s over seeds. ``bits`` is the code width (an int), except
-for granularity ``"mixed"`` where it is the bits/weight budget (a float; :func:`row_bits`, :func:`format_bits`). A :class:`Metric` names one scalar metric of one
-``metric_set`` together with its display label and format. :mod:`~diffusers_otq.evaluation.report` and
-:mod:`~diffusers_otq.evaluation.plots` both import from here; this module imports neither.
+for granularity ``"mixed"`` where it is the bits/weight budget (a float; :func:`row_bits`, :func:`format_bits`).
+A :class:`Metric` names one scalar metric of one ``metric_set`` together with its display label and format.
+:mod:`~diffusers_otq.evaluation.report` and :mod:`~diffusers_otq.evaluation.plots` both import from here; this
+module imports neither.
 
 >>> rows = [{"model": "m", "method": "ot", "family": "otq", "granularity": "channel", "bits": 3, "scope": "deploy",
 ...          "metric_set": "samples", "seed": s, "status": "ok", "metrics": {"psnr": 30.0 + s}} for s in (0, 1)]

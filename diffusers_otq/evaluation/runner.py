@@ -190,7 +190,7 @@ class Evaluator:
     # ------------------------------------------------------------------------------------------ calibration
 
     def calibration_path(self, model: str) -> Path:
-        """Where the calibration statistics of ``model`` are cached: ``<output>/cache/<slug>/calibration.safetensors``."""
+        """The cache file of ``model``'s calibration statistics: ``<output>/cache/<slug>/calibration.safetensors``."""
         return self.output_dir / "cache" / slug(model) / CALIBRATION_NAME
 
     def calibration_statistics(self, model: str, *, collective: bool = False) -> CalibrationStatistics:

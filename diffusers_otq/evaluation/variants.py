@@ -135,8 +135,8 @@ class Variant:
             object.__setattr__(self, "bits", float(self.bits))  # one key per budget: 3 and 3.0 are the same
         elif isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise ValueError(
-                f"bits={self.bits!r} must be an int code width for granularity={self.granularity!r}; for a bits/weight "
-                "budget use granularity='mixed'."
+                f"bits={self.bits!r} must be an int code width for granularity={self.granularity!r}; for a "
+                "bits/weight budget use granularity='mixed'."
             )
         if family == "peer" and (self.scope != "deploy" or self.granularity != "native"):
             raise ValueError(
