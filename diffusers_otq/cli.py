@@ -2,6 +2,8 @@
 
 diffusers-otq demo                                   # bundled model, ot at 2/3/4 bits vs the paper's baselines
 diffusers-otq quantize otq/fashion-mnist-unet out/ --bits 3
+diffusers-otq quantize otq/fashion-mnist-dit out/ --bits-per-weight 2.5 --calibrate   # calibrated, mixed precision
+diffusers-otq quantize path/to/sd3 out/ --bits 3 --calibrate --prompts prompts.txt
 diffusers-otq quantize path/to/sd3 out/ --bits 3 --components transformer --push-to-hub me/sd3-otq3
 diffusers-otq generate out/ --num-images 20 --class-labels 0 1 2 --output samples/
 """
@@ -24,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import __version__
-from .api import quantize_model
+from .calibration import CalibrationConfig, CalibrationStatistics, quantize_model, quantize_pipeline
 from .config import OTQConfig
 from .convert import LayerReport
 from .image_metrics import psnr, ssim
@@ -196,8 +198,47 @@ def _config_from_args(args: argparse.Namespace) -> OTQConfig:
             granularity=args.granularity,
             group_size=args.group_size,
             modules_to_not_convert=args.modules_to_not_convert or None,
+            bits_per_weight=args.bits_per_weight,
         )
     except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from None
+
+
+def _read_prompts(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise CLIError(f"cannot read --prompts file {path!r}: {err.strerror or err}.") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise CLIError(f"--prompts file {path!r} has no prompts; write one prompt per line.")
+    return prompts
+
+
+def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None:
+    """The calibration settings, or None for a data-free run; checked before anything is loaded."""
+    calibration_flags = {
+        "--prompts": args.prompts,
+        "--calibration-labels": args.calibration_labels,
+        "--num-samples": args.num_samples,
+        "--calibration-steps": args.calibration_steps,
+        "--save-statistics": args.save_statistics,
+    }
+    given = [flag for flag, value in calibration_flags.items() if value is not None]
+    if not args.calibrate:
+        if given:
+            raise CLIError(f"{', '.join(given)} only apply with --calibrate; add --calibrate.")
+        return None
+    try:
+        return CalibrationConfig(
+            num_samples=args.num_samples,
+            class_labels=args.calibration_labels,
+            prompts=None if args.prompts is None else _read_prompts(args.prompts),
+            num_inference_steps=args.calibration_steps,
+            seed=args.seed,
+            error_feedback=not args.no_error_feedback,
+        )
+    except ValueError as err:
         raise CLIError(str(err)) from None
 
 
@@ -215,12 +256,23 @@ def _source_kind(source: str) -> tuple[str, Path]:
     )
 
 
-def _quantize_module(module: torch.nn.Module, config: OTQConfig, name: str) -> list[LayerReport]:
+def _quantize_module(
+    module: torch.nn.Module, config: OTQConfig, name: str, statistics: CalibrationStatistics | None = None
+) -> list[LayerReport]:
     logger.info("Quantizing %s (%s)", name, type(module).__name__)
     try:
-        return quantize_model(module, config, progress=True)
+        return quantize_model(module, config, statistics=statistics, progress=True)
     except ValueError as err:
         raise CLIError(f"{name}: {err}") from None
+
+
+def _load_statistics(path: str | None) -> CalibrationStatistics | None:
+    if path is None:
+        return None
+    try:
+        return CalibrationStatistics.load(path)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def run_quantize(args: argparse.Namespace) -> str:
@@ -228,7 +280,14 @@ def run_quantize(args: argparse.Namespace) -> str:
     import diffusers
 
     config = _config_from_args(args)
+    calibration = _calibration_from_args(args)
     kind, source = _source_kind(args.source)
+    if kind == "model" and calibration is not None:
+        raise CLIError(
+            f"--calibrate samples with the whole pipeline, but {str(source)!r} is a single model folder; pass its "
+            "pipeline folder, or --statistics FILE saved from an earlier calibration."
+        )
+    statistics = _load_statistics(args.statistics)
     output = _writable_dir(Path(args.output))
     dtype = getattr(torch, args.dtype)
     if kind == "model":
@@ -237,7 +296,8 @@ def run_quantize(args: argparse.Namespace) -> str:
         if cls is None:
             raise CLIError(f"{source}/config.json names {class_name!r}, which diffusers does not provide.")
         obj = cls.from_pretrained(source, torch_dtype=dtype)
-        reports = _quantize_module(obj, config, class_name)
+        reports = _quantize_module(obj, config, class_name, statistics)
+        denoiser = obj
     else:
         index = json.loads((source / "model_index.json").read_text())
         cls = FlowMatchPipeline if index.get("_class_name") == "FlowMatchPipeline" else diffusers.DiffusionPipeline
@@ -249,7 +309,9 @@ def run_quantize(args: argparse.Namespace) -> str:
             raise CLIError(
                 f"components {unknown or components} are not torch modules of this pipeline; choose from {modules}."
             )
-        reports = [r for c in components for r in _quantize_module(obj.components[c], config, c)]
+        denoiser = obj.components[components[0]]
+        reports = _quantize_denoiser(obj, denoiser, config, calibration, statistics, args.save_statistics)
+        reports += [r for c in components[1:] for r in _quantize_module(obj.components[c], config, c)]
     obj.save_pretrained(output)
     if args.push_to_hub:
         from .hub import push_to_hub
@@ -258,14 +320,59 @@ def run_quantize(args: argparse.Namespace) -> str:
     before, after = _folder_bytes(source), _folder_bytes(output)
     params = sum(r.parameters for r in reports)
     bpw = sum(r.bits_per_weight * r.parameters for r in reports) / max(params, 1)
+    saved = denoiser.config.get("quantization_config") if hasattr(denoiser, "config") else None
+    if isinstance(saved, OTQConfig):  # save_pretrained leaves the config entry as a plain dict
+        saved = saved.to_dict()
+    record = (saved or {}).get("provenance") or {}
     lines = [
         f"Quantized {len(reports)} layers ({params:,} weights) of {source} with {config!r}",
+        *_record_lines(record),
         f"  bits/weight of quantized layers: {bpw:.3f}",
         f"  size on disk: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({before / max(after, 1):.2f}x smaller)",
         f"  mean W2 per layer: {_mean_w2(reports):.3e}",
         f"  saved to {output}" + (f", pushed to {args.push_to_hub}" if args.push_to_hub else ""),
     ]
     return "\n".join(lines)
+
+
+def _quantize_denoiser(
+    pipe: Any,
+    denoiser: torch.nn.Module,
+    config: OTQConfig,
+    calibration: CalibrationConfig | None,
+    statistics: CalibrationStatistics | None,
+    save_statistics: str | None,
+) -> list[LayerReport]:
+    """The pipeline's denoiser, calibrated on the pipeline's own samples when asked."""
+    if calibration is None:
+        return _quantize_module(denoiser, config, type(denoiser).__name__, statistics)
+    from .calibration import calibrate
+
+    try:
+        if statistics is None:
+            statistics = calibrate(pipe, config, calibration)
+            if save_statistics:
+                statistics.save(save_statistics)
+                logger.info("Saved the calibration statistics to %s", save_statistics)
+        return quantize_pipeline(pipe, config, calibration, statistics=statistics)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+
+def _record_lines(record: dict) -> list[str]:
+    """Summary lines for the calibration and the bits plan recorded in the saved config."""
+    lines = []
+    if "calibration" in record:
+        c = record["calibration"]
+        lines.append(
+            f"  calibration: {c.get('num_batches')} batches ({c.get('source')}), {c.get('seconds', 0):.1f} s; "
+            f"error feedback {'on' if c.get('error_feedback') else 'off'}"
+        )
+    if "bits_per_weight" in record:
+        plan = record["bits_per_weight"]
+        settings = ", ".join(f"{n} x {label}" for label, n in plan["layers"].items())
+        lines.append(f"  bits budget {plan['budget']}: reached {plan['reached']:.3f} ({settings})")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -332,6 +439,27 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--modules-to-not-convert", nargs="*", default=None)
     quantize.add_argument(
         "--components", nargs="+", default=None, help="pipeline components (default: transformer/unet)"
+    )
+    quantize.add_argument(
+        "--bits-per-weight",
+        type=float,
+        default=None,
+        metavar="B",
+        help="a bits budget instead of --bits: per-layer bits and granularity chosen to meet B bits/weight",
+    )
+    calibrate = quantize.add_argument_group("calibration (fit each layer to its output on the model's own samples)")
+    calibrate.add_argument("--calibrate", action="store_true", help="sample with the full-precision pipeline first")
+    calibrate.add_argument("--prompts", default=None, metavar="FILE", help="text prompts, one per line (SD3, Flux)")
+    calibrate.add_argument(
+        "--calibration-labels", type=int, nargs="+", default=None, help="class labels (default: every class)"
+    )
+    calibrate.add_argument("--num-samples", type=int, default=None, help="calibration samples (default 64, or #prompts)")
+    calibrate.add_argument("--calibration-steps", type=int, default=None, help="sampler steps while calibrating")
+    calibrate.add_argument("--seed", type=int, default=1234, help="noise seed of the calibration samples")
+    calibrate.add_argument("--no-error-feedback", action="store_true", help="activation-weighted codebooks only")
+    calibrate.add_argument("--save-statistics", default=None, metavar="FILE", help="keep the statistics for reuse")
+    calibrate.add_argument(
+        "--statistics", default=None, metavar="FILE", help="reuse saved statistics instead of sampling"
     )
     quantize.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     quantize.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload (needs `hf auth login`)")

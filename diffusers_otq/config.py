@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
 from enum import Enum
 from typing import Any
@@ -69,6 +69,20 @@ def _dtype_name(value: object, what: str) -> str | None:
     return name
 
 
+def _override_pairs(overrides: object) -> list[tuple[Any, Any]] | None:
+    """``module_overrides`` as ordered (pattern, options) pairs: from a mapping, or from the [[pattern, options],
+    ...] list :meth:`OTQConfig.to_dict` writes; None if it is neither."""
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    if isinstance(overrides, list | tuple) and all(isinstance(p, list | tuple) and len(p) == 2 for p in overrides):
+        pairs = [tuple(p) for p in overrides]
+        patterns = [p for p, _ in pairs]
+        if len(set(map(repr, patterns))) != len(patterns):
+            return None
+        return pairs
+    return None
+
+
 def _spec_kwargs(options: Mapping[str, Any], what: str) -> dict[str, Any]:
     """Validate a mapping of :class:`LayerSpec` fields (codebook dtype given by name) and return it as kwargs."""
     unknown = sorted(set(options) - set(_OVERRIDABLE))
@@ -101,12 +115,14 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         codebook_scope: with groups, ``"tensor"`` (one shared normalised codebook, default) or ``"channel"``.
         module_overrides: ``{pattern: {option: value}}`` for mixed precision, e.g. ``{"attn*": {"bits": 4}}``;
             options are any of ``bits, method, granularity, group_size, codebook_dtype, codebook_scope``; the
-            first pattern (in order) that matches a module name applies.
+            first pattern (in order) that matches a module name applies. Saved as a list of ``[pattern, options]``
+            pairs (``config.json`` sorts dict keys, a list keeps the order); both forms are accepted.
         bits_per_weight: a storage budget instead of one bit width: the average bits per quantized weight, every
             code, codebook and scale counted (e.g. 2.5). :func:`diffusers_otq.quantize_model` and
             :func:`diffusers_otq.quantize_pipeline` measure each layer's sensitivity (from calibration statistics
-            when given, else data-free) and choose per-layer bits (2-8) and granularity (channel or groups of
-            ``group_size``, default 64) by an exact knapsack; the plan is written into ``module_overrides`` and
+            when given, else data-free) and choose per-layer settings by an exact knapsack: bits 1-8 with
+            per-channel codebooks, 2-8 with groups of ``group_size`` (default 64), 2-3 with one codebook per
+            tensor; the plan is written into ``module_overrides`` and
             this field is cleared, so the saved checkpoint reloads with plain ``from_pretrained``. Layers matched
             by ``module_overrides`` you give keep your settings (and count towards the budget). Quantize-on-load
             cannot allocate (it sees one weight at a time) and refuses it.
@@ -128,7 +144,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         modules_to_not_convert: list[str] | None = None,
         codebook_dtype: str | torch.dtype | None = None,
         codebook_scope: str = "tensor",
-        module_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        module_overrides: Mapping[str, Mapping[str, Any]] | Sequence[Sequence[Any]] | None = None,
         bits_per_weight: float | None = None,
         provenance: Mapping[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
@@ -207,16 +223,19 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
                 "the saved checkpoint reloads with plain from_pretrained."
             )
 
-    def _check_overrides(self, overrides: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
+    def _check_overrides(
+        self, overrides: Mapping[str, Mapping[str, Any]] | Sequence[Sequence[Any]] | None
+    ) -> dict[str, dict[str, Any]] | None:
         if overrides is None:
             return None
-        if not isinstance(overrides, Mapping):
+        pairs = _override_pairs(overrides)
+        if pairs is None:
             raise ValueError(
                 f"module_overrides={overrides!r} must map module-name patterns to option dicts, "
                 'e.g. {"attn*": {"bits": 4}}.'
             )
         checked: dict[str, dict[str, Any]] = {}
-        for pattern, options in overrides.items():
+        for pattern, options in pairs:
             what = f"module_overrides[{pattern!r}]"
             if not isinstance(pattern, str) or not isinstance(options, Mapping):
                 raise ValueError(f"{what}={options!r} must be a dict of options keyed by a str pattern.")
@@ -271,7 +290,13 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
             "modules_to_not_convert": copy.deepcopy(self.modules_to_not_convert),
             "codebook_dtype": self.codebook_dtype,
             "codebook_scope": self.codebook_scope,
-            "module_overrides": copy.deepcopy(self.module_overrides),
+            # [pattern, options] pairs: the first match wins, and config.json is written with sorted keys, so a
+            # dict would lose the order on reload (OTQConfig accepts both forms).
+            "module_overrides": (
+                None
+                if self.module_overrides is None
+                else [[pattern, copy.deepcopy(options)] for pattern, options in self.module_overrides.items()]
+            ),
             "bits_per_weight": self.bits_per_weight,
             "provenance": copy.deepcopy(self.provenance),
         }

@@ -21,6 +21,7 @@ import logging
 import os
 import tempfile
 import types
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,10 @@ def model_card(obj: Any, save_directory: str | os.PathLike, repo_id: str, base_m
         tags=["quantized", "otq", "diffusers-otq", "flow-matching", *(f"{b}-bit" for b in bits)],
     )
     shown_configs = configs.get("", configs)
+    provenance = _provenance(configs)
+    settings = [(name, _setting(m)) for c in components.values() for name, m in c.named_modules()
+                if isinstance(m, OTQLayerMixin)]  # fmt: skip
+    mixed = len({setting for _, setting in settings}) > 1
     return ModelCard.from_template(
         card_data,
         template_path=str(_template_path()),
@@ -125,7 +130,44 @@ def model_card(obj: Any, save_directory: str | os.PathLike, repo_id: str, base_m
         compression=f"{size_16bit / max(on_disk, 1):.2f}x smaller than 16-bit",
         usage=_usage(obj, repo_id),
         quantization_config=json.dumps(shown_configs, indent=2, sort_keys=True),
+        calibration=_calibration_text(provenance.get("calibration")),
+        budget=_budget_text(provenance.get("bits_per_weight")),
+        settings=settings if mixed else [],
+        settings_summary=", ".join(f"{n} x {s}" for s, n in sorted(Counter(s for _, s in settings).items())),
     )
+
+
+def _provenance(configs: dict[str, dict]) -> dict:
+    """The first quantization config's ``provenance`` record (calibration, bits budget), or {}."""
+    for config in configs.values():
+        if isinstance(config, dict) and isinstance(config.get("provenance"), dict):
+            return config["provenance"]
+    return {}
+
+
+def _setting(layer: OTQLayerMixin) -> str:
+    text = f"{layer.bits}-bit {layer.granularity}"
+    return text + (f" {layer.group_size}" if layer.group_size else "")
+
+
+def _calibration_text(record: dict | None) -> str:
+    if not record:
+        return ""
+    parts = [f"{record.get('num_batches')} batches from {record.get('source', 'samples')}"]
+    if record.get("num_inference_steps"):
+        parts.append(f"{record['num_inference_steps']} steps")
+    stages = ["activation-weighted codebooks"]
+    if record.get("error_feedback"):
+        stages.append(f"error feedback with {record.get('refit_rounds')} codebook refits")
+    if record.get("bias_correction"):
+        stages.append("bias correction")
+    return ", ".join(parts) + "; " + ", ".join(stages)
+
+
+def _budget_text(record: dict | None) -> str:
+    if not record:
+        return ""
+    return f"{record['budget']} bits/weight requested, {record['reached']:.3f} reached ({record['sensitivity']} sensitivity)"
 
 
 def write_model_card(

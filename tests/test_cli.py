@@ -54,6 +54,25 @@ def test_quantize_pipeline_and_reload(bundle: Path, tmp_path: Path, capsys: pyte
     assert any(isinstance(m, OTQLayerMixin) for m in pipe.transformer.modules())
 
 
+def test_quantize_with_calibration_and_a_bits_budget(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    stats = tmp_path / "stats.safetensors"
+    argv = ["quantize", str(bundle), str(tmp_path / "q"), "--bits-per-weight", "3", "--calibrate", "--num-samples", "4",
+            "--calibration-steps", "2", "--save-statistics", str(stats)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "calibration: 1 batches (class_labels)" in out and "bits budget 3.0: reached" in out
+    pipe = FlowMatchPipeline.from_pretrained(tmp_path / "q")
+    config = pipe.transformer.config.quantization_config
+    assert config.provenance["bits_per_weight"]["budget"] == 3.0 and config.module_overrides
+    # The saved statistics quantize again without sampling, to the same checkpoint.
+    assert main(["quantize", str(bundle), str(tmp_path / "again"), "--bits-per-weight", "3", "--statistics", str(stats)]) == 0
+    from safetensors.torch import load_file
+
+    first = load_file(tmp_path / "q" / "transformer" / "diffusion_pytorch_model.safetensors")
+    second = load_file(tmp_path / "again" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_quantize_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     tiny_sd3_transformer().save_pretrained(tmp_path / "sd3")
     assert (
@@ -114,6 +133,13 @@ def test_generate_writes_pngs(bundle: Path, tmp_path: Path) -> None:
         (["generate", "{bundle}", "--steps", "0"], r"num_inference_steps=0 must be an int >= 1"),
         (["quantize", "{tmp}", "{tmp}/out"], r"is not a diffusers model or pipeline folder"),
         (["quantize", "{bundle}", "{tmp}/out", "--bits", "9"], r"bits=9 is out of range"),
+        (["quantize", "{bundle}", "{tmp}/out", "--prompts", "p.txt"], r"--prompts only apply with --calibrate"),
+        (["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--prompts", "{tmp}/none.txt"], r"cannot read --prompts"),
+        (["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--prompts", "{tmp}/file.txt"], r"takes no prompts"),
+        (["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--num-samples", "0"], r"empty calibration set"),
+        (["quantize", "{bundle}", "{tmp}/out", "--statistics", "{tmp}/none.st"], r"statistics file .* does not exist"),
+        (["quantize", "{bundle}", "{tmp}/out", "--bits-per-weight", "0.2"], r"below what this model can reach"),
+        (["quantize", "{bundle}/transformer", "{tmp}/out", "--calibrate"], r"single model folder"),
         (["generate", "{bundle}", "--output", "{tmp}/file.txt/sub"], r"cannot write to output folder"),
     ],
 )

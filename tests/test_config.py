@@ -32,7 +32,7 @@ def test_to_dict_is_json_and_round_trips() -> None:
     )
     data = json.loads(json.dumps(config.to_dict()))
     assert data["quant_method"] == "otq" and data["codebook_dtype"] == "bfloat16"
-    assert data["module_overrides"] == {"attn*": {"bits": 4, "codebook_dtype": "float32"}}
+    assert data["module_overrides"] == [["attn*", {"bits": 4, "codebook_dtype": "float32"}]]
     assert OTQConfig(**data) == config
     assert OTQConfig.from_dict(data) == config
     assert json.loads(config.to_json_string()) == config.to_diff_dict()
@@ -85,6 +85,20 @@ def test_layer_spec_skips_and_overrides() -> None:
     assert config.layer_spec("blocks.0.ff", linear) == LayerSpec(bits=3, method="uniform")
     assert config.layer_spec("conv_in", linear).bits == 2
     assert config.layer_spec("conv_in", linear, skip=("conv_in",)) is None
+
+
+def test_override_order_survives_a_sorted_json_round_trip() -> None:
+    """config.json is written with sort_keys=True; the first-match order must come back unchanged."""
+    import json
+
+    config = OTQConfig(module_overrides={"to_q": {"bits": 4}, "*": {"bits": 2}})
+    text = json.dumps(config.to_dict(), sort_keys=True)
+    again = OTQConfig.from_dict(json.loads(text))
+    assert again == config and list(again.module_overrides) == ["to_q", "*"]
+    assert again.layer_spec("blocks.0.attn.to_q", nn.Linear(8, 8)).bits == 4
+    assert OTQConfig(module_overrides={"a": {"bits": 5}}) == OTQConfig(module_overrides=[["a", {"bits": 5}]])
+    with pytest.raises(ValueError, match="must map module-name patterns"):
+        OTQConfig(module_overrides=[["a", {"bits": 5}], ["a", {"bits": 4}]])
 
 
 def test_bad_override_combination_names_the_layer() -> None:

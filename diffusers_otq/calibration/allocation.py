@@ -293,7 +293,7 @@ def _plan_bits(
     if budget_bytes < floor:
         raise ValueError(
             f"bits_per_weight={config.bits_per_weight} is below what this model can reach: the cheapest setting of "
-            f"every layer (2-bit codes plus their codebooks and scales) already takes {floor * 8 / numel:.3f} "
+            f"every layer (1-bit codes plus their codebooks, or 2-bit codes and scales) takes {floor * 8 / numel:.3f} "
             f"bits/weight over its {numel:,} quantized weights. Raise bits_per_weight to at least "
             f"{math.ceil(floor * 800 / numel) / 100:.2f}, or keep small layers in float (modules_to_not_convert)."
         )

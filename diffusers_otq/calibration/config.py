@@ -100,7 +100,7 @@ class CalibrationConfig:
     timestep_scale: float | None = None
     gram: str = "auto"
     max_gram_block: int = 2048
-    max_gram_rows: int = 1024
+    max_gram_rows: int = 2048
     max_statistics_bytes: int = 4 << 30
     error_feedback: bool = True
     damping: float = 0.01
@@ -161,7 +161,7 @@ class CalibrationConfig:
         if self.gram not in GRAM_MODES:
             raise CalibrationError(f"gram={self.gram!r} is unknown; expected one of {list(GRAM_MODES)}.")
         _positive_int(self.max_gram_block, "max_gram_block", 2048)
-        _positive_int(self.max_gram_rows, "max_gram_rows", 1024)
+        _positive_int(self.max_gram_rows, "max_gram_rows", 2048)
         _positive_int(self.max_statistics_bytes, "max_statistics_bytes", 4 << 30)
         if not isinstance(self.error_feedback, bool):
             raise CalibrationError(f"error_feedback={self.error_feedback!r} must be True or False.")

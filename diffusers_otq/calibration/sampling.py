@@ -94,14 +94,15 @@ def _call_parameters(pipe: Any) -> set[str]:
 
 def _batch_runner(
     target: Any, calibration: CalibrationConfig
-) -> tuple[int, Callable[..., None], int | None, str]:
-    """``(num_batches, run(batch_index, size=None), denoiser calls per batch or None, description)``.
+) -> tuple[int, Callable[..., None], int | None, str, dict[str, Any]]:
+    """``(num_batches, run(batch_index, size=None), denoiser calls per batch or None, description, resolved)``;
+    ``resolved`` holds the sample count, steps and guidance actually used (defaults filled in).
 
     ``run(b, size)`` with ``size`` samples only exists for pipelines (the probe batch); None for ``forward_fn``.
     """
     c = calibration
     if c.forward_fn is not None:
-        return c.num_batches, c.forward_fn, None, f"{c.num_batches} forward_fn batches"
+        return c.num_batches, c.forward_fn, None, f"{c.num_batches} forward_fn batches", {}
     if isinstance(target, nn.Module):
         raise CalibrationError(
             f"calibrating a bare {type(target).__name__} needs CalibrationConfig(forward_fn=f, num_batches=N), where "
@@ -139,7 +140,9 @@ def _batch_runner(
             )
 
         calls = steps * (2 if "Heun" in type(target.scheduler).__name__ else 1)
-        return math.ceil(total / c.batch_size), run, calls, f"{total} samples of {len(labels) or 1} class(es)"
+        resolved = {"num_samples": total, "num_inference_steps": steps, "guidance_scale": guidance if classes else 1.0}
+        description = f"{total} samples of {len(labels) or 1} class(es)"
+        return math.ceil(total / c.batch_size), run, calls, description, resolved
     parameters = _call_parameters(target)
     if "prompt" not in parameters:
         raise CalibrationError(
@@ -172,7 +175,9 @@ def _batch_runner(
             kwargs["output_type"] = output_type
         target(**kwargs, **c.pipeline_kwargs)
 
-    return math.ceil(total / c.batch_size), run, steps, f"{total} samples from {len(prompts)} prompt(s)"
+    resolved = {"num_samples": total, "num_inference_steps": steps, "guidance_scale": c.guidance_scale}
+    description = f"{total} samples from {len(prompts)} prompt(s)"
+    return math.ceil(total / c.batch_size), run, steps, description, resolved
 
 
 @contextmanager
@@ -276,7 +281,7 @@ def collect_statistics(
         raise CalibrationError(
             f"the config selects no nn.Linear/nn.Conv2d layer of {type(model).__name__}; nothing to calibrate."
         )
-    num_batches, run_batch, calls_per_batch, description = _batch_runner(target, calibration)
+    num_batches, run_batch, calls_per_batch, description, resolved = _batch_runner(target, calibration)
     rank, world = _distributed()
     blocks = plan_gram_blocks(layers, calibration.records_gram, calibration.gram_block)
     passes = _passes(layers, blocks, calibration.max_statistics_bytes, world)
@@ -340,6 +345,7 @@ def collect_statistics(
     totals = _check_seen(totals, calibration)
     info = {
         **calibration.describe(),
+        **resolved,
         "num_batches": num_batches,
         "passes": len(passes),
         "processes": world,
