@@ -47,7 +47,7 @@ FITTED_BITS: tuple[int, ...] = (1, 2, 3, 4)  # candidates fitted and measured
 EXTRAPOLATED_BITS: tuple[int, ...] = (5, 6, 7, 8)  # error of 4 bits * 4**-(b - 4): high-resolution MSE ~ 2**-2b
 TENSOR_BITS: tuple[int, ...] = (2, 3)  # one codebook per weight: no per-row metadata at all
 PROBE_BITS = 2  # the velocity sensitivity is measured at the cheapest 2-bit candidate
-CANDIDATE_REFIT_ROUNDS = 1  # candidates are ranked with one sweep/refit round; the final fit runs them all
+# Candidates are ranked after one error-feedback sweep without codebook refits; the final fit runs the refits.
 _DEFAULT_GROUP = 64
 
 
@@ -241,7 +241,6 @@ def _plan_bits(
     calibration: CalibrationConfig,
     progress: bool,
 ) -> BitsPlan:
-    candidate_fit = replace(calibration, refit_rounds=min(calibration.refit_rounds, CANDIDATE_REFIT_ROUNDS))
     skip = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     unresolved = OTQConfig.from_dict({**config.to_dict(), "bits_per_weight": None})
     plan = _unique(plan_layers(model, partial(unresolved.layer_spec, skip=skip), warn=False))
@@ -269,7 +268,8 @@ def _plan_bits(
         for i, spec in enumerate(specs):
             layer_sizes.append(_spec_bytes(weight, spec))
             if pinned or spec.bits in FITTED_BITS or spec.granularity == "tensor":
-                fits[i] = quantize_calibrated(weight, replace(layer, spec=spec), stats, candidate_fit).quantized
+                candidate = replace(layer, spec=spec)
+                fits[i] = quantize_calibrated(weight, candidate, stats, calibration, refit_codebooks=False).quantized
                 layer_errors.append(meter(fits[i]))
             else:  # extrapolate from the 4-bit fit of the same granularity
                 anchor = next(j for j, s in enumerate(specs) if s.bits == 4 and s.granularity == spec.granularity)

@@ -84,21 +84,24 @@ def _error_feedback(
     calibration: CalibrationConfig,
     name: str,
     centered: bool,
+    refit_codebooks: bool,
 ) -> QuantizedTensor:
     """Stage 2 on top of the stage-1 result ``start`` (see the module docstring); returns the best of all."""
     rows = weight.shape[0]
     n = weight[0].numel()
-    target = weight.detach().reshape(rows, n).to(torch.float64)
+    target = weight.detach().reshape(rows, n).to(torch.float32)
     storage = start.codebook.dtype
     scales = _row_scales(start, rows, n) if start.granularity == "group" else None
+    scales = None if scales is None else scales.to(torch.float32)
     codes = start.codes().to(torch.int64).reshape(rows, n)
-    codebook = start.codebook.to(torch.float64)
+    codebook = start.codebook.to(torch.float32)
     groups = stats.groups
     per_group = rows // groups
-    grams = [stats.gram_blocks(g, centered) for g in range(groups)]
-    factors = [ordered_factors(g, calibration.damping, calibration.act_order) for g in grams]
+    grams64 = [stats.gram_blocks(g, centered) for g in range(groups)]
+    factors = [ordered_factors(g, calibration.damping, calibration.act_order) for g in grams64]
+    grams = [[block.to(torch.float32) for block in g] for g in grams64]  # products in float32 (output_error)
     shared = codebook.shape[0] == 1
-    refit = not (shared and groups > 1)  # one codebook over several input groups: sweep only
+    refit = refit_codebooks and not (shared and groups > 1)  # one codebook over several input groups: sweep only
 
     def error(c: torch.Tensor, book: torch.Tensor) -> float:
         total = 0.0
@@ -139,22 +142,25 @@ def _error_feedback(
         rounded = solved.to(storage)
         if not bool(torch.isfinite(rounded).all()):
             return book, c  # a codeword beyond the storage dtype's range: keep the previous codebook
-        return _sorted(rounded.to(torch.float64), c)
+        return _sorted(rounded.to(torch.float32), c)
 
     best_error = error(codes, codebook)
     first_error = best_error
     best = (codes, codebook)
-    for _ in range(calibration.refit_rounds):
+    for round_index in range(max(1, calibration.refit_rounds)):
+        round_start = best_error
         codes = sweep(codebook)
         candidate = error(codes, codebook)
         if candidate < best_error:
             best_error, best = candidate, (codes, codebook)
         if not refit:
-            continue
+            break
         codebook, codes = refitted(codes, codebook)
         candidate = error(codes, codebook)
         if candidate < best_error:
             best_error, best = candidate, (codes, codebook)
+        if round_index > 0 and best_error > round_start * (1 - calibration.refit_tolerance):
+            break  # converged: this round bought less than refit_tolerance
     logger.debug("%s: output error %.4g -> %.4g with error feedback", name, first_error, best_error)
     codes, codebook = best
     return replace(start, packed=pack_codes(codes.to(torch.uint8), start.bits), codebook=codebook.to(storage))
@@ -170,6 +176,8 @@ def quantize_calibrated(
     layer: PlannedLayer,
     stats: LayerStatistics | None,
     calibration: CalibrationConfig,
+    *,
+    refit_codebooks: bool = True,
 ) -> LayerFit:
     """Quantize one layer's ``weight`` with its statistics (data-free when ``stats`` is None).
 
@@ -178,6 +186,8 @@ def quantize_calibrated(
         layer: the planned layer (name, module and :class:`~diffusers_otq.LayerSpec`).
         stats: the layer's input statistics, or None.
         calibration: damping, error feedback, refit and bias-correction settings.
+        refit_codebooks: False runs a single error-feedback sweep without codebook refits (the bits allocator
+            ranks its candidates that way).
 
     Returns:
         A :class:`~diffusers_otq.convert.LayerFit`: the quantized weight in the layout ``layer.spec`` implies and,
@@ -200,7 +210,7 @@ def quantize_calibrated(
     quantized = quantize_tensor(weight, name=layer.name, importance=importance if use_importance else None, **kwargs)
     lossless = quantized.codebook.shape[1] >= weight[0].numel() and quantized.codebook.shape[0] > 1
     if calibration.error_feedback and stats.gram_blocks() is not None and not lossless:
-        quantized = _error_feedback(weight, quantized, stats, calibration, layer.name, centered)
+        quantized = _error_feedback(weight, quantized, stats, calibration, layer.name, centered, refit_codebooks)
     if not centered:
         return LayerFit(quantized)
     return LayerFit(quantized, _corrected_bias(weight, quantized, stats, layer.module.bias))

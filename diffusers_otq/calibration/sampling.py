@@ -217,8 +217,6 @@ def _gather_in_order(batch: dict[str, LayerStatistics] | None, template: dict[st
     flat = torch.cat([t.reshape(-1) for t in tensors])
     if batch is None:
         flat.zero_()
-    if world == 1:
-        return [flat]
     backend = torch.distributed.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     parts = [torch.empty_like(flat, device=device) for _ in range(world)]
@@ -236,13 +234,15 @@ def _add_flat(totals: dict[str, LayerStatistics], flat: torch.Tensor) -> None:
 
 
 def _passes(layers: Mapping[str, nn.Module], blocks: Mapping[str, list[int] | None], budget: int, world: int):
-    """Split the layers into sampling passes whose accumulators (totals, one batch, ``world`` gathered copies)
-    stay below ``budget`` bytes; a layer larger than the budget gets a pass of its own."""
+    """Split the layers into sampling passes whose accumulators (totals and one batch, plus a flat copy and
+    ``world`` gathered copies with several processes) stay below ``budget`` bytes; a layer larger than the
+    budget gets a pass of its own."""
     passes: list[list[str]] = [[]]
     used = 0
     for name, module in layers.items():
         groups, width = layer_input_width(module)
-        size = 8 * groups * (width + 2 + sum(b * b for b in (blocks[name] or ()))) * (2 + world)
+        copies = 2 if world == 1 else 3 + world
+        size = 8 * groups * (3 * width + 2 + sum(b * b for b in (blocks[name] or ()))) * copies
         if passes[-1] and used + size > budget:
             passes.append([])
             used = 0
@@ -304,7 +304,8 @@ def collect_statistics(
         collector = StatisticsCollector(pass_layers, {n: blocks[n] for n in names}, calibration.max_gram_rows)
         collector.start_batch()
         pass_totals = {name: LayerStatistics.zeros_like(stats) for name, stats in collector.batch().items()}
-        record = pass_index == 0 and calibration.forward_fn is not None  # pipelines get a probe batch below
+        # forward_fn calibrations record probes from batch 0; pipelines get a small probe batch below
+        record = pass_index == 0 and calibration.forward_fn is not None and calibration.sensitivity == "velocity"
         state = {"batch": -1, "call": 0}
 
         def denoiser_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -329,14 +330,20 @@ def collect_statistics(
                         collector.start_batch()
                         run_batch(batch)
                         mine = collector.batch()
-                    for flat in _gather_in_order(mine, pass_totals, world):
-                        _add_flat(pass_totals, flat)
+                    if world == 1:  # the same element-wise float64 additions, without a flat copy
+                        for name, stats in pass_totals.items():
+                            stats.add_(mine[name])
+                    else:
+                        for flat in _gather_in_order(mine, pass_totals, world):
+                            _add_flat(pass_totals, flat)
                     bar.update(min(world, num_batches - round_start))
         finally:
             handle.remove()
         totals.update(pass_totals)
     bar.close()
-    if calibration.forward_fn is None:
+    if calibration.sensitivity != "velocity":
+        probes = None
+    elif calibration.forward_fn is None:
         probes = _probe_batch(model, target, run_batch, num_batches, calls_per_batch, calibration)
     elif world > 1:
         shared = [probes]

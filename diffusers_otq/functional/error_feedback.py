@@ -126,41 +126,59 @@ def dequantize_rows(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.T
 
 
 def output_error(delta: torch.Tensor, grams: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(R,) ``delta_r H delta_r^T`` for each row of ``delta`` (R, n), ``H`` given by its diagonal blocks."""
-    d = delta.to(torch.float64)
-    total = torch.zeros(d.shape[0], dtype=torch.float64, device=d.device)
+    """(R,) ``delta_r H delta_r^T`` for each row of ``delta`` (R, n), ``H`` given by its diagonal blocks.
+
+    The products run in ``delta``'s dtype (float32 is accurate to ~1e-7 relative, plenty to rank candidate
+    quantizations); the row sums are accumulated in float64.
+    """
+    total = torch.zeros(delta.shape[0], dtype=torch.float64, device=delta.device)
     for (start, end), block in zip(block_bounds(grams), grams):
-        part = d[:, start:end]
-        total += ((part @ block.to(torch.float64)) * part).sum(dim=1)
+        part = delta[:, start:end]
+        total += ((part @ block.to(part.dtype)) * part).sum(dim=1, dtype=torch.float64)
     return total
 
 
 def _sweep_block(
     weight: torch.Tensor,
     factor: torch.Tensor,
+    midpoints: torch.Tensor,
     codebook: torch.Tensor,
     scales: torch.Tensor | None,
     block_size: int,
 ) -> torch.Tensor:
-    """GPTQ's lazy-batch column sweep over one diagonal block; ``weight`` (R, b) is updated in place."""
+    """GPTQ's lazy-batch column sweep over one diagonal block; ``weight`` (R, b) is updated in place.
+
+    ``midpoints`` (C, K-1) are the decision boundaries of ``codebook`` (C, K); ``scales`` (R, b) are positive
+    (zero-scale weights are handled by the caller).
+    """
     rows, width = weight.shape
     codes = torch.empty(rows, width, dtype=torch.int64, device=weight.device)
+    shared = codebook.shape[0] == 1
+    flat_book, flat_mid = codebook[0], midpoints[0].contiguous()
     for i1 in range(0, width, block_size):
         i2 = min(i1 + block_size, width)
-        chunk = weight[:, i1:i2].clone()  # (R, B): columns of this block, updated as we go
-        errors = torch.empty_like(chunk)
+        chunk = weight[:, i1:i2].T.contiguous()  # (B, R): this block's columns as contiguous rows, updated as we go
+        errors = torch.empty_like(chunk)  # (B, R)
         local = factor[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            column = chunk[:, i : i + 1]
-            scale = None if scales is None else scales[:, i1 + i : i1 + i + 1]
-            code = nearest_codes(column, codebook, scale)
-            codes[:, i1 + i] = code[:, 0]
-            rounded = dequantize_rows(code, codebook, scale)
+            column = chunk[i]  # (R,)
+            scale = None if scales is None else scales[:, i1 + i]
+            value = column if scale is None else column / scale
+            if shared:
+                code = torch.searchsorted(flat_mid, value)
+                rounded = flat_book[code]
+            else:
+                code = torch.searchsorted(midpoints, value[:, None])
+                rounded = codebook.gather(1, code)[:, 0]
+                code = code[:, 0]
+            if scale is not None:
+                rounded = rounded * scale
+            codes[:, i1 + i] = code
             error = (column - rounded) / local[i, i]
-            chunk[:, i:] -= error * local[i, i:]
-            errors[:, i] = error[:, 0]
+            chunk[i:].sub_(local[i, i:, None] * error[None, :])
+            errors[i] = error
         if i2 < width:  # push the block's errors onto every later column at once
-            weight[:, i2:] -= errors @ factor[i1:i2, i2:]
+            weight[:, i2:].sub_(errors.T @ factor[i1:i2, i2:])
     return codes
 
 
@@ -173,24 +191,35 @@ def error_feedback_codes(
 ) -> torch.Tensor:
     """Codes of ``weight`` in ``codebook`` chosen by the GPTQ column sweep (see the module docstring).
 
+    The sweep runs in float32 (as GPTQ does); a weight whose scale is 0 gets the codeword nearest 0 and feeds
+    its whole value back as error.
+
     Args:
         weight: (R, n) weights to round (not modified).
         factors: upper Cholesky factors of the damped inverse Gram, one per diagonal block
             (:func:`inverse_cholesky_factor`); their sizes add up to ``n``.
         codebook: (R, K) or (1, K) ascending codewords (already rounded to their storage dtype).
-        scales: optional (R, n) per-weight scales (group absmax); the stored value is ``scale * codeword``.
+        scales: optional (R, n) non-negative per-weight scales (group absmax); the stored value is
+            ``scale * codeword``.
         block_size: columns per lazy update (128, as GPTQ).
 
     Returns:
         (R, n) int64 codes.
     """
-    work = weight.to(torch.float64).clone()
-    book = codebook.to(torch.float64)
-    scale64 = None if scales is None else scales.to(torch.float64)
+    work = weight.to(torch.float32).clone()
+    book = codebook.to(torch.float32)
+    midpoints = ((book[:, 1:] + book[:, :-1]) * 0.5).contiguous()
+    scale32 = None
+    if scales is not None:
+        # A zero scale stores 0 whatever the code: give it a huge scale, so the value rounds to the codeword
+        # nearest 0 and the stored value is ~0 (exactly 0 after dequantization, which multiplies by the true 0).
+        scale32 = scales.to(torch.float32)
+        scale32 = torch.where(scale32 > 0, scale32, torch.full_like(scale32, torch.finfo(torch.float32).max))
     codes = []
     for (start, end), factor in zip(block_bounds(factors), factors):
-        block_scales = None if scale64 is None else scale64[:, start:end]
-        codes.append(_sweep_block(work[:, start:end], factor.to(torch.float64), book, block_scales, block_size))
+        block_scales = None if scale32 is None else scale32[:, start:end]
+        factor32 = factor.to(torch.float32)
+        codes.append(_sweep_block(work[:, start:end], factor32, midpoints, book, block_scales, block_size))
     return torch.cat(codes, dim=1)
 
 
@@ -241,14 +270,15 @@ def refit_codebook(
     grams: Sequence[torch.Tensor],
     codebook: torch.Tensor,
     scales: torch.Tensor | None = None,
-    max_block: int = 512,
+    max_block: int = 1024,
 ) -> torch.Tensor:
     """Least-squares codewords for fixed codes: ``argmin_c sum_r (W_r - Q_r(c)) H (W_r - Q_r(c))^T``.
 
     With ``Y_r = diag(s_r) onehot(k_r)`` (n, K), each codebook solves ``(sum Y_r^T H Y_r) c = sum Y_r^T H W_r``
     (sums over the rows sharing it). Building ``Y_r^T H Y_r`` costs ``n * b * K`` per row for diagonal blocks of
     size ``b``, so blocks wider than ``max_block`` are cut into diagonal sub-blocks of at most that size (a
-    block-diagonal approximation of ``H`` for this least-squares step only). A relative ridge of 1e-9 pulls
+    block-diagonal approximation of ``H`` for this least-squares step only; the sweep uses the whole block).
+    Products run in float32, the K x K systems are summed and solved in float64. A relative ridge of 1e-9 pulls
     codewords nobody uses towards their old value, so they stay where they were.
 
     Args:
@@ -269,24 +299,24 @@ def refit_codebook(
     for gram in grams:
         width = gram.shape[0]
         step = -(-width // -(-width // max_block))  # equal sub-blocks of at most max_block
-        blocks += [gram[i : i + step, i : i + step].to(torch.float64) for i in range(0, width, step)]
+        blocks += [gram[i : i + step, i : i + step].to(torch.float32) for i in range(0, width, step)]
     bounds = block_bounds(blocks)
     system = torch.zeros(1 if shared else rows, levels, levels, dtype=torch.float64, device=target.device)
     rhs = torch.zeros(1 if shared else rows, levels, dtype=torch.float64, device=target.device)
     chunk = max(1, _REFIT_ELEMENTS // (n * levels))
     for r0 in range(0, rows, chunk):
         r1 = min(r0 + chunk, rows)
-        onehot = torch.nn.functional.one_hot(codes[r0:r1], levels).to(torch.float64)  # (r, n, K)
-        if scales is not None:
-            onehot *= scales[r0:r1, :, None].to(torch.float64)
-        w = target[r0:r1].to(torch.float64)
+        onehot = torch.zeros(r1 - r0, n, levels, dtype=torch.float32, device=target.device)  # (r, n, K)
+        fill = 1.0 if scales is None else scales[r0:r1, :, None].to(torch.float32)
+        onehot.scatter_(2, codes[r0:r1, :, None], fill)
+        w = target[r0:r1].to(torch.float32)
         m = torch.zeros(r1 - r0, levels, levels, dtype=torch.float64, device=target.device)
         v = torch.zeros(r1 - r0, levels, dtype=torch.float64, device=target.device)
         for (start, end), block in zip(bounds, blocks):
             y = onehot[:, start:end, :]  # (r, b, K)
-            hy = torch.matmul(block, y)  # (r, b, K) = H_b @ Y_r
-            m += y.transpose(1, 2) @ hy
-            v += (hy * w[:, start:end, None]).sum(dim=1)
+            hy = torch.matmul(block, y)  # (r, b, K) = H_b @ Y_r, float32 products
+            m += (y.transpose(1, 2) @ hy).to(torch.float64)
+            v += (hy * w[:, start:end, None]).sum(dim=1, dtype=torch.float64)
         if shared:
             system[0] += m.sum(dim=0)
             rhs[0] += v.sum(dim=0)

@@ -20,14 +20,14 @@ def reached(model: torch.nn.Module) -> float:
 @pytest.fixture(scope="module")
 def calibrated():
     pipe = dit_pipeline()
-    return pipe, calibrate(pipe, OTQConfig(bits=3), quick())
+    return pipe, calibrate(pipe, OTQConfig(bits=3), quick(sensitivity="velocity"))
 
 
 @pytest.mark.parametrize("budget", [2.0, 3.0, 4.5])
 def test_calibrated_budget_is_met_within_a_hundredth(calibrated, budget: float) -> None:
     pipe, stats = calibrated
     plan = plan_bits(pipe.transformer, OTQConfig(bits_per_weight=budget), stats, quick(), progress=False)
-    assert plan.sensitivity == "velocity"
+    assert plan.sensitivity == "output"
     assert budget - 0.01 <= plan.bits_per_weight <= budget
     model = type(pipe.transformer).from_config(pipe.transformer.config)
     model.load_state_dict(pipe.transformer.state_dict())
@@ -41,6 +41,17 @@ def test_calibrated_budget_is_met_within_a_hundredth(calibrated, budget: float) 
     names = list(config.module_overrides)
     assert sorted(names) == sorted(c.name for c in plan.choices)
     assert [n.count(".") for n in names] == sorted((n.count(".") for n in names), reverse=True)
+
+
+def test_velocity_sensitivity_scales_each_layer(calibrated) -> None:
+    pipe, stats = calibrated
+    velocity = plan_bits(pipe.transformer, OTQConfig(bits_per_weight=3.0), stats, quick(sensitivity="velocity"),
+                         progress=False)  # fmt: skip
+    output = plan_bits(pipe.transformer, OTQConfig(bits_per_weight=3.0), stats, quick(), progress=False)
+    assert velocity.sensitivity == "velocity" and 2.99 <= velocity.bits_per_weight <= 3.0
+    ratios = {c.distortion / c.relative_error for c in velocity.choices if c.relative_error > 0}
+    assert len(ratios) > 1  # a factor per layer, unlike the output sensitivity
+    assert all(c.distortion == c.relative_error for c in output.choices)
 
 
 def test_data_free_budget_and_user_overrides(calibrated) -> None:

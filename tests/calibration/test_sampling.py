@@ -15,6 +15,13 @@ from tests.calibration.helpers import dit_pipeline, quick, unet_pipeline
 from tests.tiny_models import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_unet
 
 
+def test_velocity_sensitivity_records_probes_from_an_extra_batch() -> None:
+    stats = calibrate(dit_pipeline(), OTQConfig(bits=3), quick(sensitivity="velocity"))
+    assert len(stats.probes) == 2
+    args, kwargs = stats.probes.calls[0]
+    assert isinstance(args[0], torch.Tensor) and args[0].shape[0] == 2 * 2  # 2 probe samples, guided
+
+
 def test_class_label_pipeline_records_every_selected_layer_once() -> None:
     pipe = unet_pipeline()
     config = OTQConfig(bits=3, modules_to_not_convert=["conv_out"])
@@ -24,7 +31,7 @@ def test_class_label_pipeline_records_every_selected_layer_once() -> None:
     # conv_in sees every latent position of every denoiser call: 6 samples x 2 (guidance) x 64 positions x 3 steps.
     assert float(stats["conv_in"].count) == 6 * 2 * 64 * 3
     assert stats.info["num_batches"] == 2 and stats.info["processes"] == 1 and stats.info["source"] == "class_labels"
-    assert len(stats.probes) == 2  # recorded from the extra probe batch
+    assert stats.probes is None  # probes are recorded for the velocity sensitivity only
     again = calibrate(pipe, config, quick())
     for name in stats:
         assert all(torch.equal(a, b) for a, b in zip(stats[name].tensors(), again[name].tensors())), name
@@ -77,7 +84,9 @@ def test_text_to_image_pipelines_calibrate_from_prompts(kind: str, tmp_path) -> 
     pipe = (tiny_sd3_pipeline if kind == "sd3" else tiny_flux_pipeline)(tmp_path)
     pipe.set_progress_bar_config(disable=True)
     extra = {"height": 16, "width": 16} if kind == "sd3" else {"height": 8, "width": 8, "max_sequence_length": 48}
-    calibration = quick(prompts=["a photo of a cat", "a shoe"], num_samples=2, batch_size=2, pipeline_kwargs=extra)
+    calibration = quick(
+        prompts=["a photo of a cat", "a shoe"], num_samples=2, batch_size=2, pipeline_kwargs=extra, sensitivity="velocity"
+    )
     stats = calibrate(pipe, OTQConfig(bits=3), calibration)
     assert stats.info["source"] == "prompts" and len(stats) == len(selected_layers(pipe.transformer, OTQConfig()))
     assert all(s.seen for s in stats.values())
@@ -97,7 +106,8 @@ def test_forward_fn_drives_any_model() -> None:
         generator = torch.Generator().manual_seed(batch)
         model(torch.randn(2, 1, 8, 8, generator=generator), torch.tensor([100, 900]))
 
-    stats = calibrate(model, OTQConfig(bits=3), quick(forward_fn=run, num_batches=3, num_samples=None))
+    calibration = quick(forward_fn=run, num_batches=3, num_samples=None, sensitivity="velocity")
+    stats = calibrate(model, OTQConfig(bits=3), calibration)
     assert calls == [0, 1, 2] and stats.info["source"] == "forward_fn"
     assert len(stats.probes) == 1  # recorded from batch 0, which makes one call
 

@@ -15,7 +15,7 @@ from tests.calibration.helpers import quick, unet_pipeline
 
 @pytest.fixture(scope="module")
 def statistics() -> CalibrationStatistics:
-    return calibrate(unet_pipeline(), OTQConfig(bits=3), quick())
+    return calibrate(unet_pipeline(), OTQConfig(bits=3), quick(sensitivity="velocity"))
 
 
 def test_save_and_load_are_bit_identical(statistics: CalibrationStatistics, tmp_path: Path) -> None:
