@@ -453,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--calibration-labels", type=int, nargs="+", default=None, help="class labels (default: every class)"
     )
-    calibrate.add_argument("--num-samples", type=int, default=None, help="calibration samples (default 64, or #prompts)")
+    calibrate.add_argument(
+        "--num-samples", type=int, default=None, help="calibration samples (default 64, or #prompts)"
+    )
     calibrate.add_argument("--calibration-steps", type=int, default=None, help="sampler steps while calibrating")
     calibrate.add_argument("--seed", type=int, default=1234, help="noise seed of the calibration samples")
     calibrate.add_argument("--no-error-feedback", action="store_true", help="activation-weighted codebooks only")

@@ -54,7 +54,9 @@ def test_quantize_pipeline_and_reload(bundle: Path, tmp_path: Path, capsys: pyte
     assert any(isinstance(m, OTQLayerMixin) for m in pipe.transformer.modules())
 
 
-def test_quantize_with_calibration_and_a_bits_budget(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_quantize_with_calibration_and_a_bits_budget(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     stats = tmp_path / "stats.safetensors"
     argv = ["quantize", str(bundle), str(tmp_path / "q"), "--bits-per-weight", "3", "--calibrate", "--num-samples", "4",
             "--calibration-steps", "2", "--save-statistics", str(stats)]  # fmt: skip
@@ -65,7 +67,10 @@ def test_quantize_with_calibration_and_a_bits_budget(bundle: Path, tmp_path: Pat
     config = pipe.transformer.config.quantization_config
     assert config.provenance["bits_per_weight"]["budget"] == 3.0 and config.module_overrides
     # The saved statistics quantize again without sampling, to the same checkpoint.
-    assert main(["quantize", str(bundle), str(tmp_path / "again"), "--bits-per-weight", "3", "--statistics", str(stats)]) == 0
+    assert (
+        main(["quantize", str(bundle), str(tmp_path / "again"), "--bits-per-weight", "3", "--statistics", str(stats)])
+        == 0
+    )
     from safetensors.torch import load_file
 
     first = load_file(tmp_path / "q" / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -134,7 +139,10 @@ def test_generate_writes_pngs(bundle: Path, tmp_path: Path) -> None:
         (["quantize", "{tmp}", "{tmp}/out"], r"is not a diffusers model or pipeline folder"),
         (["quantize", "{bundle}", "{tmp}/out", "--bits", "9"], r"bits=9 is out of range"),
         (["quantize", "{bundle}", "{tmp}/out", "--prompts", "p.txt"], r"--prompts only apply with --calibrate"),
-        (["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--prompts", "{tmp}/none.txt"], r"cannot read --prompts"),
+        (
+            ["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--prompts", "{tmp}/none.txt"],
+            r"cannot read --prompts",
+        ),
         (["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--prompts", "{tmp}/file.txt"], r"takes no prompts"),
         (["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--num-samples", "0"], r"empty calibration set"),
         (["quantize", "{bundle}", "{tmp}/out", "--statistics", "{tmp}/none.st"], r"statistics file .* does not exist"),

@@ -33,7 +33,7 @@ from ..functional.allocation import allocate
 from ..functional.error_feedback import output_error
 from ..options import LayerSpec
 from ..quantized_tensor import QuantizedTensor, resolve_codebook_dtype, storage_layout
-from .config import CalibrationConfig, CalibrationError
+from .config import CalibrationConfig
 from .fit import corrects_bias, importance_rows, quantize_calibrated
 from .probes import eval_mode, model_output, velocity_error
 from .statistics import CalibrationStatistics, LayerStatistics
@@ -297,7 +297,7 @@ def _plan_bits(
             f"bits/weight over its {numel:,} quantized weights. Raise bits_per_weight to at least "
             f"{math.ceil(floor * 800 / numel) / 100:.2f}, or keep small layers in float (modules_to_not_convert)."
         )
-    distortions = [[f * e for e in errs] for f, errs in zip(factors, errors)]
+    distortions = [[f * e for e in errs] for f, errs in zip(factors, errors, strict=True)]
     solution = allocate(sizes, distortions, budget_bytes)
     choices = tuple(
         LayerChoice(
@@ -310,7 +310,7 @@ def _plan_bits(
             fixed=pinned,
         )
         for layer, specs, size, errs, dist, pinned, i in zip(
-            plan, options, sizes, errors, distortions, fixed, solution.choices
+            plan, options, sizes, errors, distortions, fixed, solution.choices, strict=True
         )
     )
     sensitivity = "velocity" if use_velocity else "output" if statistics is not None else "weights"

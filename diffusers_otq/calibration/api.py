@@ -35,7 +35,9 @@ def _config(config: OTQConfig | None, kwargs: dict[str, Any]) -> OTQConfig:
     if kwargs:
         raise TypeError(f"Pass either an OTQConfig or its fields as keywords, not both (got {sorted(kwargs)}).")
     if not isinstance(config, OTQConfig):
-        raise TypeError(f"config must be an OTQConfig, got {type(config).__name__} ({config!r}); e.g. OTQConfig(bits=3).")
+        raise TypeError(
+            f"config must be an OTQConfig, got {type(config).__name__} ({config!r}); e.g. OTQConfig(bits=3)."
+        )
     return config
 
 
@@ -159,4 +161,3 @@ def quantize_pipeline(
         progress=progress,
         compute_metrics=compute_metrics,
     )
-

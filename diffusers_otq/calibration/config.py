@@ -137,7 +137,9 @@ class CalibrationConfig:
                 )
             self.class_labels = labels
         if self.prompts is not None and self.class_labels is not None:
-            raise CalibrationError("give prompts (text-to-image pipelines) or class_labels (class-conditional), not both.")
+            raise CalibrationError(
+                "give prompts (text-to-image pipelines) or class_labels (class-conditional), not both."
+            )
         if self.forward_fn is not None:
             if not callable(self.forward_fn):
                 raise CalibrationError(f"forward_fn={self.forward_fn!r} is not callable; pass f(batch_index).")
@@ -185,7 +187,9 @@ class CalibrationConfig:
             if not isinstance(getattr(self, flag), bool):
                 raise CalibrationError(f"{flag}={getattr(self, flag)!r} must be True or False.")
         if self.sensitivity not in SENSITIVITIES:
-            raise CalibrationError(f"sensitivity={self.sensitivity!r} is unknown; expected one of {list(SENSITIVITIES)}.")
+            raise CalibrationError(
+                f"sensitivity={self.sensitivity!r} is unknown; expected one of {list(SENSITIVITIES)}."
+            )
         _positive_int(self.num_probe_inputs, "num_probe_inputs", 4)
         _positive_int(self.num_probe_samples, "num_probe_samples", 8)
         if self.unseen_layers not in UNSEEN_POLICIES:
@@ -208,7 +212,11 @@ class CalibrationConfig:
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
             "source": (
-                "prompts" if self.prompts is not None else "forward_fn" if self.forward_fn is not None else "class_labels"
+                "prompts"
+                if self.prompts is not None
+                else "forward_fn"
+                if self.forward_fn is not None
+                else "class_labels"
             ),
             "num_prompts": None if self.prompts is None else len(self.prompts),
             "num_inference_steps": self.num_inference_steps,

@@ -117,7 +117,7 @@ def model_output(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 def velocity_error(model: nn.Module, probes: ProbeInputs, reference: list[torch.Tensor]) -> float:
     """``sum ||v - v_ref||^2 / sum ||v_ref||^2`` of ``model`` over the probe calls against ``reference`` outputs."""
     num = den = 0.0
-    for (args, kwargs), ref in zip(probes.calls, reference):
+    for (args, kwargs), ref in zip(probes.calls, reference, strict=True):
         out = model_output(model, args, kwargs).to(torch.float64)
         ref64 = ref.to(torch.float64)
         num += float((out - ref64).square().sum())

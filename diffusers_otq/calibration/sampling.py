@@ -300,46 +300,12 @@ def collect_statistics(
         disable=not calibration.progress or rank != 0,
     )
     for pass_index, names in enumerate(passes):
-        pass_layers = {name: layers[name] for name in names}
-        collector = StatisticsCollector(pass_layers, {n: blocks[n] for n in names}, calibration.max_gram_rows)
-        collector.start_batch()
-        pass_totals = {name: LayerStatistics.zeros_like(stats) for name, stats in collector.batch().items()}
         # forward_fn calibrations record probes from batch 0; pipelines get a small probe batch below
         record = pass_index == 0 and calibration.forward_fn is not None and calibration.sensitivity == "velocity"
-        state = {"batch": -1, "call": 0}
-
-        def denoiser_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            call = state["call"]
-            state["call"] += 1
-            sigma = _sigma(args, kwargs, scale)
-            collector.weight = _timestep_weight(calibration, sigma)
-            collector.context = f"batch {state['batch']}, denoiser call {call}" + (
-                "" if sigma is None else f", sigma={sigma:.3f}"
-            )
-            if record and state["batch"] == 0 and len(probes) < calibration.num_probe_inputs:
-                probes.record(args, kwargs)
-
-        handle = model.register_forward_pre_hook(denoiser_hook, with_kwargs=True)
-        try:
-            with collector.attached(), _quiet_progress(target), eval_mode(model), torch.no_grad():
-                for round_start in range(0, num_batches, world):
-                    batch = round_start + rank
-                    mine = None
-                    if batch < num_batches:
-                        state.update(batch=batch, call=0)
-                        collector.start_batch()
-                        run_batch(batch)
-                        mine = collector.batch()
-                    if world == 1:  # the same element-wise float64 additions, without a flat copy
-                        for name, stats in pass_totals.items():
-                            stats.add_(mine[name])
-                    else:
-                        for flat in _gather_in_order(mine, pass_totals, world):
-                            _add_flat(pass_totals, flat)
-                    bar.update(min(world, num_batches - round_start))
-        finally:
-            handle.remove()
-        totals.update(pass_totals)
+        tracker = _CallTracker(calibration, scale, probes if record else None)
+        totals.update(
+            _run_pass(model, target, run_batch, {n: layers[n] for n in names}, blocks, tracker, num_batches, bar)
+        )
     bar.close()
     if calibration.sensitivity != "velocity":
         probes = None
@@ -362,6 +328,73 @@ def collect_statistics(
     }
     logger.info("Calibration statistics of %d layers in %.1f s", len(totals), info["seconds"])
     return CalibrationStatistics({name: totals[name] for name in layers if name in totals}, info, probes)
+
+
+class _CallTracker:
+    """Forward pre-hook on the denoiser: per call, sets the collector's timestep weight and the context its
+    error messages quote, and records the calls of batch 0 into ``probes`` (when given)."""
+
+    def __init__(self, calibration: CalibrationConfig, scale: float, probes: ProbeInputs | None) -> None:
+        self.calibration = calibration
+        self.scale = scale
+        self.probes = probes
+        self.collector: StatisticsCollector | None = None
+        self.batch = -1
+        self.call = 0
+
+    def start(self, collector: StatisticsCollector, batch: int) -> None:
+        self.collector, self.batch, self.call = collector, batch, 0
+
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call = self.call
+        self.call += 1
+        sigma = _sigma(args, kwargs, self.scale)
+        self.collector.weight = _timestep_weight(self.calibration, sigma)
+        where = "" if sigma is None else f", sigma={sigma:.3f}"
+        self.collector.context = f"batch {self.batch}, denoiser call {call}{where}"
+        probes = self.probes
+        if probes is not None and self.batch == 0 and len(probes) < self.calibration.num_probe_inputs:
+            probes.record(args, kwargs)
+
+
+def _run_pass(
+    model: nn.Module,
+    target: Any,
+    run_batch: Callable[..., None],
+    layers: dict[str, nn.Module],
+    blocks: Mapping[str, list[int] | None],
+    tracker: _CallTracker,
+    num_batches: int,
+    bar: Any,
+) -> dict[str, LayerStatistics]:
+    """One sampling pass over every batch with hooks on ``layers``: their summed statistics, in batch order
+    (rounds of ``world`` batches, gathered across processes; see the module docstring)."""
+    rank, world = _distributed()
+    calibration = tracker.calibration
+    collector = StatisticsCollector(layers, {n: blocks[n] for n in layers}, calibration.max_gram_rows)
+    collector.start_batch()
+    totals = {name: LayerStatistics.zeros_like(stats) for name, stats in collector.batch().items()}
+    handle = model.register_forward_pre_hook(tracker, with_kwargs=True)
+    try:
+        with collector.attached(), _quiet_progress(target), eval_mode(model), torch.no_grad():
+            for round_start in range(0, num_batches, world):
+                batch = round_start + rank
+                mine = None
+                if batch < num_batches:
+                    tracker.start(collector, batch)
+                    collector.start_batch()
+                    run_batch(batch)
+                    mine = collector.batch()
+                if world == 1:  # the same element-wise float64 additions, without a flat copy
+                    for name, stats in totals.items():
+                        stats.add_(mine[name])
+                else:
+                    for flat in _gather_in_order(mine, totals, world):
+                        _add_flat(totals, flat)
+                bar.update(min(world, num_batches - round_start))
+    finally:
+        handle.remove()
+    return totals
 
 
 def _probe_batch(

@@ -77,7 +77,9 @@ class LayerStatistics:
     @classmethod
     def zeros(cls, groups: int, width: int, gram_blocks: list[int] | None) -> LayerStatistics:
         """Empty accumulators; ``gram_blocks`` lists the diagonal block sizes (None: moments only)."""
-        gram = None if gram_blocks is None else tuple(torch.zeros(groups, b, b, dtype=torch.float64) for b in gram_blocks)
+        gram = (
+            None if gram_blocks is None else tuple(torch.zeros(groups, b, b, dtype=torch.float64) for b in gram_blocks)
+        )
         zero = torch.zeros((), dtype=torch.float64)
         vector = torch.zeros(groups, width, dtype=torch.float64)
         return cls(vector, vector.clone(), zero.clone(), gram, vector.clone(), zero.clone())
@@ -107,7 +109,7 @@ class LayerStatistics:
 
     def add_(self, other: LayerStatistics) -> None:
         """``self += other``, tensor by tensor (exactly the same layout)."""
-        for mine, theirs in zip(self.tensors(), other.tensors()):
+        for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
             mine += theirs
 
     def mean(self) -> torch.Tensor:
@@ -235,6 +237,7 @@ class CalibrationStatistics(Mapping[str, LayerStatistics]):
                 keys = set(handle.keys())
                 layers = {}
                 for name, blocks in layout:
+
                     def get(part: str, name: str = name) -> torch.Tensor:
                         key = f"{name}{_SEP}{part}"
                         if key not in keys:

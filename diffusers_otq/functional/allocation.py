@@ -76,7 +76,7 @@ def allocate(
     """
     if len(sizes) != len(distortions):
         raise ValueError(f"{len(sizes)} layers have sizes but {len(distortions)} have distortions.")
-    for index, (size, distortion) in enumerate(zip(sizes, distortions)):
+    for index, (size, distortion) in enumerate(zip(sizes, distortions, strict=True)):
         if len(size) == 0 or len(size) != len(distortion):
             raise ValueError(f"layer {index}: {len(size)} sizes and {len(distortion)} distortions; need >= 1 each.")
         if any(s < 0 for s in size) or not all(math.isfinite(d) and d >= 0 for d in distortion):
@@ -89,27 +89,25 @@ def allocate(
     inf = float("inf")
     best = torch.zeros(cells + 1, dtype=torch.float64)  # best[c]: least distortion using at most c units
     picks = []
-    for size, distortion in zip(sizes, distortions):
+    for size, distortion in zip(sizes, distortions, strict=True):
         units = [math.ceil(s / unit) for s in size]
         candidates = torch.full((len(units), cells + 1), inf, dtype=torch.float64)
-        for option, (u, d) in enumerate(zip(units, distortion)):
+        for option, (u, d) in enumerate(zip(units, distortion, strict=True)):
             if u <= cells:
                 candidates[option, u:] = best[: cells + 1 - u] + d
         best, pick = candidates.min(dim=0)  # min returns the first (lowest) index among ties
         picks.append(pick)
     if not math.isfinite(float(best[cells])):  # pragma: no cover - unreachable once budget >= floor with unit 1
-        raise ValueError(
-            f"no plan fits {budget} bytes on a grid of {unit}-byte units; raise the budget or max_cells."
-        )
+        raise ValueError(f"no plan fits {budget} bytes on a grid of {unit}-byte units; raise the budget or max_cells.")
     # The least-distortion cell; among equal distortions the smallest capacity.
     target = float(best[cells])
     capacity = int(torch.nonzero(best <= target, as_tuple=False)[0])
     choices = []
-    for size, pick in zip(reversed(sizes), reversed(picks)):
+    for size, pick in zip(reversed(sizes), reversed(picks), strict=True):
         option = int(pick[capacity])
         choices.append(option)
         capacity -= math.ceil(size[option] / unit)
     choices.reverse()
-    total_size = sum(size[c] for size, c in zip(sizes, choices))
-    total_distortion = math.fsum(d[c] for d, c in zip(distortions, choices))
+    total_size = sum(size[c] for size, c in zip(sizes, choices, strict=True))
+    total_distortion = math.fsum(d[c] for d, c in zip(distortions, choices, strict=True))
     return Allocation(tuple(choices), total_size, total_distortion, unit)

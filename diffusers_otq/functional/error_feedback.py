@@ -132,7 +132,7 @@ def output_error(delta: torch.Tensor, grams: Sequence[torch.Tensor]) -> torch.Te
     quantizations); the row sums are accumulated in float64.
     """
     total = torch.zeros(delta.shape[0], dtype=torch.float64, device=delta.device)
-    for (start, end), block in zip(block_bounds(grams), grams):
+    for (start, end), block in zip(block_bounds(grams), grams, strict=True):
         part = delta[:, start:end]
         total += ((part @ block.to(part.dtype)) * part).sum(dim=1, dtype=torch.float64)
     return total
@@ -216,7 +216,7 @@ def error_feedback_codes(
         scale32 = scales.to(torch.float32)
         scale32 = torch.where(scale32 > 0, scale32, torch.full_like(scale32, torch.finfo(torch.float32).max))
     codes = []
-    for (start, end), factor in zip(block_bounds(factors), factors):
+    for (start, end), factor in zip(block_bounds(factors), factors, strict=True):
         block_scales = None if scale32 is None else scale32[:, start:end]
         factor32 = factor.to(torch.float32)
         codes.append(_sweep_block(work[:, start:end], factor32, midpoints, book, block_scales, block_size))
@@ -312,7 +312,7 @@ def refit_codebook(
         w = target[r0:r1].to(torch.float32)
         m = torch.zeros(r1 - r0, levels, levels, dtype=torch.float64, device=target.device)
         v = torch.zeros(r1 - r0, levels, dtype=torch.float64, device=target.device)
-        for (start, end), block in zip(bounds, blocks):
+        for (start, end), block in zip(bounds, blocks, strict=True):
             y = onehot[:, start:end, :]  # (r, b, K)
             hy = torch.matmul(block, y)  # (r, b, K) = H_b @ Y_r, float32 products
             m += (y.transpose(1, 2) @ hy).to(torch.float64)

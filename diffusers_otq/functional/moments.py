@@ -124,7 +124,9 @@ def _conv_moments(xp: torch.Tensor, conv: ConvGeometry) -> tuple[torch.Tensor, t
     return sums.reshape(shape), squares.reshape(shape), batch * out_h * out_w, (out_h, out_w)
 
 
-def _conv_patches(xp: torch.Tensor, conv: ConvGeometry, index: torch.Tensor, out_w: int, per_item: int) -> torch.Tensor:
+def _conv_patches(
+    xp: torch.Tensor, conv: ConvGeometry, index: torch.Tensor, out_w: int, per_item: int
+) -> torch.Tensor:
     """(G, N, n) unfolded patches of the output positions ``index`` (flat over batch, rows, columns)."""
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     item, rest = index // per_item, index % per_item

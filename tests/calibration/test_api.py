@@ -126,7 +126,7 @@ def test_statistics_are_identical_for_one_and_two_processes(tmp_path: Path) -> N
     b = CalibrationStatistics.load(tmp_path / "two.stats.safetensors")
     assert a.info["processes"] == 1 and b.info["processes"] == 2
     for name in a:
-        for x, y in zip(a[name].tensors(), b[name].tensors()):
+        for x, y in zip(a[name].tensors(), b[name].tensors(), strict=True):
             assert torch.equal(x, y), name
     for path in (tmp_path / "one").glob("*.safetensors"):
         left, right = load_file(path), load_file(tmp_path / "two" / path.name)

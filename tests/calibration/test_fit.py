@@ -66,7 +66,9 @@ def test_calibration_lowers_the_output_error_on_correlated_inputs(spec: LayerSpe
     }.items():
         quantized, bias = fit(layer, stats, spec, **options)
         assert quantized.bits == spec.bits and quantized.granularity == spec.granularity
-        assert quantized.codebook.shape == data_free.codebook.shape and quantized.packed.shape == data_free.packed.shape
+        assert (
+            quantized.codebook.shape == data_free.codebook.shape and quantized.packed.shape == data_free.packed.shape
+        )
         errors[name] = output_error(layer, quantized.dequantize(), bias, x)
     assert errors["error feedback"] < 0.8 * baseline, (baseline, errors)
     assert errors["full"] < errors["error feedback"], errors

@@ -34,7 +34,7 @@ def test_class_label_pipeline_records_every_selected_layer_once() -> None:
     assert stats.probes is None  # probes are recorded for the velocity sensitivity only
     again = calibrate(pipe, config, quick())
     for name in stats:
-        assert all(torch.equal(a, b) for a, b in zip(stats[name].tensors(), again[name].tensors())), name
+        assert all(torch.equal(a, b) for a, b in zip(stats[name].tensors(), again[name].tensors(), strict=True)), name
 
 
 def test_timestep_weighting_scales_the_statistics() -> None:
@@ -62,7 +62,7 @@ def test_several_passes_give_identical_statistics() -> None:
     many = calibrate(pipe, config, quick(max_statistics_bytes=200_000))
     assert many.info["passes"] > 1 == one.info["passes"]
     for name in one:
-        assert all(torch.equal(a, b) for a, b in zip(one[name].tensors(), many[name].tensors())), name
+        assert all(torch.equal(a, b) for a, b in zip(one[name].tensors(), many[name].tensors(), strict=True)), name
 
 
 def test_prompts_and_class_labels_go_to_the_right_pipelines(tmp_path) -> None:
@@ -85,7 +85,11 @@ def test_text_to_image_pipelines_calibrate_from_prompts(kind: str, tmp_path) -> 
     pipe.set_progress_bar_config(disable=True)
     extra = {"height": 16, "width": 16} if kind == "sd3" else {"height": 8, "width": 8, "max_sequence_length": 48}
     calibration = quick(
-        prompts=["a photo of a cat", "a shoe"], num_samples=2, batch_size=2, pipeline_kwargs=extra, sensitivity="velocity"
+        prompts=["a photo of a cat", "a shoe"],
+        num_samples=2,
+        batch_size=2,
+        pipeline_kwargs=extra,
+        sensitivity="velocity",
     )
     stats = calibrate(pipe, OTQConfig(bits=3), calibration)
     assert stats.info["source"] == "prompts" and len(stats) == len(selected_layers(pipe.transformer, OTQConfig()))

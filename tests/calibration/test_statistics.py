@@ -24,11 +24,13 @@ def test_save_and_load_are_bit_identical(statistics: CalibrationStatistics, tmp_
     again = CalibrationStatistics.load(path)
     assert list(again) == list(statistics) and again.info == statistics.info
     for name, stats in statistics.items():
-        for mine, theirs in zip(stats.tensors(), again[name].tensors()):
+        for mine, theirs in zip(stats.tensors(), again[name].tensors(), strict=True):
             assert torch.equal(mine, theirs), name
     assert len(again.probes) == len(statistics.probes) == 2
-    for (args, kwargs), (args2, kwargs2) in zip(statistics.probes.calls, again.probes.calls):
-        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(args, args2))
+    for (args, kwargs), (args2, kwargs2) in zip(statistics.probes.calls, again.probes.calls, strict=True):
+        assert all(
+            torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(args, args2, strict=True)
+        )
         assert kwargs.keys() == kwargs2.keys()
 
 

@@ -13,10 +13,10 @@ from diffusers_otq.functional.allocation import allocate, minimum_size
 def brute_force(sizes, distortions, budget):
     best = None
     for choice in itertools.product(*(range(len(s)) for s in sizes)):
-        size = sum(s[c] for s, c in zip(sizes, choice))
+        size = sum(s[c] for s, c in zip(sizes, choice, strict=True))
         if size > budget:
             continue
-        value = sum(d[c] for d, c in zip(distortions, choice))
+        value = sum(d[c] for d, c in zip(distortions, choice, strict=True))
         if best is None or value < best[0] - 1e-12:
             best = (value, choice)
     return best
