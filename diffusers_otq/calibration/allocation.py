@@ -180,6 +180,7 @@ class _ErrorMeter:
     def __init__(self, weight: torch.Tensor, stats: LayerStatistics | None, damping: float, centered: bool) -> None:
         self.rows = weight.shape[0]
         self.target = weight.detach().reshape(self.rows, -1).to(torch.float64)
+        stats = None if stats is None else stats.to(weight.device)
         self.groups = 1 if stats is None else stats.groups
         self.grams = None if stats is None else [stats.gram_blocks(g, centered) for g in range(self.groups)]
         if self.grams is not None and any(g is None for g in self.grams):

@@ -196,6 +196,7 @@ def quantize_calibrated(
     kwargs = layer.spec.quantize_kwargs()
     if stats is None:
         return LayerFit(quantize_tensor(weight, name=layer.name, **kwargs))
+    stats = stats.to(weight.device)
     out = weight.shape[0]
     centered = corrects_bias(layer, stats, calibration)
     importance = importance_rows(stats, out, calibration.damping, centered)  # (out, n)

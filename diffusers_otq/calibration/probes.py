@@ -73,7 +73,7 @@ class ProbeInputs:
     @staticmethod
     def _store(tensors: dict[str, torch.Tensor], key: str, value: Any) -> dict[str, Any]:
         if isinstance(value, torch.Tensor):
-            tensors[key] = value.contiguous()
+            tensors[key] = value.detach().cpu().contiguous()
             return {"tensor": key}
         return {"value": value}
 
@@ -104,8 +104,14 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def model_output(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """The denoiser's prediction for one recorded call (``.sample`` of an output object, or its first item)."""
-    out = model(*args, **kwargs)
+    """The denoiser's prediction for one recorded call (``.sample`` of an output object, or its first item); the
+    recorded tensors are moved to the model's device first (a statistics file holds them on the CPU)."""
+    device = next(model.parameters()).device
+
+    def move(value: Any) -> Any:
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    out = model(*(move(a) for a in args), **{k: move(v) for k, v in kwargs.items()})
     if hasattr(out, "sample"):
         return out.sample
     if isinstance(out, tuple | list):

@@ -221,7 +221,7 @@ def _gather_in_order(batch: dict[str, LayerStatistics] | None, template: dict[st
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     parts = [torch.empty_like(flat, device=device) for _ in range(world)]
     torch.distributed.all_gather(parts, flat.to(device))
-    return [p.cpu() for p in parts]
+    return [p.to(flat.device) for p in parts]
 
 
 def _add_flat(totals: dict[str, LayerStatistics], flat: torch.Tensor) -> None:

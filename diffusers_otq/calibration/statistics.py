@@ -75,20 +75,31 @@ class LayerStatistics:
     gram_count: torch.Tensor
 
     @classmethod
-    def zeros(cls, groups: int, width: int, gram_blocks: list[int] | None) -> LayerStatistics:
-        """Empty accumulators; ``gram_blocks`` lists the diagonal block sizes (None: moments only)."""
-        gram = (
-            None if gram_blocks is None else tuple(torch.zeros(groups, b, b, dtype=torch.float64) for b in gram_blocks)
-        )
-        zero = torch.zeros((), dtype=torch.float64)
-        vector = torch.zeros(groups, width, dtype=torch.float64)
+    def zeros(
+        cls, groups: int, width: int, gram_blocks: list[int] | None, device: torch.device | str | None = None
+    ) -> LayerStatistics:
+        """Empty accumulators on ``device``; ``gram_blocks`` lists the diagonal block sizes (None: moments only)."""
+        f64 = {"dtype": torch.float64, "device": device}
+        gram = None if gram_blocks is None else tuple(torch.zeros(groups, b, b, **f64) for b in gram_blocks)
+        zero = torch.zeros((), **f64)
+        vector = torch.zeros(groups, width, **f64)
         return cls(vector, vector.clone(), zero.clone(), gram, vector.clone(), zero.clone())
 
     @classmethod
     def zeros_like(cls, other: LayerStatistics) -> LayerStatistics:
-        """Zero accumulators with the layout of ``other``."""
+        """Zero accumulators with the layout and device of ``other``."""
         gram = None if other.gram is None else [b.shape[-1] for b in other.gram]
-        return cls.zeros(other.groups, other.width, gram)
+        return cls.zeros(other.groups, other.width, gram, other.sum_x.device)
+
+    def to(self, device: torch.device | str) -> LayerStatistics:
+        """The accumulators on ``device`` (``self`` when they are there already)."""
+        if self.sum_x.device == torch.device(device):
+            return self
+        gram = None if self.gram is None else tuple(b.to(device) for b in self.gram)
+        return LayerStatistics(
+            self.sum_x.to(device), self.sum_sq.to(device), self.count.to(device), gram,
+            self.gram_sum.to(device), self.gram_count.to(device),
+        )  # fmt: skip
 
     @property
     def groups(self) -> int:
@@ -187,6 +198,7 @@ class CalibrationStatistics(Mapping[str, LayerStatistics]):
         for name, stats in self._layers.items():
             if _SEP in name:
                 raise CalibrationError(f"layer name {name!r} contains {_SEP!r}, which the statistics file reserves.")
+            stats = stats.to("cpu")
             tensors[f"{name}{_SEP}sum_x"] = stats.sum_x.contiguous()
             tensors[f"{name}{_SEP}sum_sq"] = stats.sum_sq.contiguous()
             tensors[f"{name}{_SEP}count"] = stats.count.reshape(1)
@@ -291,7 +303,8 @@ class StatisticsCollector:
         self._calls = {}
         for name, module in self.layers.items():
             groups, width = layer_input_width(module)
-            self._current[name] = LayerStatistics.zeros(groups, width, self.gram_blocks.get(name))
+            device = module.weight.device  # accumulate where the activations are
+            self._current[name] = LayerStatistics.zeros(groups, width, self.gram_blocks.get(name), device)
             self._calls[name] = 0
 
     def batch(self) -> dict[str, LayerStatistics]:
