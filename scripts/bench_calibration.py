@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_load import _model_config as _sd3_config  # the SD3-style model of results/bench_load.md
+
 
 logger = logging.getLogger("bench_calibration")
 
@@ -97,22 +99,6 @@ def _run(spec: dict) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"{spec} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def _sd3_config(layers: int, width: int) -> dict:
-    return {
-        "sample_size": 32,
-        "patch_size": 2,
-        "in_channels": 16,
-        "num_layers": layers,
-        "attention_head_dim": 64,
-        "num_attention_heads": width // 64,
-        "joint_attention_dim": width,
-        "caption_projection_dim": width,
-        "pooled_projection_dim": width,
-        "out_channels": 16,
-        "pos_embed_max_size": 32,
-    }
 
 
 def _table(title: str, results: dict[str, dict]) -> list[str]:
