@@ -37,8 +37,9 @@ def quantize_model(
             (``quantize_model(model, bits=3, modules_to_not_convert=["proj_out"])``).
         progress: show a tqdm bar over the layers.
         compute_metrics: measure relative MSE and W2 per layer (one sort per layer) for the reports and log.
-        quantizer: fits each layer (``(layer, weight) -> QuantizedTensor``); default: data-free
-            :func:`~diffusers_otq.quantize_tensor`. Calibration (:mod:`diffusers_otq.calibration`) passes its own.
+        quantizer: fits each layer (``(layer, weight) -> QuantizedTensor | LayerFit``, see
+            :data:`~diffusers_otq.convert.LayerQuantizer`); default: data-free :func:`~diffusers_otq.quantize_tensor`.
+            Calibration (:mod:`diffusers_otq.calibration`) passes its own.
 
     Returns:
         One :class:`~diffusers_otq.convert.LayerReport` per quantized module (name, parameters, bits/weight,

@@ -101,11 +101,14 @@ def quantize_model(
 
 
 def _fit_record(calibration: CalibrationConfig, statistics: CalibrationStatistics) -> dict[str, Any]:
-    has_gram = any(stats.gram is not None for stats in statistics.values())
+    """The fit settings actually used (they may differ from the ones the statistics were collected with)."""
+    feedback = calibration.error_feedback and any(stats.gram is not None for stats in statistics.values())
     return {
-        "error_feedback": calibration.error_feedback and has_gram,
+        "error_feedback": feedback,
         "damping": calibration.damping,
-        "refit_rounds": calibration.refit_rounds if calibration.error_feedback and has_gram else 0,
+        "refit_rounds": calibration.refit_rounds if feedback else 0,
+        "act_order": calibration.act_order if feedback else False,
+        "bias_correction": calibration.bias_correction,
     }
 
 
