@@ -319,6 +319,8 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         shown = {"bits": self.bits, "method": self.method, "granularity": self.granularity}
         hidden = ("quant_method", "format_version", "provenance")
         shown.update({k: v for k, v in self.to_diff_dict().items() if k not in hidden})
+        if "module_overrides" in shown:
+            shown["module_overrides"] = self.module_overrides  # the ordered mapping, as written
         return f"OTQConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def for_pipeline(self, components: tuple[str, ...] | list[str] = ("transformer",)) -> Any:

@@ -219,7 +219,7 @@ def test_mixed_units_meet_their_budget(tiny_evaluator):
     from diffusers_otq.evaluation.config import Unit
 
     for variant, sensitivity in (
-        (Variant("ot-vp+cal", "mixed", 3.0), "velocity"),
+        (Variant("ot-vp+cal", "mixed", 3.0), "output"),
         (Variant("ot-vp", "mixed", 2.5), "weights"),
     ):
         (row,) = tiny_evaluator.run_unit(Unit("tiny", variant, (("weights", 0),)), skip=set())

@@ -69,6 +69,10 @@ class CalibrationConfig:
             activation-weighted codebooks.
         damping: relative ridge of the Gram (``H + damping * mean(diag H) I``), and the floor of the importance
             weights.
+        weight_ridge: relative weight-space penalty of the error-feedback objective: the fit minimises
+            ``tr(D H D^T) + weight_ridge * mean(diag H) * ||D||^2`` over weight errors ``D``, which bounds ``D`` in
+            the directions the calibration inputs never excite (e.g. a timestep embedding seen at few timesteps:
+            without it such weights can drift by orders of magnitude and break other step counts).
         refit_rounds: at most this many sweep/refit alternations of the error feedback (the best result is kept).
         refit_tolerance: stop alternating once a round lowers the layer's output error by less than this
             fraction (rounds after the second).
@@ -109,6 +113,7 @@ class CalibrationConfig:
     max_statistics_bytes: int = 4 << 30
     error_feedback: bool = True
     damping: float = 0.01
+    weight_ridge: float = 0.001
     refit_rounds: int = 4
     refit_tolerance: float = 0.01
     sweep_block: int = 128
@@ -180,6 +185,11 @@ class CalibrationConfig:
             )
         if _non_negative_float(self.damping, "damping", 0.01) <= 0:
             raise CalibrationError("damping must be > 0 (e.g. 0.01): the Gram of few inputs is singular.")
+        if _non_negative_float(self.weight_ridge, "weight_ridge", 0.001) <= 0:
+            raise CalibrationError(
+                "weight_ridge must be > 0 (e.g. 0.001): without it the fit may move weights without bound in "
+                "directions the calibration inputs never excite."
+            )
         _positive_int(self.refit_rounds, "refit_rounds", 4)
         _non_negative_float(self.refit_tolerance, "refit_tolerance", 0.01)
         _positive_int(self.sweep_block, "sweep_block", 128)
@@ -226,6 +236,7 @@ class CalibrationConfig:
             "gram": self.gram,
             "error_feedback": self.error_feedback,
             "damping": self.damping,
+            "weight_ridge": self.weight_ridge,
             "refit_rounds": self.refit_rounds if self.error_feedback else 0,
             "act_order": self.act_order,
             "bias_correction": self.bias_correction,

@@ -11,7 +11,8 @@ time:
    rounds each weight to its row's codebook while pushing the rounding error onto the columns not yet rounded,
    then the codewords are refitted by least squares on the output error
    (:mod:`diffusers_otq.functional.error_feedback`), ``refit_rounds`` times. The result with the lowest output
-   error ``tr((W - Q) H (W - Q)^T)`` is kept, including the stage-1 result, so stage 2 never makes it worse.
+   error ``tr((W - Q) (H + weight_ridge * mean(diag H) I) (W - Q)^T)`` is kept, including the stage-1 result, so
+   stage 2 never makes it worse; the small ridge bounds the weight error where ``H`` is (nearly) singular.
 3. **Bias correction** (layers with a bias, ``bias_correction=True``): the quantized layer's mean output error
    ``(W - Q) E[x]`` is added to the bias, which removes it exactly. Then only the input *covariance* matters,
    so stages 1 and 2 use centred statistics (``Var[x_j]``, ``Cov[x]``) for such layers.
@@ -32,6 +33,7 @@ from ..functional.error_feedback import (
     ordered_factors,
     output_error,
     refit_codebook,
+    ridge_gram,
 )
 from ..functional.packing import pack_codes
 from ..functional.scales import decode_group_scales
@@ -99,7 +101,9 @@ def _error_feedback(
     per_group = rows // groups
     grams64 = [stats.gram_blocks(g, centered) for g in range(groups)]
     factors = [ordered_factors(g, calibration.damping, calibration.act_order) for g in grams64]
-    grams = [[block.to(torch.float32) for block in g] for g in grams64]  # products in float32 (output_error)
+    # the objective of the error and the refit: tr(D (H + weight_ridge * mean(diag H) I) D^T), products in
+    # float32 (output_error); the ridge keeps directions H never excites from absorbing large weight changes
+    grams = [[ridge_gram(block, calibration.weight_ridge).to(torch.float32) for block in g] for g in grams64]
     shared = codebook.shape[0] == 1
     refit = refit_codebooks and not (shared and groups > 1)  # one codebook over several input groups: sweep only
 

@@ -43,6 +43,7 @@ __all__ = [
     "ordered_factors",
     "output_error",
     "refit_codebook",
+    "ridge_gram",
 ]
 
 _REFIT_ELEMENTS = 1 << 23  # rows per refit chunk are chosen so that (rows, n, K) stays near this many values
@@ -75,6 +76,26 @@ def damped_gram(gram: torch.Tensor, damping: float) -> torch.Tensor:
         h[:, dead] = 0.0
         diag[dead] = 1.0
     diag += damping * diag.mean()
+    return h
+
+
+def ridge_gram(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """``H + damping * mean(diag H) * I`` in float64: the objective a calibrated fit minimises.
+
+    For a weight error ``D`` it charges ``tr(D H D^T) + damping * mean(diag H) * ||D||^2``, so the directions the
+    calibration inputs never excite (a rank-deficient ``H``, e.g. a timestep embedding seen at a few timesteps)
+    cannot absorb large weight changes that would surface on other inputs. Unlike :func:`damped_gram` (the
+    sweep's factor) it leaves dead inputs at the ridge alone, so the objective keeps the scale of ``H``.
+
+    Args:
+        gram: (n, n) symmetric positive semi-definite matrix.
+        damping: relative ridge (> 0 bounds the weight error).
+
+    Returns:
+        (n, n) float64 matrix (a fresh tensor).
+    """
+    h = gram.to(torch.float64).clone()
+    h.diagonal().add_(damping * float(h.diagonal().mean()))
     return h
 
 

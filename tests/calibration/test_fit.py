@@ -112,6 +112,31 @@ def test_block_diagonal_gram_still_helps() -> None:
     assert output_error(layer, quantized.dequantize(), bias, x) < output_error(layer, data_free.dequantize(), bias, x)
 
 
+def test_rank_deficient_inputs_cannot_blow_up_the_weights() -> None:
+    """A timestep embedding seen at two timesteps: H has rank 2 and, centred, rank 1. Without the weight ridge
+    the error feedback moved such a layer's weights ~500x their own size (output exact on the calibration
+    inputs, garbage at any other timestep)."""
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(32, 64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(64, 32, generator=g) / 32**0.5)
+    seen = torch.randn(2, 32, generator=g).repeat(512, 1)  # two distinct inputs
+    stats = statistics_of(layer, seen)
+    data_free, _ = fit(layer, None, LayerSpec(bits=3))
+    plain_error = float((data_free.dequantize() - layer.weight).square().sum())
+    quantized, bias = fit(layer, stats, LayerSpec(bits=3))
+    weight_error = float((quantized.dequantize() - layer.weight).square().sum())
+    assert weight_error < 20 * plain_error, (weight_error, plain_error)
+    unseen = torch.randn(256, 32, generator=g)  # other timesteps
+    data_free_unseen = output_error(layer, data_free.dequantize(), layer.bias, unseen)
+    assert output_error(layer, quantized.dequantize(), bias, unseen) < 20 * data_free_unseen
+    assert output_error(layer, quantized.dequantize(), bias, seen) <= output_error(
+        layer, data_free.dequantize(), layer.bias, seen
+    )
+    with pytest.raises(ValueError, match="weight_ridge=-1"):
+        CalibrationConfig(weight_ridge=-1)
+
+
 def test_grouped_conv_uses_each_groups_statistics() -> None:
     conv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
     x = torch.randn(16, 8, 6, 6)

@@ -15,6 +15,7 @@ from diffusers_otq.functional.error_feedback import (
     ordered_factors,
     output_error,
     refit_codebook,
+    ridge_gram,
 )
 from diffusers_otq.quantized_tensor import quantize_tensor
 
@@ -55,6 +56,19 @@ def test_dead_inputs_and_bad_statistics() -> None:
     inverse_cholesky_factor(gram, 0.01)
     with pytest.raises(ValueError, match="not positive definite"):
         inverse_cholesky_factor(torch.full((3, 3), float("nan")), 0.01)
+
+
+def test_ridge_gram_adds_a_relative_ridge_and_keeps_the_scale() -> None:
+    x = torch.randn(64, 8, dtype=torch.float64) * 1e-3
+    gram = x.T @ x
+    ridged = ridge_gram(gram, 0.1)
+    offset = ridged - gram
+    assert torch.allclose(offset, 0.1 * gram.diagonal().mean() * torch.eye(8, dtype=torch.float64))
+    dead = gram.clone()
+    dead[2, :] = dead[:, 2] = 0.0
+    # no unit diagonal: a dead input keeps only the ridge, on the scale of H
+    assert float(ridge_gram(dead, 0.1)[2, 2]) == pytest.approx(0.1 * float(dead.diagonal().mean()))
+    assert ridged.dtype == torch.float64 and ridge_gram(gram.float(), 0.1).dtype == torch.float64
 
 
 def test_identity_gram_reduces_to_nearest_codeword_assignment() -> None:
