@@ -38,12 +38,18 @@ except ImportError:  # pragma: no cover - transformers is a dependency of this p
 
 __all__ = ["FORMAT_VERSION", "OTQConfig", "OTQMethod"]
 
-FORMAT_VERSION = 1
-"""Version of the packed checkpoint layout (see :mod:`diffusers_otq.quantized_tensor`); bumped on any change."""
+FORMAT_VERSION = 2
+"""Version of the packed checkpoint layout (see :mod:`diffusers_otq.quantized_tensor`); bumped on any change.
+
+1: codes, codebooks, group scales. 2: adds the optional low-rank branch (``lowrank_up``, ``lowrank_down``) and
+input rotation (``rotation_signs``) of :mod:`diffusers_otq.structure`; version-1 checkpoints load unchanged."""
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in CODEBOOK_DTYPES}
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
-_OVERRIDABLE = tuple(f.name for f in fields(LayerSpec))
+_STRUCTURE_OPTIONS = ("rank", "rotation", "rotation_block")
+_RESOLVED_ONLY = ("rotation_seed",)  # LayerSpec fields derived from the config, not set per layer
+_OVERRIDABLE = (*(f.name for f in fields(LayerSpec) if f.name not in (*_STRUCTURE_OPTIONS, *_RESOLVED_ONLY)),
+                *_STRUCTURE_OPTIONS)  # fmt: skip
 
 
 class OTQMethod(str, Enum):
@@ -84,14 +90,73 @@ def _override_pairs(overrides: object) -> list[tuple[Any, Any]] | None:
 
 
 def _spec_kwargs(options: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """Validate a mapping of :class:`LayerSpec` fields (codebook dtype given by name) and return it as kwargs."""
+    """Validate a mapping of :class:`LayerSpec` fields (codebook dtype given by name) and return it as kwargs
+    (the structure options ``rank``, ``rotation``, ``rotation_block`` are validated and left out)."""
     unknown = sorted(set(options) - set(_OVERRIDABLE))
     if unknown:
         raise ValueError(f"{what} has unknown option(s) {unknown}; allowed: {list(_OVERRIDABLE)}.")
-    kwargs = dict(options)
+    _check_structure(options, what)
+    kwargs = {k: v for k, v in options.items() if k not in _STRUCTURE_OPTIONS}
     if "codebook_dtype" in kwargs:
         kwargs["codebook_dtype"] = _DTYPE_NAMES.get(_dtype_name(kwargs["codebook_dtype"], f"{what} codebook_dtype"))
     return kwargs
+
+
+def _check_structure(options: Mapping[str, Any], what: str) -> None:
+    """Types of the structure options: ``rank`` int >= 0, ``rotation`` bool, ``rotation_block`` None or a power
+    of two >= 2 (whether it divides a layer's channels is checked per layer)."""
+    rank = options.get("rank", 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"{what}: rank={rank!r} must be an int >= 0 (0: no low-rank branch), e.g. rank=16.")
+    if not isinstance(options.get("rotation", False), bool):
+        raise ValueError(f"{what}: rotation={options['rotation']!r} must be True or False.")
+    block = options.get("rotation_block")
+    if block is not None and (
+        isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1)
+    ):
+        raise ValueError(
+            f"{what}: rotation_block={block!r} must be None (per layer: the largest power of two dividing its input "
+            "channels) or a power of two >= 2, e.g. 64."
+        )
+
+
+def _resolve_structure(spec: LayerSpec, options: Mapping[str, Any], explicit: Mapping[str, Any], name: str,
+                       module: nn.Module | None) -> LayerSpec:  # fmt: skip
+    """Fill ``rank`` and ``rotation_block`` of ``spec`` for ``module`` (None: no structure can be resolved).
+
+    A config-wide ``rank`` applies where it is at most half of ``min(out, in)`` (smaller layers get no branch); a
+    ``rank`` set for the layer by an override must fit ``min(out, in)``. Rotations need ``groups == 1``; a
+    config-wide rotation skips grouped convs and odd widths, an override that asks for one fails there.
+    """
+    rank, rotate, block = options["rank"], options["rotation"], options["rotation_block"]
+    if module is None or not (rank or rotate):
+        return spec
+    from .functional.lowrank import check_rank
+    from .functional.rotation import hadamard_block_size
+    from .structure import check_rotation_block
+
+    shape = module.weight.shape
+    rows, width, channels = shape[0], shape[1:].numel(), shape[1]
+    grouped = getattr(module, "groups", 1) != 1
+    if grouped and ("rank" in explicit and rank or "rotation" in explicit and rotate):
+        raise ValueError(
+            f"layer {name!r} is a grouped conv (groups={module.groups}): a low-rank branch or rotation needs groups=1; "
+            "drop rank/rotation from its module_overrides entry."
+        )
+    resolved_rank = 0
+    if rank and not grouped:
+        if "rank" in explicit:
+            resolved_rank = check_rank(rank, rows, width, name)
+        elif rank <= min(rows, width) // 2:
+            resolved_rank = rank
+    resolved_block = 0
+    if rotate and not grouped:
+        if block is not None:
+            resolved_block = check_rotation_block(block, channels, name)
+        else:
+            auto = hadamard_block_size(channels)
+            resolved_block = auto if auto >= 2 else 0
+    return replace(spec, rank=resolved_rank, rotation_block=resolved_block)
 
 
 class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfigMixin):
@@ -114,9 +179,18 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
             None picks float16 (bfloat16 for bfloat16 weights).
         codebook_scope: with groups, ``"tensor"`` (one shared normalised codebook, default) or ``"channel"``.
         module_overrides: ``{pattern: {option: value}}`` for mixed precision, e.g. ``{"attn*": {"bits": 4}}``;
-            options are any of ``bits, method, granularity, group_size, codebook_dtype, codebook_scope``; the
+            options are any of ``bits, method, granularity, group_size, codebook_dtype, codebook_scope, rank,
+            rotation, rotation_block``; the
             first pattern (in order) that matches a module name applies. Saved as a list of ``[pattern, options]``
             pairs (``config.json`` sorts dict keys, a list keeps the order); both forms are accepted.
+        rank: rank ``r`` of a 16-bit low-rank branch ``U V`` beside the codes of every layer where ``r`` is at most
+            half of ``min(out, in)`` (``W ~ U V + Q(W - U V)``, fitted by alternation; the factors count in the
+            bits per weight). 0 (default): none. Per layer: ``module_overrides={"attn*": {"rank": 32}}``.
+        rotation: rotate each layer's input channels by a randomized block-Hadamard transform before fitting
+            (and the activations in the forward); grouped convs and odd widths are skipped.
+        rotation_block: the Hadamard block (a power of two dividing the rotated layers' input channels); None
+            (default) takes the largest power of two dividing each layer's channels.
+        rotation_seed: seed of the rotations' random signs (mixed with each layer name; the signs are stored).
         bits_per_weight: a storage budget instead of one bit width: the average bits per quantized weight, every
             code, codebook and scale counted (e.g. 2.5). :func:`diffusers_otq.quantize_model` and
             :func:`diffusers_otq.quantize_pipeline` measure each layer's sensitivity (from calibration statistics
@@ -145,6 +219,10 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         codebook_dtype: str | torch.dtype | None = None,
         codebook_scope: str = "tensor",
         module_overrides: Mapping[str, Mapping[str, Any]] | Sequence[Sequence[Any]] | None = None,
+        rank: int = 0,
+        rotation: bool = False,
+        rotation_block: int | None = None,
+        rotation_seed: int = 0,
         bits_per_weight: float | None = None,
         provenance: Mapping[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
@@ -181,6 +259,13 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
         self.codebook_dtype = _dtype_name(codebook_dtype, "codebook_dtype")
         self.codebook_scope = codebook_scope
+        _check_structure({"rank": rank, "rotation": rotation, "rotation_block": rotation_block}, "OTQConfig")
+        if isinstance(rotation_seed, bool) or not isinstance(rotation_seed, int) or rotation_seed < 0:
+            raise ValueError(f"rotation_seed={rotation_seed!r} must be an int >= 0.")
+        self.rank = rank
+        self.rotation = rotation
+        self.rotation_block = rotation_block
+        self.rotation_seed = rotation_seed
         self.module_overrides = self._check_overrides(module_overrides)
         self.bits_per_weight = self._check_budget(bits_per_weight)
         self.provenance = self._check_provenance(provenance)
@@ -257,6 +342,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
             group_size=self.group_size,
             codebook_dtype=_DTYPE_NAMES.get(self.codebook_dtype) if self.codebook_dtype else None,
             codebook_scope=self.codebook_scope,
+            rotation_seed=self.rotation_seed,
         )
 
     def layer_spec(self, name: str, module: nn.Module | None = None, skip: tuple[str, ...] = ()) -> LayerSpec | None:
@@ -267,14 +353,17 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         if matches_module_name(name, [*(self.modules_to_not_convert or ()), *skip]):
             return None
         spec = self.base_spec()
+        structure = {"rank": self.rank, "rotation": self.rotation, "rotation_block": self.rotation_block}
         for pattern, options in (self.module_overrides or {}).items():
             if matches_module_name(name, [pattern]):
                 what = f"module_overrides[{pattern!r}] applied to {name!r}"
                 try:
-                    return replace(spec, **_spec_kwargs(options, what))
+                    spec = replace(spec, **_spec_kwargs(options, what))
+                    explicit = {k: v for k, v in options.items() if k in _STRUCTURE_OPTIONS}
+                    return _resolve_structure(spec, {**structure, **explicit}, explicit, name, module)
                 except ValueError as err:
                     raise ValueError(f"{what}: {err}") from None
-        return spec
+        return _resolve_structure(spec, structure, {}, name, module)
 
     # ------------------------------------------------------------------------------------------ serialisation
 
@@ -297,6 +386,10 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
                 if self.module_overrides is None
                 else [[pattern, copy.deepcopy(options)] for pattern, options in self.module_overrides.items()]
             ),
+            "rank": self.rank,
+            "rotation": self.rotation,
+            "rotation_block": self.rotation_block,
+            "rotation_seed": self.rotation_seed,
             "bits_per_weight": self.bits_per_weight,
             "provenance": copy.deepcopy(self.provenance),
         }

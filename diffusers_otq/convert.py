@@ -17,11 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .fitting import LayerFit, fit_data_free
 from .functional.metrics import relative_mse, wasserstein2
 from .layers import OTQConv2d, OTQLayerMixin, OTQLinear
 from .memory import release_freed_memory
 from .options import LayerSpec
-from .quantized_tensor import QuantizedTensor, quantize_tensor
+from .quantized_tensor import QuantizedTensor
 
 
 __all__ = [
@@ -139,32 +140,25 @@ def plan_layers(model: nn.Module, spec_fn: SpecFn, *, warn: bool = True) -> list
     return planned
 
 
-@dataclass(frozen=True)
-class LayerFit:
-    """A fitted layer: its quantized weight and, optionally, a corrected bias (same shape as the module's bias)."""
-
-    quantized: QuantizedTensor
-    bias: torch.Tensor | None = None
-
-
 LayerQuantizer = Callable[[PlannedLayer, torch.Tensor], "QuantizedTensor | LayerFit"]
 """Fits one planned layer's weight: ``quantizer(layer, weight)`` returns the :class:`QuantizedTensor` in the layout
-``layer.spec`` implies, or a :class:`LayerFit` that also replaces the bias. The default is data-free
-:func:`quantize_tensor`; calibration supplies its own."""
+``layer.spec`` implies, or a :class:`LayerFit` that also replaces the bias and carries the spec's low-rank branch
+and rotation. The default is data-free :func:`~diffusers_otq.fitting.fit_data_free`; calibration supplies its
+own."""
 
 
 def quantize_layer(
     layer: PlannedLayer, weight: torch.Tensor | None = None, quantizer: LayerQuantizer | None = None
 ) -> OTQLayerMixin:
     """The OTQ layer for ``layer``, quantized from ``weight`` (default: the module's own weight) by ``quantizer``
-    (default: data-free :func:`quantize_tensor` with the layer's spec)."""
+    (default: data-free :func:`~diffusers_otq.fitting.fit_data_free` with the layer's spec)."""
     weight = layer.module.weight if weight is None else weight
     if quantizer is None:
-        fit = LayerFit(quantize_tensor(weight, name=layer.name, **layer.spec.quantize_kwargs()))
+        fit = fit_data_free(weight, layer.spec, layer.name)
     else:
         result = quantizer(layer, weight)
         fit = result if isinstance(result, LayerFit) else LayerFit(result)
-    quantized = layer.target.from_quantized(fit.quantized, layer.module)
+    quantized = layer.target.from_quantized(fit.quantized, layer.module, fit.lowrank, fit.rotation)
     if fit.bias is not None:
         if quantized.bias is None or quantized.bias.shape != fit.bias.shape:
             raise ValueError(
@@ -231,7 +225,7 @@ def _report(layer: PlannedLayer, quantized: OTQLayerMixin, compute_metrics: bool
     return LayerReport(
         name=layer.name,
         parameters=original.numel(),
-        bits_per_weight=quantized.quantized_weight().bits_per_weight,
+        bits_per_weight=quantized.bits_per_weight,
         relative_mse=mse,
         w2=w2,
     )

@@ -2,10 +2,19 @@
 
 The packed tensors are registered buffers (``packed``, ``codebook`` and, for group granularity, ``scale_codes``,
 ``scale_max`` and ``scale_step``), so ``.to(device)``, ``state_dict()`` and safetensors work unchanged. The bias stays a float
-parameter. The reference forward dequantizes to the input's dtype and calls ``F.linear``/``F.conv2d``.
+parameter. Two optional pieces of :mod:`diffusers_otq.structure` add buffers of their own: a low-rank branch
+(``lowrank_up``, ``lowrank_down``) and an input rotation (``rotation_signs``). The forward is::
+
+    x' = rotate(x)                                   # identity without a rotation
+    y  = base(x', codes_weight) + up(down(x')) + b   # base: F.linear / F.conv2d; the branch only with rank > 0
+
+``codes_weight`` (:meth:`OTQLayerMixin.codes_weight`) is the one place that turns codes into a float weight,
+the hook a fused dequantization kernel replaces. :meth:`~OTQLayerMixin.dequantize_weight` (and ``.weight``)
+is the *effective* weight in the original input space, ``(Q + U V) R``: what a LoRA merges into, what
+``dequantize()`` restores and what metrics compare.
 
 Dtype casts (``model.half()``, ``model.to(torch.bfloat16)``) change the bias and the compute dtype reported by
-``weight``, never the stored codebooks or scales: re-rounding them would silently change the quantized weight.
+``weight``, never the stored codebooks, scales or factors: re-rounding them would silently change the layer.
 """
 
 from __future__ import annotations
@@ -19,11 +28,15 @@ from torch import nn
 
 from .options import DEFAULT_METHOD, LayerSpec
 from .quantized_tensor import QuantizedTensor, quantize_tensor
+from .structure import InputRotation, LowRankBranch, lowrank_dtype
 
 
-__all__ = ["OTQLinear", "OTQConv2d", "OTQLayerMixin", "QUANTIZED_BUFFERS"]
+__all__ = ["CODE_BUFFERS", "OTQConv2d", "OTQLayerMixin", "OTQLinear", "QUANTIZED_BUFFERS", "STRUCTURE_BUFFERS"]
 
-QUANTIZED_BUFFERS: tuple[str, ...] = ("packed", "codebook", "scale_codes", "scale_max", "scale_step")
+CODE_BUFFERS: tuple[str, ...] = ("packed", "codebook", "scale_codes", "scale_max", "scale_step")
+STRUCTURE_BUFFERS: tuple[str, ...] = ("lowrank_up", "lowrank_down", "rotation_signs")
+QUANTIZED_BUFFERS: tuple[str, ...] = CODE_BUFFERS + STRUCTURE_BUFFERS
+"""Every stored tensor of an OTQ layer (a layer registers those it uses); the bias is a parameter."""
 
 
 class OTQLayerMixin:
@@ -36,8 +49,13 @@ class OTQLayerMixin:
     group_size: int | None
     weight_shape: torch.Size
     weight_dtype: torch.dtype
+    rank: int
+    rotation_block: int
+    rotation_dim: int  # the weight's input-channel axis, which a rotation mixes
 
-    def _init_quantized(self, quantized: QuantizedTensor) -> None:
+    def _init_quantized(
+        self, quantized: QuantizedTensor, lowrank: LowRankBranch | None = None, rotation: InputRotation | None = None
+    ) -> None:
         if not isinstance(self, nn.Module):
             raise TypeError(f"{type(self).__name__}: OTQLayerMixin must be combined with nn.Module.")
         self.bits = quantized.bits
@@ -48,6 +66,22 @@ class OTQLayerMixin:
         self.weight_dtype = quantized.dtype
         for key, tensor in quantized.tensors().items():
             self.register_buffer(key, tensor)
+        rows, width = self.weight_shape[0], self.weight_shape[1:].numel()
+        if lowrank is not None and (lowrank.up.shape[0], lowrank.down.shape[1]) != (rows, width):
+            raise ValueError(
+                f"low-rank factors {tuple(lowrank.up.shape)} x {tuple(lowrank.down.shape)} do not fit a weight of shape "
+                f"{tuple(self.weight_shape)} (need ({rows}, r) x (r, {width}))."
+            )
+        if rotation is not None and rotation.channels != self.weight_shape[1]:
+            raise ValueError(
+                f"the rotation mixes {rotation.channels} channels, but the weight {tuple(self.weight_shape)} has "
+                f"{self.weight_shape[1]} input channels."
+            )
+        self.rank = 0 if lowrank is None else lowrank.rank
+        self.rotation_block = 0 if rotation is None else rotation.block
+        for piece in (lowrank, rotation):
+            for key, tensor in ({} if piece is None else piece.tensors()).items():
+                self.register_buffer(key, tensor)
 
     @classmethod
     def from_module(
@@ -71,9 +105,21 @@ class OTQLayerMixin:
         return cls.from_quantized(quantized, module)
 
     @classmethod
-    def from_quantized(cls, quantized: QuantizedTensor, module: nn.Module) -> OTQLayerMixin:
-        """Wrap ``quantized`` as the weight of a layer shaped like the float ``module`` (whose bias is copied)."""
-        raise NotImplementedError
+    def from_quantized(
+        cls,
+        quantized: QuantizedTensor,
+        module: nn.Module,
+        lowrank: LowRankBranch | None = None,
+        rotation: InputRotation | None = None,
+    ) -> OTQLayerMixin:
+        """Wrap ``quantized`` (and the optional low-rank branch and input rotation it was fitted with) as the weight
+        of a layer shaped like the float ``module`` (whose bias is copied)."""
+        return cls(quantized, module.bias, *cls._geometry(module), lowrank=lowrank, rotation=rotation)
+
+    @classmethod
+    def _geometry(cls, module: nn.Module) -> tuple[Any, ...]:
+        """Constructor arguments, after the bias, that describe ``module`` beyond its weight."""
+        return ()
 
     @classmethod
     def empty_like(
@@ -85,8 +131,12 @@ class OTQLayerMixin:
         (default: the float weight's dtype).
         """
         weight = module.weight
-        quantized = QuantizedTensor.empty(tuple(weight.shape), dtype or weight.dtype, spec, device=device)
-        return cls.from_quantized(quantized, module)
+        dtype = dtype or weight.dtype
+        quantized = QuantizedTensor.empty(tuple(weight.shape), dtype, spec, device=device)
+        rows, width = weight.shape[0], weight[0].numel()
+        lowrank = LowRankBranch.empty(rows, width, spec.rank, lowrank_dtype(dtype), device) if spec.rank else None
+        rotation = InputRotation.empty(weight.shape[1], spec.rotation_block, device) if spec.rotation_block else None
+        return cls.from_quantized(quantized, module, lowrank, rotation)
 
     def _init_bias(self, bias: torch.Tensor | None) -> None:
         """Keep the float bias (original precision and requires_grad) as a parameter."""
@@ -108,19 +158,57 @@ class OTQLayerMixin:
             scale_step=getattr(self, "scale_step", None),
         )
 
-    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The reconstructed float weight in ``dtype`` (default: the layer's compute dtype)."""
+    def lowrank_branch(self) -> LowRankBranch | None:
+        """A view of the stored low-rank factors, or None (rank 0)."""
+        return LowRankBranch(self.lowrank_up, self.lowrank_down) if self.rank else None
+
+    def input_rotation(self) -> InputRotation | None:
+        """A view of the stored input rotation, or None."""
+        if not self.rotation_block:
+            return None
+        return InputRotation(self.rotation_signs, self.weight_shape[1], self.rotation_block)
+
+    def codes_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``Q``: the codes looked up in their codebooks (times group scales), in the rotated input space.
+
+        The single decode point of the forward; a fused dequantization path replaces this method.
+        """
         return self.quantized_weight().dequantize(dtype or self.weight_dtype)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The effective float weight ``(Q + U V) R`` in the original input space, in ``dtype`` (default: the
+        layer's compute dtype): ``F.linear(x, w)`` / ``F.conv2d(x, w)`` with it equals the layer's forward."""
+        dtype = dtype or self.weight_dtype
+        lowrank, rotation = self.lowrank_branch(), self.input_rotation()
+        if lowrank is None and rotation is None:
+            return self.codes_weight(dtype)
+        work = torch.promote_types(dtype, torch.float32)
+        weight = self.codes_weight(work)
+        if lowrank is not None:
+            weight = weight + lowrank.product(work).reshape(self.weight_shape)
+        if rotation is not None:
+            weight = rotation.unrotate(weight, dim=1)
+        return weight.to(dtype)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight (a fresh tensor on every access, not a parameter; prefer ``dequantize_weight``)."""
+        """The effective weight (a fresh tensor on every access, not a parameter; prefer ``dequantize_weight``)."""
         return self.dequantize_weight()
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the quantized weight (codes, codebooks, scales), bias excluded."""
-        return self.quantized_weight().nbytes
+        """Bytes of the stored weight (codes, codebooks, scales, low-rank factors, rotation signs), bias excluded."""
+        extra = sum(piece.nbytes for piece in (self.lowrank_branch(), self.input_rotation()) if piece is not None)
+        return self.quantized_weight().nbytes + extra
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``nbytes * 8`` per weight element: every stored bit counted."""
+        return self.nbytes * 8 / self.weight_shape.numel()
+
+    def _rotate_input(self, input: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        rotation = self.input_rotation()
+        return input if rotation is None else rotation.rotate(input, dim=channel_dim)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> nn.Module:
         before = {name: self._buffers[name] for name in QUANTIZED_BUFFERS if self._buffers.get(name) is not None}
@@ -138,6 +226,10 @@ class OTQLayerMixin:
         text = f"bits={self.bits}, method={self.method}, granularity={self.granularity}"
         if self.group_size is not None:
             text += f", group_size={self.group_size}"
+        if self.rank:
+            text += f", rank={self.rank}"
+        if self.rotation_block:
+            text += f", rotation_block={self.rotation_block}"
         return text
 
 
@@ -154,21 +246,27 @@ class OTQLinear(OTQLayerMixin, nn.Module):
 
     float_type = nn.Linear
 
-    def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        quantized: QuantizedTensor,
+        bias: torch.Tensor | None = None,
+        lowrank: LowRankBranch | None = None,
+        rotation: InputRotation | None = None,
+    ) -> None:
         super().__init__()
         if len(quantized.shape) != 2:
             raise ValueError(f"OTQLinear needs a 2-D weight (out, in), got shape {tuple(quantized.shape)}.")
         self.out_features, self.in_features = quantized.shape
-        self._init_quantized(quantized)
+        self._init_quantized(quantized, lowrank, rotation)
         self._init_bias(bias)
-
-    @classmethod
-    def from_quantized(cls, quantized: QuantizedTensor, module: nn.Module) -> OTQLinear:
-        return cls(quantized, module.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(input.dtype)
-        return F.linear(input, self.dequantize_weight(input.dtype), bias)
+        x = self._rotate_input(input, -1)
+        out = F.linear(x, self.codes_weight(input.dtype), bias)
+        if self.rank:
+            out = out + F.linear(F.linear(x, self.lowrank_down.to(input.dtype)), self.lowrank_up.to(input.dtype))
+        return out
 
     def dequantize(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the reconstructed weight."""
@@ -197,7 +295,14 @@ class OTQConv2d(OTQLayerMixin, nn.Module):
 
     float_type = nn.Conv2d
 
-    def __init__(self, quantized: QuantizedTensor, bias: torch.Tensor | None, conv: nn.Conv2d) -> None:
+    def __init__(
+        self,
+        quantized: QuantizedTensor,
+        bias: torch.Tensor | None,
+        conv: nn.Conv2d,
+        lowrank: LowRankBranch | None = None,
+        rotation: InputRotation | None = None,
+    ) -> None:
         super().__init__()
         if len(quantized.shape) != 4:
             raise ValueError(f"OTQConv2d needs a 4-D weight (out, in/groups, kh, kw), got {tuple(quantized.shape)}.")
@@ -210,20 +315,34 @@ class OTQConv2d(OTQLayerMixin, nn.Module):
         self.groups = conv.groups
         self.padding_mode = conv.padding_mode
         self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
-        self._init_quantized(quantized)
+        if (lowrank is not None or rotation is not None) and conv.groups != 1:
+            raise ValueError(
+                f"a low-rank branch or an input rotation needs groups=1, got a conv with groups={conv.groups}; "
+                "quantize grouped convs without rank/rotation (module_overrides={pattern: {'rank': 0, 'rotation': "
+                "False}})."
+            )
+        self._init_quantized(quantized, lowrank, rotation)
         self._init_bias(bias)
 
     @classmethod
-    def from_quantized(cls, quantized: QuantizedTensor, module: nn.Module) -> OTQConv2d:
-        return cls(quantized, module.bias, module)
+    def _geometry(cls, module: nn.Module) -> tuple[Any, ...]:
+        return (module,)  # stride, padding, dilation, groups, padding mode
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantize_weight(input.dtype)
-        bias = None if self.bias is None else self.bias.to(input.dtype)
+    def _conv(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.padding_mode != "zeros":
             padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(input.dtype)
+        x = self._rotate_input(input, 1)
+        out = self._conv(x, self.codes_weight(input.dtype), bias)
+        if self.rank:
+            down = self.lowrank_down.to(input.dtype).reshape(self.rank, *self.weight_shape[1:])
+            up = self.lowrank_up.to(input.dtype)[:, :, None, None]
+            out = out + F.conv2d(self._conv(x, down, None), up)
+        return out
 
     def dequantize(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the reconstructed weight."""

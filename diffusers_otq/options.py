@@ -116,6 +116,10 @@ class LayerSpec:
         group_size: values per scale group (granularity "group" only).
         codebook_dtype: storage dtype of the codebooks, or None for the automatic choice.
         codebook_scope: "tensor" (one normalised codebook per weight) or "channel" (granularity "group" only).
+        rank: rank of the 16-bit low-rank branch ``U V`` beside the codes (0: none).
+        rotation_block: Hadamard block of the randomized input rotation (a power of two dividing the input
+            channels), 0 for none.
+        rotation_seed: the seed the rotation's random signs are drawn from (they are stored with the layer).
     """
 
     bits: int = 4
@@ -124,6 +128,9 @@ class LayerSpec:
     group_size: int | None = None
     codebook_dtype: torch.dtype | None = None
     codebook_scope: str = "tensor"
+    rank: int = 0
+    rotation_block: int = 0
+    rotation_seed: int = 0
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -132,6 +139,17 @@ class LayerSpec:
         check_group_size(self.granularity, self.group_size)
         check_codebook_dtype(self.codebook_dtype)
         check_codebook_scope(self.codebook_scope)
+        for name in ("rank", "rotation_block", "rotation_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an int >= 0.")
+        if self.rotation_block == 1 or self.rotation_block & (self.rotation_block - 1):
+            raise ValueError(f"rotation_block={self.rotation_block} must be 0 (no rotation) or a power of two >= 2.")
+
+    @property
+    def structured(self) -> bool:
+        """Whether the layer adds a low-rank branch or an input rotation to its codes."""
+        return bool(self.rank or self.rotation_block)
 
     def quantize_kwargs(self) -> dict[str, object]:
         """Keyword arguments of :func:`~diffusers_otq.quantize_tensor` (all but the weight and name)."""

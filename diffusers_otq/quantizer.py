@@ -188,6 +188,8 @@ class OTQQuantizer(DiffusersQuantizer):
         tensor_name = key.rpartition(".")[2]
         if tensor_name == "codebook":
             allowed = [empty.dtype] if layer.spec.codebook_dtype is not None else list(CODEBOOK_DTYPES)
+        elif tensor_name in ("lowrank_up", "lowrank_down"):  # 16-bit by default, float32 allowed
+            allowed = list(CODEBOOK_DTYPES)
         else:
             allowed = [empty.dtype]
         if stored.dtype not in allowed:
@@ -266,7 +268,9 @@ class OTQQuantizer(DiffusersQuantizer):
     def _describe(layer: PlannedLayer) -> str:
         spec = layer.spec
         text = f"bits={spec.bits}, granularity={spec.granularity!r}"
-        return text + (f", group_size={spec.group_size}" if spec.group_size else "")
+        text += f", group_size={spec.group_size}" if spec.group_size else ""
+        text += f", rank={spec.rank}" if spec.rank else ""
+        return text + (f", rotation_block={spec.rotation_block}" if spec.rotation_block else "")
 
     @staticmethod
     def _implied_bits(layer: PlannedLayer, tensor_name: str, loaded: torch.Tensor) -> str:

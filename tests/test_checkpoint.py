@@ -11,7 +11,7 @@ from diffusers import UNet2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from diffusers_otq import OTQConfig
+from diffusers_otq import FORMAT_VERSION, OTQConfig
 from diffusers_otq.checkpoint import (
     CHECKSUMS_KEY,
     FORMAT_VERSION_KEY,
@@ -64,7 +64,7 @@ def _replace_tensor(path: Path, key: str, edit) -> None:  # noqa: ANN001 - edit(
 
 def test_saved_headers_carry_version_and_checksums(saved: Path) -> None:
     header = read_safetensors_header(saved / WEIGHTS)
-    assert header.metadata[FORMAT_VERSION_KEY] == "1"
+    assert header.metadata[FORMAT_VERSION_KEY] == str(FORMAT_VERSION)
     checksums = json.loads(header.metadata[CHECKSUMS_KEY])
     tensors = load_file(saved / WEIGHTS)
     assert "conv_in.packed" in checksums and "conv_in.codebook" in checksums and "conv_in.bias" not in checksums
@@ -158,7 +158,7 @@ def test_unknown_format_version_in_config_and_header(saved: Path, tmp_path: Path
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"]["format_version"] = 7
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"format_version=7.*up to 1.*pip install -U diffusers-otq"):
+    with pytest.raises(ValueError, match=rf"format_version=7.*up to {FORMAT_VERSION}.*pip install -U diffusers-otq"):
         UNet2DModel.from_pretrained(folder)
 
     folder = _copy(saved, tmp_path / "header")

@@ -62,7 +62,7 @@ def test_repr_is_readable() -> None:
         ({"modules_to_not_convert": "proj_out"}, r"must be a list"),
         ({"module_overrides": {"attn*": {"bitz": 4}}}, r"unknown option\(s\) \['bitz'\]"),
         ({"module_overrides": ["attn"]}, r"must map module-name patterns"),
-        ({"format_version": FORMAT_VERSION + 1}, r"format_version=2.*upgrade"),
+        ({"format_version": FORMAT_VERSION + 1}, rf"format_version={FORMAT_VERSION + 1}.*upgrade"),
         ({"format_version": 0}, r"format_version=0 is invalid"),
         ({"quant_method": "bitsandbytes"}, r"quant_method='otq'"),
         ({"blocksize": 64}, r"unknown option\(s\) \['blocksize'\].*upgrade"),

@@ -16,6 +16,11 @@ time:
 3. **Bias correction** (layers with a bias, ``bias_correction=True``): the quantized layer's mean output error
    ``(W - Q) E[x]`` is added to the bias, which removes it exactly. Then only the input *covariance* matters,
    so stages 1 and 2 use centred statistics (``Var[x_j]``, ``Cov[x]``) for such layers.
+
+With an input rotation in the layer's spec, the weight and the statistics are rotated first
+(:meth:`~.statistics.LayerStatistics.rotated`); with a rank, stages 1-2 fit the residual of a low-rank branch
+fitted in the same output-error norm, alternating (:func:`~diffusers_otq.fitting.alternate_lowrank`), and the
+bias correction uses the whole approximation ``U V + Q``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import replace
 import torch
 
 from ..convert import LayerFit, PlannedLayer
+from ..fitting import alternate_lowrank, fit_data_free, layer_rotation
 from ..functional.error_feedback import (
     dequantize_rows,
     error_feedback_codes_in_order,
@@ -35,9 +41,11 @@ from ..functional.error_feedback import (
     refit_codebook,
     ridge_gram,
 )
+from ..functional.lowrank import weighted_lowrank
 from ..functional.packing import pack_codes
 from ..functional.scales import decode_group_scales
 from ..quantized_tensor import QuantizedTensor, quantize_tensor
+from ..structure import lowrank_dtype
 from .config import CalibrationConfig
 from .statistics import CalibrationStatistics, LayerStatistics
 
@@ -185,6 +193,10 @@ def quantize_calibrated(
 ) -> LayerFit:
     """Quantize one layer's ``weight`` with its statistics (data-free when ``stats`` is None).
 
+    With a rotation in ``layer.spec`` the weight and the statistics are rotated first; with a rank, the low-rank
+    branch is fitted in the activation-weighted norm and alternated with the codes
+    (:func:`~diffusers_otq.fitting.alternate_lowrank`), the kept round having the lowest output error.
+
     Args:
         weight: the float weight, (out, in) or (out, in/groups, kh, kw).
         layer: the planned layer (name, module and :class:`~diffusers_otq.LayerSpec`).
@@ -194,21 +206,63 @@ def quantize_calibrated(
             ranks its candidates that way).
 
     Returns:
-        A :class:`~diffusers_otq.convert.LayerFit`: the quantized weight in the layout ``layer.spec`` implies and,
-        with bias correction, the corrected bias.
+        A :class:`~diffusers_otq.convert.LayerFit`: the quantized weight in the layout ``layer.spec`` implies,
+        the spec's low-rank branch and rotation and, with bias correction, the corrected bias.
     """
-    kwargs = layer.spec.quantize_kwargs()
     if stats is None:
-        return LayerFit(quantize_tensor(weight, name=layer.name, **kwargs))
+        return fit_data_free(weight, layer.spec, layer.name)
     stats = stats.to(weight.device)
     out = weight.shape[0]
-    centered = corrects_bias(layer, stats, calibration)
-    importance = importance_rows(stats, out, calibration.damping, centered)  # (out, n)
-    if weight[0].numel() != importance.shape[1]:
+    if weight[0].numel() != stats.width:
         raise ValueError(
-            f"layer {layer.name!r}: the statistics describe inputs of width {importance.shape[1]}, but the weight "
+            f"layer {layer.name!r}: the statistics describe inputs of width {stats.width}, but the weight "
             f"{tuple(weight.shape)} reads {weight[0].numel()}; they come from another model."
         )
+    rotation = layer_rotation(weight, layer.spec, layer.name)
+    target = weight.detach()
+    if rotation is not None:
+        taps = weight[0, 0].numel()
+        stats = stats.rotated(rotation.signs(torch.float64), rotation.block, taps, layer.name)
+        target = rotation.rotate(target.to(torch.float32), dim=1).to(weight.dtype)
+    centered = corrects_bias(layer, stats, calibration)
+
+    def fit_codes(residual: torch.Tensor) -> QuantizedTensor:
+        return _fit_codes(residual, layer, stats, calibration, centered, refit_codebooks)
+
+    quantized, branch = alternate_lowrank(
+        target,
+        layer.spec.rank,
+        quantize=fit_codes,
+        lowrank=lambda residual: weighted_lowrank(
+            residual,
+            layer.spec.rank,
+            stats.gram_blocks(0, centered),
+            moments=stats.second_moments(centered)[0],
+            damping=calibration.damping,
+        ),
+        error=lambda delta: _objective(delta, stats, calibration, centered),
+        storage_dtype=lowrank_dtype(weight.dtype),
+    )
+    bias = None
+    if centered:
+        effective = quantized.dequantize(torch.float64).reshape(out, -1)
+        if branch is not None:
+            effective = effective + branch.product(torch.float64)
+        bias = _corrected_bias(target, effective, stats, layer.module.bias)
+    return LayerFit(quantized, bias, branch, rotation)
+
+
+def _fit_codes(
+    weight: torch.Tensor,
+    layer: PlannedLayer,
+    stats: LayerStatistics,
+    calibration: CalibrationConfig,
+    centered: bool,
+    refit_codebooks: bool,
+) -> QuantizedTensor:
+    """Stages 1 and 2 (see the module docstring) on ``weight``: the codes of one weight or residual."""
+    kwargs = layer.spec.quantize_kwargs()
+    importance = importance_rows(stats, weight.shape[0], calibration.damping, centered)  # (out, n)
     if layer.spec.granularity == "tensor":
         importance = importance.reshape(1, -1)
     use_importance = layer.spec.method in _WEIGHTED_METHODS
@@ -216,17 +270,26 @@ def quantize_calibrated(
     lossless = quantized.codebook.shape[1] >= weight[0].numel() and quantized.codebook.shape[0] > 1
     if calibration.error_feedback and stats.gram_blocks() is not None and not lossless:
         quantized = _error_feedback(weight, quantized, stats, calibration, layer.name, centered, refit_codebooks)
-    if not centered:
-        return LayerFit(quantized)
-    return LayerFit(quantized, _corrected_bias(weight, quantized, stats, layer.module.bias))
+    return quantized
+
+
+def _objective(delta: torch.Tensor, stats: LayerStatistics, calibration: CalibrationConfig, centered: bool) -> float:
+    """Output error of a (R, n) weight error: ``tr(D (H + weight_ridge mean(diag H) I) D^T)`` with the Gram, or
+    ``sum_j E[x_j^2] D_j^2`` with second moments only (one input group)."""
+    blocks = stats.gram_blocks(0, centered)
+    if blocks is None:
+        return float((delta.square() * stats.second_moments(centered)[0]).sum())
+    grams = [ridge_gram(block, calibration.weight_ridge) for block in blocks]
+    return float(output_error(delta, grams).sum())
 
 
 def _corrected_bias(
-    weight: torch.Tensor, quantized: QuantizedTensor, stats: LayerStatistics, bias: torch.Tensor
+    weight: torch.Tensor, effective: torch.Tensor, stats: LayerStatistics, bias: torch.Tensor
 ) -> torch.Tensor:
-    """``b + (W - Q) E[x]`` per output (row ``r`` reads the mean input of its group), in the bias's dtype."""
+    """``b + (W - W_hat) E[x]`` per output (row ``r`` reads the mean input of its group), in the bias's dtype;
+    ``effective`` is the (out, n) float64 stored approximation ``W_hat`` of ``weight``."""
     rows = weight.shape[0]
-    delta = weight.detach().reshape(rows, -1).to(torch.float64) - quantized.dequantize(torch.float64).reshape(rows, -1)
+    delta = weight.detach().reshape(rows, -1).to(torch.float64) - effective
     mean = stats.mean().repeat_interleave(rows // stats.groups, dim=0)  # (out, n)
     shift = (delta * mean).sum(dim=1)
     return (bias.detach().to(torch.float64) + shift).to(bias.dtype)

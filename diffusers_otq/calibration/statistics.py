@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..functional.moments import ConvGeometry, NonFiniteInput, accumulate_moments, gram_block_sizes
+from ..functional.rotation import rotate_channel_gram, rotate_channel_vector
 from .config import CalibrationError
 from .probes import ProbeInputs
 
@@ -151,6 +152,43 @@ class LayerStatistics:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def rotated(self, signs: torch.Tensor, block: int, taps: int, name: str = "layer") -> LayerStatistics:
+        """The statistics of the rotated inputs ``x' = (R (x) I_taps) x`` (see :mod:`~diffusers_otq.structure`).
+
+        Means and Gram blocks rotate exactly when every Gram block covers whole Hadamard blocks of channels
+        (``block * taps`` inputs, aligned); the second moments become the diagonal of the rotated Gram, scaled
+        to the rows ``sum_sq`` counts. Needs one input group and a Gram.
+
+        Raises:
+            CalibrationError: no Gram, several input groups, or Gram blocks that cut through a Hadamard block.
+        """
+        if self.gram is None or self.groups != 1:
+            raise CalibrationError(
+                f"layer {name!r}: a calibrated input rotation needs the Gram of one input group (gram='auto' or "
+                "'full', groups=1); collect the statistics with a Gram, or disable the rotation for this layer."
+            )
+        span = block * taps
+        starts = [0]
+        for b in self.gram[:-1]:
+            starts.append(starts[-1] + b.shape[-1])
+        if any(start % span or b.shape[-1] % span for start, b in zip(starts, self.gram, strict=True)):
+            raise CalibrationError(
+                f"layer {name!r}: the Gram blocks {[b.shape[-1] for b in self.gram]} cut through the rotation's "
+                f"Hadamard blocks of {block} channels x {taps} taps; use a smaller rotation_block or "
+                "CalibrationConfig(max_gram_block=...) that is a multiple of it."
+            )
+        signs = signs.to(torch.float64).to(self.sum_x.device)
+        gram = []
+        for start, b in zip(starts, self.gram, strict=True):
+            channel_signs = signs[start // taps : (start + b.shape[-1]) // taps]
+            gram.append(rotate_channel_gram(b[0], channel_signs, block, taps)[None])
+        diagonal = torch.cat([g[0].diagonal() for g in gram])[None]
+        scale = self.count / self.gram_count.clamp_min(torch.finfo(torch.float64).tiny)
+        return LayerStatistics(
+            rotate_channel_vector(self.sum_x, signs, block, taps), diagonal * scale, self.count.clone(), tuple(gram),
+            rotate_channel_vector(self.gram_sum, signs, block, taps), self.gram_count.clone(),
+        )  # fmt: skip
 
 
 class CalibrationStatistics(Mapping[str, LayerStatistics]):

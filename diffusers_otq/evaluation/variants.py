@@ -261,12 +261,12 @@ def _deploy_ours(
     layers, stored_bits, quantized_numel = [], 0.0, 0
     for name, module in model.named_modules():
         if isinstance(module, OTQLayerMixin):
-            qweight = module.quantized_weight()
-            layers.append(_layer_row(name, originals[name], qweight.dequantize(torch.float32)))
+            # the effective weight and every stored byte (low-rank factors and rotation signs included)
+            layers.append(_layer_row(name, originals[name], module.dequantize_weight(torch.float32)))
             if variant.mixed:
-                layers[-1]["setting"] = _setting(qweight)
-            stored_bits += qweight.nbytes * 8
-            quantized_numel += qweight.numel
+                layers[-1]["setting"] = _setting(module.quantized_weight())
+            stored_bits += module.nbytes * 8
+            quantized_numel += module.weight_shape.numel()
     summary = _summary(layers, stored_bits, quantized_numel, float_numel, seconds)
     if variant.calibrated:
         summary["calibrate_s"] = float(statistics.info.get("seconds", math.nan))
