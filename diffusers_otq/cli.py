@@ -3,6 +3,7 @@
 diffusers-otq demo                                   # bundled model, ot at 2/3/4 bits vs the paper's baselines
 diffusers-otq quantize otq/fashion-mnist-unet out/ --bits 3
 diffusers-otq quantize otq/fashion-mnist-dit out/ --bits-per-weight 2.5 --calibrate   # calibrated, mixed precision
+diffusers-otq quantize otq/fashion-mnist-dit out/ --bits 2 --calibrate --refine-steps 300  # + refinement
 diffusers-otq quantize path/to/sd3 out/ --bits 3 --calibrate --prompts prompts.txt
 diffusers-otq quantize path/to/sd3 out/ --bits 3 --components transformer --push-to-hub me/sd3-otq3
 diffusers-otq generate out/ --num-images 20 --class-labels 0 1 2 --output samples/
@@ -199,6 +200,9 @@ def _config_from_args(args: argparse.Namespace) -> OTQConfig:
             group_size=args.group_size,
             modules_to_not_convert=args.modules_to_not_convert or None,
             bits_per_weight=args.bits_per_weight,
+            rank=args.rank,
+            rotation=args.rotate,
+            rotation_block=args.rotation_block,
         )
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from None
@@ -223,6 +227,7 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
         "--num-samples": args.num_samples,
         "--calibration-steps": args.calibration_steps,
         "--save-statistics": args.save_statistics,
+        "--refine-steps": args.refine_steps,
     }
     given = [flag for flag, value in calibration_flags.items() if value is not None]
     if not args.calibrate:
@@ -237,6 +242,7 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
             num_inference_steps=args.calibration_steps,
             seed=args.seed,
             error_feedback=not args.no_error_feedback,
+            refine_steps=args.refine_steps or 0,
         )
     except ValueError as err:
         raise CLIError(str(err)) from None
@@ -372,6 +378,13 @@ def _record_lines(record: dict) -> list[str]:
         plan = record["bits_per_weight"]
         settings = ", ".join(f"{n} x {label}" for label, n in plan["layers"].items())
         lines.append(f"  bits budget {plan['budget']}: reached {plan['reached']:.3f} ({settings})")
+    if "refinement" in record:
+        r = record["refinement"]
+        stopped = f"; stopped: {r['stopped']}" if r.get("stopped") else ""
+        lines.append(
+            f"  refinement: {r['steps']} steps in {r['seconds']:.1f} s, teacher loss {r['loss_before']:.4g} -> "
+            f"{r['loss_after']:.4g}{stopped}"
+        )
     return lines
 
 
@@ -447,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B",
         help="a bits budget instead of --bits: per-layer bits and granularity chosen to meet B bits/weight",
     )
+    structure = quantize.add_argument_group("structure beyond rounding")
+    structure.add_argument("--rank", type=int, default=0, help="16-bit low-rank branch of this rank per layer")
+    structure.add_argument("--rotate", action="store_true", help="randomized Hadamard rotation of layer inputs")
+    structure.add_argument("--rotation-block", type=int, default=None, help="Hadamard block (default: per layer)")
     calibrate = quantize.add_argument_group("calibration (fit each layer to its output on the model's own samples)")
     calibrate.add_argument("--calibrate", action="store_true", help="sample with the full-precision pipeline first")
     calibrate.add_argument("--prompts", default=None, metavar="FILE", help="text prompts, one per line (SD3, Flux)")
@@ -460,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--seed", type=int, default=1234, help="noise seed of the calibration samples")
     calibrate.add_argument("--no-error-feedback", action="store_true", help="activation-weighted codebooks only")
     calibrate.add_argument("--save-statistics", default=None, metavar="FILE", help="keep the statistics for reuse")
+    calibrate.add_argument(
+        "--refine-steps", type=int, default=None, help="train codebooks/biases against the fp velocity (e.g. 300)"
+    )
     calibrate.add_argument(
         "--statistics", default=None, metavar="FILE", help="reuse saved statistics instead of sampling"
     )

@@ -132,6 +132,8 @@ def model_card(obj: Any, save_directory: str | os.PathLike, repo_id: str, base_m
         quantization_config=json.dumps(shown_configs, indent=2, sort_keys=True),
         calibration=_calibration_text(provenance.get("calibration")),
         budget=_budget_text(provenance.get("bits_per_weight")),
+        structure=_structure_text(layers),
+        refinement=_refinement_text(provenance.get("refinement")),
         settings=settings if mixed else [],
         settings_summary=", ".join(f"{n} x {s}" for s, n in sorted(Counter(s for _, s in settings).items())),
     )
@@ -147,7 +149,30 @@ def _provenance(configs: dict[str, dict]) -> dict:
 
 def _setting(layer: OTQLayerMixin) -> str:
     text = f"{layer.bits}-bit {layer.granularity}"
-    return text + (f" {layer.group_size}" if layer.group_size else "")
+    text += f" {layer.group_size}" if layer.group_size else ""
+    text += f" + rank {layer.rank}" if layer.rank else ""
+    return text + (" rotated" if layer.rotation_block else "")
+
+
+def _structure_text(layers: list[OTQLayerMixin]) -> str:
+    """Which layers carry a low-rank branch or an input rotation (counted in the bits per weight), or ""."""
+    ranks = Counter(m.rank for m in layers if m.rank)
+    rotated = sum(1 for m in layers if m.rotation_block)
+    parts = [f"{n} layer(s) with a rank-{r} 16-bit branch" for r, n in sorted(ranks.items())]
+    if rotated:
+        parts.append(f"{rotated} layer(s) with a randomized Hadamard input rotation")
+    return "; ".join(parts)
+
+
+def _refinement_text(record: dict | None) -> str:
+    if not record:
+        return ""
+    text = (
+        f"{record['steps']} Adam steps (lr {record.get('lr')}) on the full-precision model's velocity along "
+        f"{record.get('samples')} sampled trajectories; teacher loss {record['loss_before']:.4g} -> "
+        f"{record['loss_after']:.4g}"
+    )
+    return text + (f" (stopped early: {record['stopped']})" if record.get("stopped") else "")
 
 
 def _calibration_text(record: dict | None) -> str:

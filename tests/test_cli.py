@@ -74,6 +74,7 @@ def test_quantize_with_calibration_and_a_bits_budget(
     from safetensors.torch import load_file
 
     first = load_file(tmp_path / "q" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert "refinement" not in config.provenance
     second = load_file(tmp_path / "again" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
@@ -139,6 +140,9 @@ def test_generate_writes_pngs(bundle: Path, tmp_path: Path) -> None:
         (["quantize", "{tmp}", "{tmp}/out"], r"is not a diffusers model or pipeline folder"),
         (["quantize", "{bundle}", "{tmp}/out", "--bits", "9"], r"bits=9 is out of range"),
         (["quantize", "{bundle}", "{tmp}/out", "--prompts", "p.txt"], r"--prompts only apply with --calibrate"),
+        (["quantize", "{bundle}", "{tmp}/out", "--refine-steps", "5"], r"--refine-steps only apply with --calibrate"),
+        (["quantize", "{bundle}", "{tmp}/out", "--rank", "-2"], r"rank=-2 must be an int >= 0"),
+        (["quantize", "{bundle}", "{tmp}/out", "--rotate", "--rotation-block", "24"], r"rotation_block=24 must be"),
         (
             ["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--prompts", "{tmp}/none.txt"],
             r"cannot read --prompts",
@@ -166,3 +170,19 @@ def test_console_script_is_installed() -> None:
     executable = shutil.which("diffusers-otq") or str(Path(sys.executable).parent / "diffusers-otq")
     result = subprocess.run([executable, "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("diffusers-otq ")
+
+
+def test_quantize_with_structure_and_refinement(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["quantize", str(bundle), str(tmp_path / "q"), "--bits", "2", "--rank", "2", "--rotate", "--calibrate",
+            "--num-samples", "4", "--calibration-steps", "2", "--refine-steps", "3"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "refinement: 3 steps" in out and "teacher loss" in out
+    pipe = FlowMatchPipeline.from_pretrained(tmp_path / "q")
+    layers = [m for m in pipe.transformer.modules() if hasattr(m, "rank")]
+    assert any(m.rank == 2 for m in layers) and any(m.rotation_block for m in layers)
+    from diffusers_otq.hub import model_card
+
+    card = str(model_card(pipe, tmp_path / "q", "me/fm-dit-otq2"))
+    assert "refinement (codes frozen) | 3 Adam steps" in card and "rank-2 16-bit branch" in card
+    assert "randomized Hadamard input rotation" in card

@@ -3,7 +3,8 @@
 It sits between model conversion (:mod:`diffusers_otq.convert`, :mod:`diffusers_otq.api`) and the pipelines: it
 drives a full-precision pipeline, records each selected layer's input statistics with forward hooks
 (:mod:`.sampling`, :mod:`.statistics`), fits codebooks to the layers' output error (:mod:`.fit`) and spends a
-bits budget where it matters (:mod:`.allocation`). The math lives in :mod:`diffusers_otq.functional`
+bits budget where it matters (:mod:`.allocation`); refinement (:mod:`.refine`) then trains the float parameters of
+the quantized layers against the full-precision model's velocity, codes frozen. The math lives in :mod:`diffusers_otq.functional`
 (``moments``, ``error_feedback``, ``allocation``); everything produces the ordinary packed format.
 """
 
@@ -11,6 +12,7 @@ from .allocation import BitsPlan, LayerChoice, plan_bits
 from .api import calibrate, quantize_model, quantize_pipeline
 from .config import CalibrationConfig, CalibrationError
 from .probes import ProbeInputs
+from .refine import RefineReport, TeacherCalls, refine_model
 from .statistics import CalibrationStatistics, LayerStatistics
 
 
@@ -22,8 +24,11 @@ __all__ = [
     "LayerChoice",
     "LayerStatistics",
     "ProbeInputs",
+    "RefineReport",
+    "TeacherCalls",
     "calibrate",
     "plan_bits",
     "quantize_model",
     "quantize_pipeline",
+    "refine_model",
 ]

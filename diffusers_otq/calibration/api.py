@@ -20,7 +20,8 @@ from ..convert import LayerReport
 from .allocation import plan_bits
 from .config import CalibrationConfig
 from .fit import calibrated_quantizer
-from .sampling import collect_statistics, denoiser_of
+from .refine import RefineReport, TeacherCalls, refine_model
+from .sampling import collect_statistics, denoiser_of, record_teacher_calls
 from .statistics import CalibrationStatistics
 
 
@@ -47,6 +48,7 @@ def quantize_model(
     *,
     statistics: CalibrationStatistics | None = None,
     calibration: CalibrationConfig | None = None,
+    teacher: TeacherCalls | None = None,
     progress: bool = True,
     compute_metrics: bool = True,
     **config_kwargs: Any,
@@ -64,7 +66,10 @@ def quantize_model(
         statistics: calibration statistics of this model (:func:`calibrate`, or
             ``CalibrationStatistics.load``); with them every layer is fitted to its output error on those
             inputs (activation-weighted codebooks, then error feedback when they hold a Gram). None: data-free.
-        calibration: fit settings (damping, error feedback, refit rounds, sensitivity); defaults when None.
+        calibration: fit settings (damping, error feedback, refit rounds, sensitivity, refinement); defaults
+            when None.
+        teacher: the full-precision model's recorded calls and outputs, needed by ``calibration.refine_steps``
+            (:func:`quantize_pipeline` records it; or ``TeacherCalls.record(float_model, calls)``).
         progress: show progress bars.
         compute_metrics: measure relative MSE and W2 per layer for the reports and log.
 
@@ -94,10 +99,26 @@ def quantize_model(
         config = plan.resolved_config(config, provenance)
     elif provenance:
         config = OTQConfig.from_dict({**config.to_dict(), "provenance": provenance})
+    if calibration.refine_steps and teacher is None:
+        refine_model(model, None, calibration)  # raises: names what a teacher is and how to get one
     quantizer = calibrated_quantizer(statistics, calibration) if statistics is not None else None
     reports = _convert_model(model, config, progress=progress, compute_metrics=compute_metrics, quantizer=quantizer)
+    if calibration.refine_steps:
+        report = refine_model(model, teacher, calibration)
+        _record_refinement(model, report, calibration)
     logger.info("Quantized %s in %.1f s", type(model).__name__, time.perf_counter() - started)
     return reports
+
+
+def _record_refinement(model: nn.Module, report: RefineReport, calibration: CalibrationConfig) -> None:
+    """Add the refinement settings and outcome to the saved config's provenance (cards show it)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None)
+    if not isinstance(config, OTQConfig):
+        return
+    record = {**report.describe(), "lr": calibration.refine_lr, "batch_size": calibration.refine_batch_size,
+              "samples": calibration.refine_samples}  # fmt: skip
+    config.provenance = {**(config.provenance or {}), "refinement": record}
 
 
 def _fit_record(calibration: CalibrationConfig, statistics: CalibrationStatistics) -> dict[str, Any]:
@@ -156,11 +177,15 @@ def quantize_pipeline(
     denoiser = denoiser_of(pipe)
     if statistics is None and calibration is not None:
         statistics = collect_statistics(pipe, config, calibration, model=denoiser)
+    teacher = None
+    if calibration is not None and calibration.refine_steps:
+        teacher = TeacherCalls.record(denoiser, record_teacher_calls(pipe, calibration, model=denoiser))
     return quantize_model(
         denoiser,
         config,
         statistics=statistics,
         calibration=calibration,
+        teacher=teacher,
         progress=progress,
         compute_metrics=compute_metrics,
     )

@@ -92,6 +92,13 @@ class CalibrationConfig:
             are recorded only with ``sensitivity="velocity"``.
         unseen_layers: a selected layer no calibration input reached: ``"error"`` (default) or ``"data-free"``
             (quantize it without statistics, with a warning).
+        refine_steps: Adam steps of refinement after quantization (0: none): with the codes frozen, codebooks,
+            group-scale maxima, low-rank factors and biases are trained to match the full-precision model's
+            velocity on its own trajectories (:mod:`diffusers_otq.calibration.refine`).
+        refine_lr: Adam learning rate of refinement.
+        refine_batch_size: rows of a recorded denoiser call per refinement step.
+        refine_samples: samples of the teacher batch whose denoiser calls (every step) refinement trains on.
+        refine_eval_every: steps between measurements of the reported teacher loss (the best is kept).
         progress: show progress bars.
     """
 
@@ -123,6 +130,11 @@ class CalibrationConfig:
     num_probe_inputs: int = 4
     num_probe_samples: int = 8
     unseen_layers: str = "error"
+    refine_steps: int = 0
+    refine_lr: float = 1e-4
+    refine_batch_size: int = 16
+    refine_samples: int = 32
+    refine_eval_every: int = 50
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -206,6 +218,13 @@ class CalibrationConfig:
             raise CalibrationError(
                 f"unseen_layers={self.unseen_layers!r} is unknown; expected one of {list(UNSEEN_POLICIES)}."
             )
+        if self.refine_steps != 0:
+            _positive_int(self.refine_steps, "refine_steps", 300)
+        if _non_negative_float(self.refine_lr, "refine_lr", 1e-4) <= 0:
+            raise CalibrationError(f"refine_lr={self.refine_lr!r} must be > 0, e.g. refine_lr=1e-4.")
+        _positive_int(self.refine_batch_size, "refine_batch_size", 16)
+        _positive_int(self.refine_samples, "refine_samples", 32)
+        _positive_int(self.refine_eval_every, "refine_eval_every", 50)
 
     @property
     def records_gram(self) -> bool:
@@ -240,4 +259,5 @@ class CalibrationConfig:
             "refit_rounds": self.refit_rounds if self.error_feedback else 0,
             "act_order": self.act_order,
             "bias_correction": self.bias_correction,
+            "refine_steps": self.refine_steps,
         }

@@ -42,7 +42,7 @@ from .statistics import (
 )
 
 
-__all__ = ["collect_statistics", "denoiser_of", "selected_layers"]
+__all__ = ["collect_statistics", "denoiser_of", "record_teacher_calls", "selected_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -423,6 +423,41 @@ def _probe_batch(
     finally:
         handle.remove()
     return probes
+
+
+_TEACHER_BATCH = 1 << 20  # batch index of the teacher's trajectories: noise no statistics batch uses
+
+
+def record_teacher_calls(
+    target: Any, calibration: CalibrationConfig, *, model: nn.Module | None = None
+) -> ProbeInputs:
+    """Every denoiser call of one sampling run of ``calibration.refine_samples`` samples (class labels or prompts,
+    as calibration samples them; its own noise), recorded for refinement. ``target`` must be a pipeline.
+
+    Raises:
+        CalibrationError: ``target`` is a bare model or a ``forward_fn`` calibration (no trajectories to record).
+    """
+    if calibration.forward_fn is not None or isinstance(target, nn.Module):
+        raise CalibrationError(
+            "refinement needs a teacher: the full-precision pipeline's own trajectories. Pass the pipeline "
+            "(quantize_pipeline(pipe, config, CalibrationConfig(refine_steps=...))), not a bare model or forward_fn."
+        )
+    model = model if model is not None else denoiser_of(target)
+    _, run_batch, _, _, _ = _batch_runner(target, calibration)
+    calls = ProbeInputs()
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.record(args, kwargs)
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with _quiet_progress(target), eval_mode(model), torch.no_grad():
+            run_batch(_TEACHER_BATCH, size=calibration.refine_samples)
+    finally:
+        handle.remove()
+    if not calls:
+        raise CalibrationError(f"sampling with {type(target).__name__} never called its denoiser; nothing to learn.")
+    return calls
 
 
 def _sigma(args: tuple, kwargs: dict, scale: float) -> float | None:

@@ -1,0 +1,262 @@
+"""Refinement: with the codes frozen, fit the quantized model's float parameters to the teacher's velocity.
+
+The teacher is the full-precision model itself: before quantization, :func:`record_teacher` runs it along its
+own sampling trajectories (class labels or prompts, as calibration does) and keeps every denoiser call's
+inputs and output. :func:`refine_model` then trains, with Adam on those calls, the float parameters of the
+quantized layers:
+
+* the codebooks (float32 copies of the stored rows; re-sorted with their codes and stored back in their
+  storage dtype afterwards, so the packed format is unchanged),
+* the per-row group-scale maxima (``scale_max``, stored in float32),
+* the low-rank factors, and the layers' biases,
+
+minimising the relative velocity error ``sum ||v_student - v_teacher||^2 / sum ||v_teacher||^2`` on random
+sub-batches of the recorded calls. The loss it reports is measured on all recorded calls before, during (every
+``refine_eval_every`` steps) and after training; the parameters with the lowest reported loss are kept, so
+refinement never makes it worse. A NaN/Inf loss or gradient stops training at that step, keeps the last good
+parameters and says which step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..functional.packing import pack_codes
+from ..layers import OTQLayerMixin
+from .config import CalibrationConfig, CalibrationError
+from .probes import ProbeInputs, eval_mode, model_output
+
+
+__all__ = ["RefineReport", "TeacherCalls", "refine_model"]
+
+logger = logging.getLogger(__name__)
+
+_TRAINABLE_BUFFERS = ("codebook", "scale_max", "lowrank_up", "lowrank_down")
+
+
+@dataclass
+class TeacherCalls:
+    """Recorded denoiser calls of the full-precision model and its outputs (the refinement targets)."""
+
+    inputs: ProbeInputs
+    outputs: list[torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.outputs) or not self.outputs:
+            raise CalibrationError(
+                f"a teacher needs recorded calls with their outputs; got {len(self.inputs)} calls and "
+                f"{len(self.outputs)} outputs. Record them with record_teacher(...) before quantizing."
+            )
+
+    @classmethod
+    def record(cls, model: nn.Module, inputs: ProbeInputs) -> TeacherCalls:
+        """Run the (full-precision) ``model`` on every recorded call and keep its outputs."""
+        with eval_mode(model), torch.no_grad():
+            outputs = [model_output(model, args, kwargs).detach().float().cpu() for args, kwargs in inputs.calls]
+        return cls(inputs, outputs)
+
+    @property
+    def rows(self) -> int:
+        return sum(out.shape[0] for out in self.outputs)
+
+
+@dataclass(frozen=True)
+class RefineReport:
+    """What refinement did: the reported teacher loss before and after, steps run, where it stopped and why."""
+
+    loss_before: float
+    loss_after: float
+    steps: int
+    best_step: int
+    seconds: float
+    stopped: str | None = None  # why training stopped early (e.g. NaN at step 37), or None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "steps": self.steps,
+            "best_step": self.best_step,
+            "seconds": round(self.seconds, 3),
+            "stopped": self.stopped,
+        }
+
+
+def _slice_call(args: tuple, kwargs: dict, rows: torch.Tensor, batch: int) -> tuple[tuple, dict]:
+    """The call restricted to ``rows`` of its batch (tensors whose first dimension is the batch)."""
+
+    def pick(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value[rows]
+        return value
+
+    return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
+
+
+@contextmanager
+def _trainable(layers: list[OTQLayerMixin]) -> Iterator[list[torch.Tensor]]:
+    """Swap each layer's float buffers for float32 leaves that require grad (and make biases trainable);
+    yields the parameters. On exit the buffers are float32 tensors without grad; :func:`_store` casts them."""
+    params: list[torch.Tensor] = []
+    bias_flags = []
+    for layer in layers:
+        for name in _TRAINABLE_BUFFERS:
+            buffer = layer._buffers.get(name)
+            if buffer is not None:
+                leaf = buffer.detach().to(torch.float32).clone().requires_grad_(True)
+                layer._buffers[name] = leaf
+                params.append(leaf)
+        bias_flags.append(None if layer.bias is None else layer.bias.requires_grad)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(True)
+            params.append(layer.bias)
+    try:
+        yield params
+    finally:
+        for layer, flag in zip(layers, bias_flags, strict=True):
+            for name in _TRAINABLE_BUFFERS:
+                if layer._buffers.get(name) is not None:
+                    layer._buffers[name] = layer._buffers[name].detach()
+            if layer.bias is not None:
+                layer.bias.grad = None
+                layer.bias.requires_grad_(bool(flag))
+
+
+def _store(layer: OTQLayerMixin, dtypes: dict[str, torch.dtype]) -> None:
+    """Write refined float32 buffers back in their storage dtypes; codebook rows re-sorted with their codes."""
+    codebook = layer._buffers["codebook"].to(dtypes["codebook"])
+    order = codebook.float().argsort(dim=1)
+    if not torch.equal(order, torch.arange(codebook.shape[1]).expand_as(order)):
+        quantized = layer.quantized_weight()
+        rank = order.argsort(dim=1)  # old index -> new position
+        codes = quantized.codes().to(torch.int64)
+        codes = rank[0][codes] if codebook.shape[0] == 1 else rank.gather(1, codes)
+        layer._buffers["packed"] = pack_codes(codes.reshape(-1).to(torch.uint8), layer.bits)
+        codebook = codebook.gather(1, order)
+    layer._buffers["codebook"] = codebook.contiguous()
+    for name in ("scale_max", "lowrank_up", "lowrank_down"):
+        if layer._buffers.get(name) is not None:
+            layer._buffers[name] = layer._buffers[name].to(dtypes[name]).contiguous()
+
+
+def _snapshot(layers: list[OTQLayerMixin]) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for layer in layers:
+        state = {
+            n: layer._buffers[n].detach().clone() for n in _TRAINABLE_BUFFERS if layer._buffers.get(n) is not None
+        }
+        if layer.bias is not None:
+            state["bias"] = layer.bias.detach().clone()
+        out.append(state)
+    return out
+
+
+def _restore(layers: list[OTQLayerMixin], snapshot: list[dict[str, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for layer, state in zip(layers, snapshot, strict=True):
+            for name, value in state.items():
+                target = layer.bias if name == "bias" else layer._buffers[name]
+                target.copy_(value)
+
+
+def _loss(model: nn.Module, teacher: TeacherCalls, device: torch.device) -> float:
+    """The reported teacher loss: relative velocity error over every recorded call (float64 sums)."""
+    num = den = 0.0
+    with torch.no_grad():
+        for (args, kwargs), target in zip(teacher.inputs.calls, teacher.outputs, strict=True):
+            out = model_output(model, args, kwargs).double()
+            ref = target.to(device=out.device, dtype=torch.float64)
+            num += float((out - ref).square().sum())
+            den += float(ref.square().sum())
+    return num / den if den > 0 else 0.0
+
+
+def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: CalibrationConfig) -> RefineReport:
+    """Train the quantized ``model``'s float parameters (codes frozen) to match ``teacher`` (see module doc).
+
+    Args:
+        model: a model whose selected layers are already OTQ layers.
+        teacher: the full-precision model's recorded calls and outputs.
+        calibration: ``refine_steps``, ``refine_lr``, ``refine_batch_size``, ``refine_eval_every``, ``seed``.
+
+    Returns:
+        A :class:`RefineReport`; the model holds the parameters with the lowest reported loss.
+
+    Raises:
+        CalibrationError: no teacher, or no OTQ layer in ``model``.
+    """
+    if teacher is None:
+        raise CalibrationError(
+            "refinement needs a teacher: the full-precision model's velocity along its own trajectories. Use "
+            "quantize_pipeline(pipe, config, CalibrationConfig(refine_steps=...)) (it records the teacher before "
+            "quantizing), or pass teacher=TeacherCalls.record(float_model, calls)."
+        )
+    layers = [m for m in model.modules() if isinstance(m, OTQLayerMixin)]
+    if not layers:
+        raise CalibrationError(f"{type(model).__name__} has no OTQ layer to refine; quantize it first.")
+    device = next(model.parameters(), layers[0].packed).device
+    dtypes = [{n: layer._buffers[n].dtype for n in _TRAINABLE_BUFFERS if layer._buffers.get(n) is not None}
+              for layer in layers]  # fmt: skip
+    stored = [{n: t.clone() for n, t in layer._buffers.items() if t is not None} for layer in layers]
+    stored_bias = [None if layer.bias is None else layer.bias.detach().clone() for layer in layers]
+    generator = torch.Generator().manual_seed(calibration.seed)
+    started = time.perf_counter()
+    steps, every = calibration.refine_steps, calibration.refine_eval_every
+    stopped, ran = None, 0
+    with eval_mode(model), _trainable(layers) as params:
+        before = _loss(model, teacher, device)
+        best, best_step, best_state = before, 0, _snapshot(layers)
+        optimizer = torch.optim.Adam(params, lr=calibration.refine_lr)
+        bar = tqdm(range(1, steps + 1), desc="OTQ refine", unit="step", disable=not calibration.progress)
+        for step in bar:
+            ran = step
+            call = int(torch.randint(len(teacher.outputs), (1,), generator=generator))
+            (args, kwargs), target = teacher.inputs.calls[call], teacher.outputs[call]
+            batch = target.shape[0]
+            rows = torch.randperm(batch, generator=generator)[: calibration.refine_batch_size]
+            sub_args, sub_kwargs = _slice_call(args, kwargs, rows, batch)
+            ref = target[rows].to(device)
+            out = model_output(model, sub_args, sub_kwargs).float()
+            loss = (out - ref).square().sum() / ref.square().sum().clamp_min(1e-30)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+            if not math.isfinite(float(loss)) or not grads_finite:
+                stopped = f"non-finite {'loss' if not math.isfinite(float(loss)) else 'gradient'} at step {step}"
+                logger.warning("Refinement stopped: %s; keeping the best parameters (step %d).", stopped, best_step)
+                break
+            optimizer.step()
+            if step % every == 0 or step == steps:
+                current = _loss(model, teacher, device)
+                if math.isfinite(current) and current < best:
+                    best, best_step, best_state = current, step, _snapshot(layers)
+                bar.set_postfix(loss=f"{current:.4g}", best=f"{best:.4g}")
+        bar.close()
+        _restore(layers, best_state)
+    for layer, layer_dtypes in zip(layers, dtypes, strict=True):
+        _store(layer, layer_dtypes)
+    after = _loss(model, teacher, device)  # after storage rounding: what the saved model reports
+    if after > before:  # storage rounding undid a marginal gain: put the unrefined layers back exactly
+        for layer, buffers, bias in zip(layers, stored, stored_bias, strict=True):
+            layer._buffers.update(buffers)
+            if bias is not None:
+                with torch.no_grad():
+                    layer.bias.copy_(bias)
+        after, best_step = before, 0
+    report = RefineReport(before, after, ran, best_step, time.perf_counter() - started, stopped)
+    logger.info(
+        "Refined %d layers in %.1f s: teacher loss %.4g -> %.4g (best at step %d%s)",
+        len(layers), report.seconds, report.loss_before, report.loss_after, best_step,
+        f"; {stopped}" if stopped else "",
+    )  # fmt: skip
+    return report

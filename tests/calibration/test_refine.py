@@ -1,0 +1,111 @@
+"""Refinement: the teacher loss it reports goes down (never up), the format is unchanged, NaN stops it cleanly."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_otq import CalibrationConfig, CalibrationError, OTQConfig, quantize_model, quantize_pipeline
+from diffusers_otq.calibration import ProbeInputs, TeacherCalls, refine_model
+from diffusers_otq.calibration.sampling import record_teacher_calls
+from diffusers_otq.layers import OTQLayerMixin
+
+from .helpers import quick, sample, unet_pipeline
+
+
+def _refined(steps: int = 12, **overrides):
+    pipe = unet_pipeline()
+    calibration = quick(refine_steps=steps, refine_samples=4, refine_batch_size=4, refine_eval_every=4,
+                        refine_lr=1e-3, **overrides)  # fmt: skip
+    quantize_pipeline(pipe, OTQConfig(bits=2), calibration, progress=False, compute_metrics=False)
+    return pipe, pipe.transformer.config["quantization_config"].provenance["refinement"]
+
+
+def test_refinement_lowers_the_reported_teacher_loss_and_keeps_the_format(tmp_path: Path) -> None:
+    pipe, record = _refined()
+    assert record["loss_after"] < record["loss_before"] and record["steps"] == 12 and record["stopped"] is None
+    layers = [m for m in pipe.transformer.modules() if isinstance(m, OTQLayerMixin)]
+    for layer in layers:  # stored exactly as an unrefined checkpoint: 16-bit, ascending codebook rows
+        assert layer.codebook.dtype == torch.float16 and not layer.codebook.requires_grad
+        assert bool((layer.codebook[:, 1:] >= layer.codebook[:, :-1]).all())
+        assert layer.bias is None or layer.bias.grad is None  # no gradient left behind
+    plain = unet_pipeline()
+    quantize_pipeline(plain, OTQConfig(bits=2), quick(), progress=False, compute_metrics=False)
+    assert any(not torch.equal(a.codebook, b.codebook) for a, b in zip(
+        layers, [m for m in plain.transformer.modules() if isinstance(m, OTQLayerMixin)], strict=True))  # fmt: skip
+    images = sample(pipe)
+    pipe.save_pretrained(tmp_path / "refined")
+    script = textwrap.dedent(
+        f"""
+        from safetensors.torch import save_file
+        from diffusers_otq import FlowMatchPipeline
+        from tests.calibration.helpers import sample
+        pipe = FlowMatchPipeline.from_pretrained({str(tmp_path / "refined")!r})
+        pipe.set_progress_bar_config(disable=True)
+        save_file({{"images": sample(pipe).contiguous()}}, {str(tmp_path / "images.safetensors")!r})
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path.cwd())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(load_file(tmp_path / "images.safetensors")["images"], images)
+    saved = json.loads((tmp_path / "refined" / "transformer" / "config.json").read_text())
+    assert saved["quantization_config"]["provenance"]["refinement"]["steps"] == 12
+
+
+def test_refinement_is_deterministic_for_a_seed() -> None:
+    a, _ = _refined(steps=6)
+    b, _ = _refined(steps=6)
+    sa, sb = a.transformer.state_dict(), b.transformer.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_nan_stops_refinement_at_that_step_and_keeps_the_last_good_parameters(monkeypatch) -> None:
+    from diffusers_otq.calibration import refine
+
+    calls = {"n": 0}
+    original = refine.model_output
+
+    def poisoned(model, args, kwargs):
+        out = original(model, args, kwargs)
+        if torch.is_grad_enabled():  # training steps only (the reported loss runs without grad)
+            calls["n"] += 1
+            if calls["n"] == 9:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(refine, "model_output", poisoned)
+    _, record = _refined(steps=12)
+    assert record["stopped"] == "non-finite loss at step 9" and record["steps"] == 9
+    assert record["loss_after"] <= record["loss_before"] and math.isfinite(record["loss_after"])
+    assert record["best_step"] in (0, 4, 8)  # measured every 4 steps: good parameters from before the NaN
+
+
+def test_refinement_without_a_teacher_is_refused() -> None:
+    model = unet_pipeline().transformer
+    with pytest.raises(CalibrationError, match="refinement needs a teacher"):
+        quantize_model(model, OTQConfig(bits=2), calibration=CalibrationConfig(refine_steps=10), progress=False)
+    with pytest.raises(CalibrationError, match="refinement needs a teacher"):
+        record_teacher_calls(model, CalibrationConfig(refine_steps=10))
+    with pytest.raises(CalibrationError, match="recorded calls with their outputs"):
+        TeacherCalls(ProbeInputs(), [])
+    with pytest.raises(CalibrationError, match="no OTQ layer"):
+        teacher = TeacherCalls.record(model, record_teacher_calls(unet_pipeline(), quick(refine_samples=2)))
+        refine_model(model, teacher, quick(refine_steps=2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"refine_steps": -1}, "refine_steps=-1"), ({"refine_lr": 0.0}, "refine_lr=0.0"),
+     ({"refine_batch_size": 0}, "refine_batch_size=0")],
+)  # fmt: skip
+def test_bad_refinement_settings(kwargs: dict, match: str) -> None:
+    with pytest.raises(CalibrationError, match=match):
+        CalibrationConfig(**kwargs)
