@@ -407,22 +407,38 @@ def _probe_batch(
 ) -> ProbeInputs:
     """Record ``num_probe_inputs`` denoiser calls, evenly spread over the steps, of one small extra batch of
     ``num_probe_samples`` (batch index ``index``: its own noise). Every process runs it, so all hold the same."""
-    probes = ProbeInputs()
     every = max(1, (calls_per_batch or 1) // calibration.num_probe_inputs)
-    calls = {"n": 0}
+    return _record_calls(
+        model, target, run_batch, index, calibration.num_probe_samples,
+        keep=lambda seen, kept: seen % every == 0 and kept < calibration.num_probe_inputs,
+    )  # fmt: skip
+
+
+def _record_calls(
+    model: nn.Module,
+    target: Any,
+    run_batch: Callable[..., None],
+    index: int,
+    size: int,
+    keep: Callable[[int, int], bool],
+) -> ProbeInputs:
+    """Run batch ``index`` of ``size`` samples and record the denoiser calls ``keep(calls seen, calls kept)``
+    selects (eval mode, no grad, progress bars quiet)."""
+    calls = ProbeInputs()
+    seen = {"n": 0}
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if calls["n"] % every == 0 and len(probes) < calibration.num_probe_inputs:
-            probes.record(args, kwargs)
-        calls["n"] += 1
+        if keep(seen["n"], len(calls)):
+            calls.record(args, kwargs)
+        seen["n"] += 1
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with _quiet_progress(target), eval_mode(model), torch.no_grad():
-            run_batch(index, size=calibration.num_probe_samples)
+            run_batch(index, size=size)
     finally:
         handle.remove()
-    return probes
+    return calls
 
 
 _TEACHER_BATCH = 1 << 20  # batch index of the teacher's trajectories: noise no statistics batch uses
@@ -444,17 +460,9 @@ def record_teacher_calls(
         )
     model = model if model is not None else denoiser_of(target)
     _, run_batch, _, _, _ = _batch_runner(target, calibration)
-    calls = ProbeInputs()
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        calls.record(args, kwargs)
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with _quiet_progress(target), eval_mode(model), torch.no_grad():
-            run_batch(_TEACHER_BATCH, size=calibration.refine_samples)
-    finally:
-        handle.remove()
+    calls = _record_calls(
+        model, target, run_batch, _TEACHER_BATCH, calibration.refine_samples, lambda seen, kept: True
+    )
     if not calls:
         raise CalibrationError(f"sampling with {type(target).__name__} never called its denoiser; nothing to learn.")
     return calls
