@@ -232,3 +232,17 @@ def test_mixed_units_meet_their_budget(tiny_evaluator):
         assert plan["sensitivity"] == sensitivity and ("calibrate_s" in metrics) == variant.calibrated
         assert sum(plan["layers"].values()) == metrics["quantized_layers"]
         assert sorted(set(layer["setting"] for layer in metrics["layers"])) == sorted(plan["layers"])
+
+
+def test_refined_unit_records_the_refinement_and_never_raises_its_loss(tiny_evaluator, monkeypatch):
+    from diffusers_otq.evaluation import variants
+    from diffusers_otq.evaluation.config import Unit
+
+    monkeypatch.setattr(variants, "REFINE_STEPS", 4)
+    unit = Unit("tiny", Variant("ot-vp+ref", "mixed", 3.0), (("weights", 0),))
+    (row,) = tiny_evaluator.run_unit(unit, skip=set())
+    metrics = row["metrics"]
+    assert row["status"] == "ok" and row["family"] == "otq", row.get("error")
+    before, after = metrics["refine_loss"]
+    assert after <= before and 0 < metrics["refine_s"] <= metrics["quantize_s"]
+    assert tiny_evaluator.teacher("tiny") is tiny_evaluator.teacher("tiny")  # recorded once per process

@@ -367,7 +367,9 @@ def _ablation_section(rows: Sequence[dict[str, Any]], model: str) -> list[str]:
         "",
         "Data-free `ot-vp`, then fitted on the model's calibration statistics: activation-weighted codebooks "
         "(`ot-vp+aw`), plus GPTQ-style error feedback (`ot-vp+ef`), plus bias correction (`ot-vp+cal`, the full "
-        "calibration), at each granularity and code width a calibrated variant ran; then the `mixed` variants, "
+        "calibration), plus refinement of codebooks, scales and biases against the full-precision velocity with "
+        "the codes frozen (`ot-vp+ref`; its time is part of the quantization time), at each granularity and code "
+        "width a calibrated variant ran; then the `mixed` variants, "
         "whose per-layer bits and granularity are allocated under a bits/weight budget (data-free for `ot-vp`, "
         "from the statistics for the calibrated methods). Calibration time is the one-off collection of the "
         "model's statistics (shared by all its calibrated variants); quantization time is the fit, bits "

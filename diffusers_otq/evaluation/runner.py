@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..calibration import CalibrationConfig, CalibrationStatistics
+from ..calibration import CalibrationConfig, CalibrationStatistics, TeacherCalls
 from ..image_metrics import ssim
 from .config import EvalConfig, Unit
 from .peers import PeerUnavailable
 from .probes import bottleneck_features, feature_agreement, pca_statistics, velocity_outputs
-from .variants import family_of, quantize_variant
+from .variants import CALIBRATED, family_of, quantize_variant
 
 
 __all__ = ["CALIBRATION_NAME", "Evaluator", "ReferenceJob", "calibration_models", "reference_jobs", "slug"]
@@ -128,6 +128,7 @@ class Evaluator:
         self._pipes: dict = {}
         self._probe_reference: dict = {}
         self._statistics: dict[str, CalibrationStatistics] = {}
+        self._teachers: dict[str, TeacherCalls] = {}
         self._inception = None
 
     # ------------------------------------------------------------------------------------------ shared state
@@ -230,6 +231,18 @@ class Evaluator:
             statistics = self._calibrate(model, calibration, path)
         self._statistics[model] = statistics
         return statistics
+
+    def teacher(self, model: str) -> TeacherCalls:
+        """The full-precision denoiser's calls and outputs along ``refine_samples`` trajectories of its own
+        (:func:`~diffusers_otq.calibration.sampling.record_teacher_calls`, noise of its own), once per process;
+        deterministic, so every process and rerun refines against the same teacher."""
+        if model not in self._teachers:
+            from ..calibration.sampling import record_teacher_calls
+
+            fp = self.pipeline(model)
+            calls = record_teacher_calls(fp, self.config.calibration_config(), model=fp.transformer)
+            self._teachers[model] = TeacherCalls.record(fp.transformer, calls)
+        return self._teachers[model]
 
     def _calibrate(self, model: str, calibration: CalibrationConfig, path: Path) -> CalibrationStatistics:
         from ..calibration import calibrate
@@ -357,12 +370,15 @@ class Evaluator:
         if unit.variant is not None:
             try:
                 statistics = self.calibration_statistics(unit.model) if unit.calibrated else None
+                refined = unit.calibrated and CALIBRATED[unit.method].refine
+                teacher = self.teacher(unit.model) if refined else None
                 start = time.perf_counter()  # the weights row's time is the quantization's, not the calibration's
                 weights_metrics = quantize_variant(
                     pipe.transformer,
                     unit.variant,
                     statistics=statistics,
                     calibration=self.config.calibration_config(),
+                    teacher=teacher,
                 )
             except PeerUnavailable as err:
                 return _failed_rows(base, pending, "unavailable", str(err))

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import CalibrationConfig, CalibrationStatistics
+from ..calibration import CalibrationConfig, CalibrationStatistics, TeacherCalls
 from ..config import OTQConfig
 from ..convert import plan_layers
 from ..functional.fitters import METHODS
@@ -65,19 +65,26 @@ class CalibratedFit:
     fitter: str
     error_feedback: bool
     bias_correction: bool
+    refine: bool = False  # then train against the fp velocity (base.refine_steps, or REFINE_STEPS)
 
     def calibration(self, base: CalibrationConfig) -> CalibrationConfig:
         """``base`` (sampling sizes, seed, damping, ...) with this method's fit switches."""
-        return replace(base, error_feedback=self.error_feedback, bias_correction=self.bias_correction)
+        steps = (base.refine_steps or REFINE_STEPS) if self.refine else 0
+        return replace(
+            base, error_feedback=self.error_feedback, bias_correction=self.bias_correction, refine_steps=steps
+        )
 
 
 SCOPES: tuple[str, ...] = ("deploy", "paper")
 OURS: tuple[str, ...] = ("ot", "ot-vp")
-# The calibration ablation, in order: activation-weighted codebooks only, + error feedback, + bias correction.
+REFINE_STEPS = 300  # refinement steps of ot-vp+ref unless the evaluation's calibration section sets others
+# The calibration ablation, in order: activation-weighted codebooks only, + error feedback, + bias correction,
+# + refinement against the full-precision velocity (codes frozen).
 CALIBRATED: dict[str, CalibratedFit] = {
     "ot-vp+aw": CalibratedFit("ot-vp", error_feedback=False, bias_correction=False),
     "ot-vp+ef": CalibratedFit("ot-vp", error_feedback=True, bias_correction=False),
     "ot-vp+cal": CalibratedFit("ot-vp", error_feedback=True, bias_correction=True),  # CalibrationConfig() defaults
+    "ot-vp+ref": CalibratedFit("ot-vp", error_feedback=True, bias_correction=True, refine=True),
 }
 EVAL_METHODS: tuple[str, ...] = (*METHODS, *CALIBRATED)  # every method name a block may list
 MIXED = "mixed"  # the granularity of a bits-budget variant (per-layer bits and granularity chosen by the allocator)
@@ -225,9 +232,15 @@ def _setting(qweight: Any) -> str:
 def _plan_summary(model: nn.Module) -> dict[str, Any]:
     """The allocator's record of a mixed variant: ``budget``, ``reached`` bits/weight, ``sensitivity`` and the
     number of layers per setting (``layers``), from ``model.config.quantization_config.provenance``."""
-    config = model.config.quantization_config
+    return dict(_provenance(model).get("bits_per_weight") or {})
+
+
+def _provenance(model: nn.Module) -> dict[str, Any]:
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return {}
     provenance = config.get("provenance") if isinstance(config, dict) else config.provenance
-    return dict((provenance or {}).get("bits_per_weight") or {})
+    return dict(provenance or {})
 
 
 def _deploy_ours(
@@ -235,6 +248,7 @@ def _deploy_ours(
     variant: Variant,
     statistics: CalibrationStatistics | None,
     calibration: CalibrationConfig | None,
+    teacher: TeacherCalls | None = None,
 ) -> dict:
     from ..api import quantize_model as quantize_data_free
     from ..calibration import quantize_model
@@ -254,7 +268,8 @@ def _deploy_ours(
         if variant.calibrated:
             fit = CALIBRATED[variant.method].calibration(fit)
         statistics = statistics if variant.calibrated else None  # a data-free budget allocates without them
-        quantize_model(model, config, statistics=statistics, calibration=fit, progress=False, compute_metrics=False)
+        quantize_model(model, config, statistics=statistics, calibration=fit, teacher=teacher, progress=False,
+                       compute_metrics=False)  # fmt: skip
     else:
         quantize_data_free(model, config, progress=False, compute_metrics=False)
     seconds = time.perf_counter() - start
@@ -272,6 +287,10 @@ def _deploy_ours(
         summary["calibrate_s"] = float(statistics.info.get("seconds", math.nan))
     if variant.mixed:
         summary["plan"] = _plan_summary(model)
+    refinement = _provenance(model).get("refinement")
+    if refinement:  # the refinement is part of quantize_s; its own seconds and teacher losses are recorded too
+        summary["refine_s"] = refinement["seconds"]
+        summary["refine_loss"] = [refinement["loss_before"], refinement["loss_after"]]
     return summary
 
 
@@ -345,6 +364,7 @@ def quantize_variant(
     *,
     statistics: CalibrationStatistics | None = None,
     calibration: CalibrationConfig | None = None,
+    teacher: TeacherCalls | None = None,
 ) -> dict:
     """Turn the float ``model`` into ``variant`` in place; returns the ``weights`` metrics of the variant.
 
@@ -356,6 +376,7 @@ def quantize_variant(
             by the others (a data-free mixed variant allocates without them).
         calibration: fit settings (damping, refit rounds, sensitivity) a calibrated variant's switches are
             applied to (:meth:`CalibratedFit.calibration`); defaults when None.
+        teacher: the full-precision model's recorded calls and outputs, for refined variants (``ot-vp+ref``).
 
     Returns:
         ``bits_per_weight``, ``model_bytes``, ``quantize_s`` (the quantize call, bits allocation included),
@@ -373,4 +394,4 @@ def quantize_variant(
         return _deploy_peer(model, variant)
     if variant.scope == "paper":
         return _paper_scope(model, variant)
-    return _deploy_ours(model, variant, statistics, calibration)
+    return _deploy_ours(model, variant, statistics, calibration, teacher)
