@@ -26,7 +26,14 @@ from .quantized_tensor import QuantizedTensor, quantize_tensor
 from .structure import InputRotation, LowRankBranch, lowrank_dtype
 
 
-__all__ = ["LayerFit", "alternate_lowrank", "fit_data_free", "layer_rotation", "rotation_seed_for"]
+__all__ = [
+    "LayerFit",
+    "alternate_lowrank",
+    "effective_weight",
+    "fit_data_free",
+    "layer_rotation",
+    "rotation_seed_for",
+]
 
 LOWRANK_ROUNDS = 3
 """Low-rank/codebook alternations (the weight error of the bundled models stops improving after two or three)."""
@@ -41,6 +48,17 @@ class LayerFit:
     bias: torch.Tensor | None = None
     lowrank: LowRankBranch | None = None
     rotation: InputRotation | None = None
+
+
+def effective_weight(fit: LayerFit, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``(Q + U V) R``: the weight the fitted layer computes with, in the original input space and shape."""
+    quantized = fit.quantized
+    weight = quantized.dequantize(dtype)
+    if fit.lowrank is not None:
+        weight = weight + fit.lowrank.product(dtype).reshape(weight.shape)
+    if fit.rotation is not None:
+        weight = fit.rotation.unrotate(weight, dim=1)
+    return weight
 
 
 def rotation_seed_for(base_seed: int, name: str) -> int:

@@ -18,6 +18,7 @@ layer's bits per weight.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +27,19 @@ from .functional.packing import pack_codes, packed_num_bytes, unpack_codes
 from .functional.rotation import hadamard_block_size, random_signs, rotate_rows, unrotate_rows
 
 
-__all__ = ["InputRotation", "LowRankBranch", "check_rotation_block", "lowrank_dtype"]
+__all__ = ["InputRotation", "LowRankBranch", "check_rotation_block", "lowrank_dtype", "structure_nbytes"]
 
 
 def lowrank_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """Storage dtype of low-rank factors: bfloat16 for bfloat16 weights, else float16."""
     return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float16
+
+
+def structure_nbytes(shape: tuple[int, ...], rank: int, rotation_block: int, weight_dtype: torch.dtype) -> int:
+    """Bytes a weight of ``shape`` adds for a rank-``rank`` branch and (``rotation_block > 0``) a rotation."""
+    rows, width = shape[0], math.prod(shape[1:])
+    factors = rank * (rows + width) * torch.empty(0, dtype=lowrank_dtype(weight_dtype)).element_size()
+    return factors + (packed_num_bytes(shape[1], 1) if rotation_block else 0)
 
 
 def check_rotation_block(block: object, channels: int, name: str | None = None) -> int:

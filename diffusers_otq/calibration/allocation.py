@@ -29,10 +29,12 @@ from tqdm.auto import tqdm
 
 from ..config import OTQConfig
 from ..convert import PlannedLayer, matches_module_name, plan_layers
+from ..fitting import effective_weight
 from ..functional.allocation import allocate
 from ..functional.error_feedback import output_error
 from ..options import LayerSpec
-from ..quantized_tensor import QuantizedTensor, resolve_codebook_dtype, storage_layout
+from ..quantized_tensor import resolve_codebook_dtype, storage_layout
+from ..structure import structure_nbytes
 from .config import CalibrationConfig
 from .fit import corrects_bias, importance_rows, quantize_calibrated
 from .probes import eval_mode, model_output, velocity_error
@@ -47,6 +49,8 @@ FITTED_BITS: tuple[int, ...] = (1, 2, 3, 4)  # candidates fitted and measured
 EXTRAPOLATED_BITS: tuple[int, ...] = (5, 6, 7, 8)  # error of 4 bits * 4**-(b - 4): high-resolution MSE ~ 2**-2b
 TENSOR_BITS: tuple[int, ...] = (2, 3)  # one codebook per weight: no per-row metadata at all
 PROBE_BITS = 2  # the velocity sensitivity is measured at the cheapest 2-bit candidate
+RANK_CANDIDATES: tuple[int, ...] = (16, 32)  # low-rank branches offered with 1-3 bit per-channel codes ...
+MAX_RANK_BITS = 0.5  # ... where the 16-bit factors cost at most this many bits per weight (wide layers)
 # Candidates are ranked after one error-feedback sweep without codebook refits; the final fit runs the refits.
 _DEFAULT_GROUP = 64
 
@@ -71,7 +75,8 @@ class LayerChoice:
         """``"3-bit channel"`` or ``"2-bit group 64"``."""
         spec = self.spec
         text = f"{spec.bits}-bit {spec.granularity}"
-        return text + (f" {spec.group_size}" if spec.group_size else "")
+        text += f" {spec.group_size}" if spec.group_size else ""
+        return text + (f" + rank {spec.rank}" if spec.rank else "")
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class BitsPlan:
                 "granularity": choice.spec.granularity,
                 "group_size": choice.spec.group_size,
             }
+            if choice.spec.rank:
+                out[choice.name]["rank"] = choice.spec.rank
         return out
 
     def resolved_config(self, config: OTQConfig, provenance: dict | None = None) -> OTQConfig:
@@ -151,14 +158,21 @@ class BitsPlan:
         return "\n".join(lines)
 
 
-def candidate_specs(base: LayerSpec, input_width: int, group_size: int) -> list[LayerSpec]:
+def candidate_specs(base: LayerSpec, input_width: int, group_size: int, rows: int | None = None) -> list[LayerSpec]:
     """The settings the allocator may choose for one layer: bits 1-8 with per-channel codebooks, bits 2-8 with
-    group scales (when ``group_size`` divides the input width), and bits 2-3 with one codebook per tensor.
+    group scales (when ``group_size`` divides the input width), bits 2-3 with one codebook per tensor, and
+    1-3 bit per-channel codes with a low-rank branch (:data:`RANK_CANDIDATES`) on layers of ``rows`` outputs
+    wide enough that the branch costs at most :data:`MAX_RANK_BITS` bits/weight. ``base``'s own rank and
+    rotation stay as they are on every candidate.
 
-    Ordered as fitted first (:data:`FITTED_BITS`, :data:`TENSOR_BITS`), extrapolated last.
+    Ordered as fitted first (:data:`FITTED_BITS`, :data:`TENSOR_BITS`, ranks), extrapolated last.
     """
     groups = input_width % group_size == 0 and input_width > group_size
     fitted = [replace(base, bits=b, granularity="channel", group_size=None) for b in FITTED_BITS]
+    if rows is not None and not base.rank:
+        for rank in RANK_CANDIDATES:
+            if rank * (rows + input_width) * 16 <= MAX_RANK_BITS * rows * input_width:
+                fitted += [replace(base, bits=b, granularity="channel", group_size=None, rank=rank) for b in (1, 2, 3)]
     if groups:
         fitted += [replace(base, bits=b, granularity="group", group_size=group_size) for b in FITTED_BITS if b > 1]
     fitted += [replace(base, bits=b, granularity="tensor", group_size=None) for b in TENSOR_BITS]
@@ -169,9 +183,11 @@ def candidate_specs(base: LayerSpec, input_width: int, group_size: int) -> list[
 
 
 def _spec_bytes(weight: torch.Tensor, spec: LayerSpec) -> int:
+    """Every byte a layer quantized with ``spec`` stores (codes, codebooks, scales, factors, rotation signs)."""
     dtype = resolve_codebook_dtype(spec.codebook_dtype, weight.dtype, spec.granularity)
     layout = storage_layout(tuple(weight.shape), spec, dtype)
-    return sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in layout.values())
+    codes = sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in layout.values())
+    return codes + structure_nbytes(tuple(weight.shape), spec.rank, spec.rotation_block, weight.dtype)
 
 
 class _ErrorMeter:
@@ -198,8 +214,9 @@ class _ErrorMeter:
             return float((delta.square() * self.importance).sum())
         return float(delta.square().sum())
 
-    def __call__(self, quantized: QuantizedTensor) -> float:
-        delta = self.target - quantized.dequantize(torch.float64).reshape(self.rows, -1)
+    def __call__(self, effective: torch.Tensor) -> float:
+        """The relative output error of a fitted layer's effective weight (any shape with ``rows`` first)."""
+        delta = self.target - effective.to(torch.float64).reshape(self.rows, -1)
         # max(0, .): rounding can leave a quadratic form of a (near-)singular covariance a hair below zero
         return max(0.0, self._energy(delta)) / self.reference if self.reference > 0 else 0.0
 
@@ -262,18 +279,21 @@ def _plan_bits(
         weight = layer.module.weight
         stats = None if statistics is None else statistics.get(layer.name)
         pinned = any(matches_module_name(layer.name, [p]) for p in overrides)
-        specs = [layer.spec] if pinned else candidate_specs(layer.spec, weight[0].numel(), group_size)
+        specs = [layer.spec] if pinned else candidate_specs(layer.spec, weight[0].numel(), group_size, weight.shape[0])
         meter = _ErrorMeter(weight, stats, calibration.damping, corrects_bias(layer, stats, calibration))
         layer_errors, layer_sizes = [], []
-        fits: dict[int, QuantizedTensor] = {}
+        fits: dict[int, torch.Tensor] = {}  # effective weights of the fitted candidates
         for i, spec in enumerate(specs):
             layer_sizes.append(_spec_bytes(weight, spec))
             if pinned or spec.bits in FITTED_BITS or spec.granularity == "tensor":
                 candidate = replace(layer, spec=spec)
-                fits[i] = quantize_calibrated(weight, candidate, stats, calibration, refit_codebooks=False).quantized
+                fit = quantize_calibrated(weight, candidate, stats, calibration, refit_codebooks=False)
+                fits[i] = effective_weight(fit)
                 layer_errors.append(meter(fits[i]))
             else:  # extrapolate from the 4-bit fit of the same granularity
-                anchor = next(j for j, s in enumerate(specs) if s.bits == 4 and s.granularity == spec.granularity)
+                anchor = next(
+                    j for j, s in enumerate(specs) if s.bits == 4 and s.granularity == spec.granularity and not s.rank
+                )
                 layer_errors.append(layer_errors[anchor] * 4.0 ** (4 - spec.bits))
         factor = 1.0
         if use_velocity and not pinned:
@@ -333,7 +353,7 @@ def _unique(plan: Sequence[PlannedLayer]) -> list[PlannedLayer]:
 def _velocity_factor(
     model: nn.Module,
     layer: PlannedLayer,
-    quantized: QuantizedTensor,
+    effective: torch.Tensor,
     relative_error: float,
     probes,
     reference: list[torch.Tensor],
@@ -343,7 +363,7 @@ def _velocity_factor(
         return 0.0
     weight = layer.module.weight
     original = weight.data
-    weight.data = quantized.dequantize(weight.dtype)
+    weight.data = effective.to(weight.dtype).reshape(weight.shape)
     try:
         distortion = velocity_error(model, probes, reference)
     finally:

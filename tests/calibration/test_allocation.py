@@ -105,3 +105,25 @@ def test_bits_per_weight_is_refused_by_quantize_on_load(tmp_path) -> None:
     with pytest.raises(ValueError, match="needs every weight"):
         convert(dit_pipeline().transformer, OTQConfig(bits_per_weight=2.5), progress=False)
     assert CalibrationConfig().refit_rounds >= 1
+
+
+def test_wide_layers_may_spend_bits_on_a_low_rank_branch_and_every_byte_counts(monkeypatch) -> None:
+    """Rank candidates exist only where the 16-bit factors are cheap; a layer whose weight is mostly rank 8 then
+    takes a branch, and the budget counts the factors."""
+    from diffusers_otq.calibration import allocation
+
+    assert {s.rank for s in candidate_specs(LayerSpec(), 1024, 64, rows=1024)} == {0, 16}  # rank 32: 1 b/w
+    assert all(s.rank == 0 for s in candidate_specs(LayerSpec(), 512, 64, rows=512))  # rank 16 would cost 1 b/w
+    # a small model with the same trade-off: rank-8 factors of a 256 x 256 layer cost 1 bit/weight
+    monkeypatch.setattr(allocation, "RANK_CANDIDATES", (8,))
+    monkeypatch.setattr(allocation, "MAX_RANK_BITS", 1.0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 32))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(256, 8) @ torch.randn(8, 256) / 8 + 0.01 * torch.randn(256, 256))
+    config = OTQConfig(bits_per_weight=3.0)
+    plan = plan_bits(model, config, progress=False)
+    first = next(c for c in plan.choices if c.name == "0")
+    assert first.spec.rank == 8 and "+ rank 8" in plan.table(), plan.table()
+    quantize_model(model, config, progress=False)
+    assert model[0].rank == 8 and abs(reached(model) - plan.bits_per_weight) < 1e-9 and reached(model) <= 3.0
