@@ -45,8 +45,10 @@ def test_refinement_lowers_the_reported_teacher_loss_and_keeps_the_format(tmp_pa
     pipe.save_pretrained(tmp_path / "refined")
     script = textwrap.dedent(
         f"""
+        import torch
         from safetensors.torch import save_file
         from diffusers_otq import FlowMatchPipeline
+        torch.set_num_threads(1)  # as the test process (tests/calibration/conftest.py): same kernels, same bits
         from tests.calibration.helpers import sample
         pipe = FlowMatchPipeline.from_pretrained({str(tmp_path / "refined")!r})
         pipe.set_progress_bar_config(disable=True)
