@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import SD3Transformer2DModel, UNet2DModel
+from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -215,4 +215,14 @@ def test_version_one_checkpoints_still_load(tmp_path: Path) -> None:
     inputs = sd3_inputs()
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).sample, model(**inputs).sample)
-    assert isinstance(UNet2DModel, type)  # the UNet path is covered by the fresh-process test above
+
+
+def test_quantize_on_load_fits_the_same_structure_as_post_hoc(tmp_path: Path) -> None:
+    config = OTQConfig(bits=2, rank=4, rotation=True)
+    tiny_sd3_transformer().save_pretrained(tmp_path / "float")
+    loaded = SD3Transformer2DModel.from_pretrained(tmp_path / "float", quantization_config=config)
+    post_hoc = tiny_sd3_transformer()
+    quantize_model(post_hoc, config, progress=False)
+    a, b = loaded.state_dict(), post_hoc.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lowrank_up") for k in a) and any(k.endswith("rotation_signs") for k in a)
