@@ -20,7 +20,7 @@ from ..convert import LayerReport
 from .allocation import plan_bits
 from .config import CalibrationConfig
 from .fit import calibrated_quantizer
-from .refine import RefineReport, TeacherCalls, refine_model
+from .refine import RefineReport, TeacherCalls, refine_model, require_teacher
 from .sampling import collect_statistics, denoiser_of, record_teacher_calls
 from .statistics import CalibrationStatistics
 
@@ -99,8 +99,8 @@ def quantize_model(
         config = plan.resolved_config(config, provenance)
     elif provenance:
         config = OTQConfig.from_dict({**config.to_dict(), "provenance": provenance})
-    if calibration.refine_steps and teacher is None:
-        refine_model(model, None, calibration)  # raises: names what a teacher is and how to get one
+    if calibration.refine_steps:
+        require_teacher(teacher)  # before any fitting
     quantizer = calibrated_quantizer(statistics, calibration) if statistics is not None else None
     reports = _convert_model(model, config, progress=progress, compute_metrics=compute_metrics, quantizer=quantizer)
     if calibration.refine_steps:

@@ -40,6 +40,7 @@ from ..functional.error_feedback import (
     output_error,
     refit_codebook,
     ridge_gram,
+    sort_codebook,
 )
 from ..functional.lowrank import weighted_lowrank
 from ..functional.packing import pack_codes
@@ -76,15 +77,6 @@ def _row_scales(quantized: QuantizedTensor, rows: int, n: int) -> torch.Tensor |
     scales = decode_group_scales(quantized.scale_codes, quantized.scale_max, quantized.scale_step, torch.float64)
     groups = scales.shape[1]
     return scales[:, :, None].expand(rows, groups, n // groups).reshape(rows, n)
-
-
-def _sorted(codebook: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort each codebook row ascending and renumber the codes to match."""
-    order = codebook.argsort(dim=1)
-    inverse = order.argsort(dim=1)
-    if codebook.shape[0] == 1:
-        return codebook.gather(1, order), inverse[0][codes]
-    return codebook.gather(1, order), inverse.gather(1, codes)
 
 
 def _error_feedback(
@@ -154,7 +146,7 @@ def _error_feedback(
         rounded = solved.to(storage)
         if not bool(torch.isfinite(rounded).all()):
             return book, c  # a codeword beyond the storage dtype's range: keep the previous codebook
-        return _sorted(rounded.to(torch.float32), c)
+        return sort_codebook(rounded.to(torch.float32), c)
 
     best_error = error(codes, codebook)
     first_error = best_error

@@ -125,7 +125,7 @@ def velocity_error(model: nn.Module, probes: ProbeInputs, reference: list[torch.
     num = den = 0.0
     for (args, kwargs), ref in zip(probes.calls, reference, strict=True):
         out = model_output(model, args, kwargs).to(torch.float64)
-        ref64 = ref.to(torch.float64)
+        ref64 = ref.to(device=out.device, dtype=torch.float64)
         num += float((out - ref64).square().sum())
         den += float(ref64.square().sum())
     return num / den if den > 0 else 0.0

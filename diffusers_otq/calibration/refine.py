@@ -1,6 +1,6 @@
 """Refinement: with the codes frozen, fit the quantized model's float parameters to the teacher's velocity.
 
-The teacher is the full-precision model itself: before quantization, :func:`record_teacher` runs it along its
+The teacher is the full-precision model itself: before quantization, :func:`~.sampling.record_teacher_calls` runs it along its
 own sampling trajectories (class labels or prompts, as calibration does) and keeps every denoiser call's
 inputs and output. :func:`refine_model` then trains, with Adam on those calls, the float parameters of the
 quantized layers:
@@ -31,13 +31,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..functional.error_feedback import sort_codebook
 from ..functional.packing import pack_codes
 from ..layers import OTQLayerMixin
 from .config import CalibrationConfig, CalibrationError
-from .probes import ProbeInputs, eval_mode, model_output
+from .probes import ProbeInputs, eval_mode, model_output, velocity_error
 
 
-__all__ = ["RefineReport", "TeacherCalls", "refine_model"]
+__all__ = ["RefineReport", "TeacherCalls", "refine_model", "require_teacher"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class TeacherCalls:
         if len(self.inputs) != len(self.outputs) or not self.outputs:
             raise CalibrationError(
                 f"a teacher needs recorded calls with their outputs; got {len(self.inputs)} calls and "
-                f"{len(self.outputs)} outputs. Record them with record_teacher(...) before quantizing."
+                f"{len(self.outputs)} outputs. Record them with TeacherCalls.record(float_model, record_teacher_calls(pipe, calibration)) before quantizing."
             )
 
     @classmethod
@@ -64,10 +65,6 @@ class TeacherCalls:
         with eval_mode(model), torch.no_grad():
             outputs = [model_output(model, args, kwargs).detach().float().cpu() for args, kwargs in inputs.calls]
         return cls(inputs, outputs)
-
-    @property
-    def rows(self) -> int:
-        return sum(out.shape[0] for out in self.outputs)
 
 
 @dataclass(frozen=True)
@@ -135,14 +132,9 @@ def _trainable(layers: list[OTQLayerMixin]) -> Iterator[list[torch.Tensor]]:
 def _store(layer: OTQLayerMixin, dtypes: dict[str, torch.dtype]) -> None:
     """Write refined float32 buffers back in their storage dtypes; codebook rows re-sorted with their codes."""
     codebook = layer._buffers["codebook"].to(dtypes["codebook"])
-    order = codebook.float().argsort(dim=1)
-    if not torch.equal(order, torch.arange(codebook.shape[1]).expand_as(order)):
-        quantized = layer.quantized_weight()
-        rank = order.argsort(dim=1)  # old index -> new position
-        codes = quantized.codes().to(torch.int64)
-        codes = rank[0][codes] if codebook.shape[0] == 1 else rank.gather(1, codes)
+    if bool((codebook[:, 1:] < codebook[:, :-1]).any()):  # refinement moved codewords past each other
+        codebook, codes = sort_codebook(codebook, layer.quantized_weight().codes().to(torch.int64))
         layer._buffers["packed"] = pack_codes(codes.reshape(-1).to(torch.uint8), layer.bits)
-        codebook = codebook.gather(1, order)
     layer._buffers["codebook"] = codebook.contiguous()
     for name in ("scale_max", "lowrank_up", "lowrank_down"):
         if layer._buffers.get(name) is not None:
@@ -169,16 +161,20 @@ def _restore(layers: list[OTQLayerMixin], snapshot: list[dict[str, torch.Tensor]
                 target.copy_(value)
 
 
-def _loss(model: nn.Module, teacher: TeacherCalls, device: torch.device) -> float:
+def _loss(model: nn.Module, teacher: TeacherCalls) -> float:
     """The reported teacher loss: relative velocity error over every recorded call (float64 sums)."""
-    num = den = 0.0
-    with torch.no_grad():
-        for (args, kwargs), target in zip(teacher.inputs.calls, teacher.outputs, strict=True):
-            out = model_output(model, args, kwargs).double()
-            ref = target.to(device=out.device, dtype=torch.float64)
-            num += float((out - ref).square().sum())
-            den += float(ref.square().sum())
-    return num / den if den > 0 else 0.0
+    return velocity_error(model, teacher.inputs, teacher.outputs)
+
+
+def require_teacher(teacher: TeacherCalls | None) -> TeacherCalls:
+    """``teacher``, or a :class:`CalibrationError` that says what a teacher is and how to get one."""
+    if teacher is None:
+        raise CalibrationError(
+            "refinement needs a teacher: the full-precision model's velocity along its own trajectories. Use "
+            "quantize_pipeline(pipe, config, CalibrationConfig(refine_steps=...)) (it records the teacher before "
+            "quantizing), or pass teacher=TeacherCalls.record(float_model, calls)."
+        )
+    return teacher
 
 
 def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: CalibrationConfig) -> RefineReport:
@@ -195,12 +191,7 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
     Raises:
         CalibrationError: no teacher, or no OTQ layer in ``model``.
     """
-    if teacher is None:
-        raise CalibrationError(
-            "refinement needs a teacher: the full-precision model's velocity along its own trajectories. Use "
-            "quantize_pipeline(pipe, config, CalibrationConfig(refine_steps=...)) (it records the teacher before "
-            "quantizing), or pass teacher=TeacherCalls.record(float_model, calls)."
-        )
+    teacher = require_teacher(teacher)
     layers = [m for m in model.modules() if isinstance(m, OTQLayerMixin)]
     if not layers:
         raise CalibrationError(f"{type(model).__name__} has no OTQ layer to refine; quantize it first.")
@@ -214,7 +205,7 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
     steps, every = calibration.refine_steps, calibration.refine_eval_every
     stopped, ran = None, 0
     with eval_mode(model), _trainable(layers) as params:
-        before = _loss(model, teacher, device)
+        before = _loss(model, teacher)
         best, best_step, best_state = before, 0, _snapshot(layers)
         optimizer = torch.optim.Adam(params, lr=calibration.refine_lr)
         bar = tqdm(range(1, steps + 1), desc="OTQ refine", unit="step", disable=not calibration.progress)
@@ -237,7 +228,7 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
                 break
             optimizer.step()
             if step % every == 0 or step == steps:
-                current = _loss(model, teacher, device)
+                current = _loss(model, teacher)
                 if math.isfinite(current) and current < best:
                     best, best_step, best_state = current, step, _snapshot(layers)
                 bar.set_postfix(loss=f"{current:.4g}", best=f"{best:.4g}")
@@ -245,7 +236,7 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
         _restore(layers, best_state)
     for layer, layer_dtypes in zip(layers, dtypes, strict=True):
         _store(layer, layer_dtypes)
-    after = _loss(model, teacher, device)  # after storage rounding: what the saved model reports
+    after = _loss(model, teacher)  # after storage rounding: what the saved model reports
     if after > before:  # storage rounding undid a marginal gain: put the unrefined layers back exactly
         for layer, buffers, bias in zip(layers, stored, stored_bias, strict=True):
             layer._buffers.update(buffers)

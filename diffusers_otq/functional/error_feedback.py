@@ -44,6 +44,7 @@ __all__ = [
     "output_error",
     "refit_codebook",
     "ridge_gram",
+    "sort_codebook",
 ]
 
 _REFIT_ELEMENTS = 1 << 23  # rows per refit chunk are chosen so that (rows, n, K) stays near this many values
@@ -350,3 +351,20 @@ def refit_codebook(
     eye = torch.eye(levels, dtype=torch.float64, device=target.device)
     solved = torch.linalg.solve(system + ridge[:, :, None] * eye, rhs + ridge * anchor)
     return torch.where(torch.isfinite(solved), solved, anchor)
+
+
+def sort_codebook(codebook: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each codebook row ascending and renumber the codes to match.
+
+    Args:
+        codebook: (C, K) codewords, C = 1 (shared) or one row per code row.
+        codes: (R, n) int64 codes into them.
+
+    Returns:
+        ``(sorted codebook (C, K), renumbered codes (R, n))``; the dequantized values are unchanged.
+    """
+    order = codebook.argsort(dim=1)
+    inverse = order.argsort(dim=1)  # old index -> new position
+    if codebook.shape[0] == 1:
+        return codebook.gather(1, order), inverse[0][codes]
+    return codebook.gather(1, order), inverse.gather(1, codes)
