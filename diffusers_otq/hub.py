@@ -167,8 +167,11 @@ def _structure_text(layers: list[OTQLayerMixin]) -> str:
 def _refinement_text(record: dict | None) -> str:
     if not record:
         return ""
+    target = "velocity"
+    if record.get("scope") == "blocks":
+        target = f"block outputs, {record.get('blocks')} blocks one at a time,"
     text = (
-        f"{record['steps']} Adam steps (lr {record.get('lr')}) on the full-precision model's velocity along "
+        f"{record['steps']} Adam steps (lr {record.get('lr')}) on the full-precision model's {target} along "
         f"{record.get('samples')} sampled trajectories; teacher loss {record['loss_before']:.4g} -> "
         f"{record['loss_after']:.4g}"
     )

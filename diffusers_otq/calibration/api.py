@@ -179,7 +179,8 @@ def quantize_pipeline(
         statistics = collect_statistics(pipe, config, calibration, model=denoiser)
     teacher = None
     if calibration is not None and calibration.refine_steps:
-        teacher = TeacherCalls.record(denoiser, record_teacher_calls(pipe, calibration, model=denoiser))
+        calls = record_teacher_calls(pipe, calibration, model=denoiser)
+        teacher = TeacherCalls.record(denoiser, calls, blocks=calibration.refine_scope == "blocks")
     return quantize_model(
         denoiser,
         config,

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-__all__ = ["CalibrationConfig", "CalibrationError", "GRAM_MODES", "SENSITIVITIES", "UNSEEN_POLICIES"]
+__all__ = ["CalibrationConfig", "CalibrationError", "GRAM_MODES", "REFINE_SCOPES", "SENSITIVITIES", "UNSEEN_POLICIES"]
 
 GRAM_MODES: tuple[str, ...] = ("auto", "full", "diagonal")
 SENSITIVITIES: tuple[str, ...] = ("velocity", "output")
 UNSEEN_POLICIES: tuple[str, ...] = ("error", "data-free")
+REFINE_SCOPES: tuple[str, ...] = ("model", "blocks")
 
 
 class CalibrationError(ValueError):
@@ -99,6 +100,10 @@ class CalibrationConfig:
         refine_batch_size: rows of a recorded denoiser call per refinement step.
         refine_samples: samples of the teacher batch whose denoiser calls (every step) refinement trains on.
         refine_eval_every: steps between measurements of the reported teacher loss (the best is kept).
+        refine_scope: ``"model"`` (default: train all layers together on the velocity error; memory of a
+            forward and backward of the whole model) or ``"blocks"`` (train one block at a time on its
+            full-precision inputs and outputs, ``refine_steps`` steps each; memory of one block, for models whose
+            backward does not fit; the teacher also keeps every block's inputs and outputs on the CPU).
         progress: show progress bars.
     """
 
@@ -135,6 +140,7 @@ class CalibrationConfig:
     refine_batch_size: int = 16
     refine_samples: int = 32
     refine_eval_every: int = 50
+    refine_scope: str = "model"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -225,6 +231,10 @@ class CalibrationConfig:
         _positive_int(self.refine_batch_size, "refine_batch_size", 16)
         _positive_int(self.refine_samples, "refine_samples", 32)
         _positive_int(self.refine_eval_every, "refine_eval_every", 50)
+        if self.refine_scope not in REFINE_SCOPES:
+            raise CalibrationError(
+                f"refine_scope={self.refine_scope!r} is unknown; expected one of {list(REFINE_SCOPES)}."
+            )
 
     @property
     def records_gram(self) -> bool:
@@ -260,4 +270,5 @@ class CalibrationConfig:
             "act_order": self.act_order,
             "bias_correction": self.bias_correction,
             "refine_steps": self.refine_steps,
+            "refine_scope": self.refine_scope,
         }

@@ -11,7 +11,10 @@ quantized layers:
 * the low-rank factors, and the layers' biases,
 
 minimising the relative velocity error ``sum ||v_student - v_teacher||^2 / sum ||v_teacher||^2`` on random
-sub-batches of the recorded calls. The loss it reports is measured on all recorded calls before, during (every
+sub-batches of the recorded calls. With ``CalibrationConfig(refine_scope="blocks")`` it trains one block at a
+time instead (memory of one block's forward and backward, for large models): each block learns to map its
+full-precision inputs to its full-precision outputs (:mod:`.blocks`, recorded with the teacher), for
+``refine_steps`` steps per block. The loss it reports is measured on all recorded calls before, during (every
 ``refine_eval_every`` steps) and after training; the parameters with the lowest reported loss are kept, so
 refinement never makes it worse. A NaN/Inf loss or gradient stops training at that step, keeps the last good
 parameters and says which step.
@@ -22,18 +25,20 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from ..functional.error_feedback import sort_codebook
 from ..functional.packing import pack_codes
 from ..layers import OTQLayerMixin
+from .blocks import BlockCalls, block_names, block_outputs, record_block_calls
 from .config import CalibrationConfig, CalibrationError
 from .probes import ProbeInputs, eval_mode, model_output, velocity_error
 
@@ -51,6 +56,7 @@ class TeacherCalls:
 
     inputs: ProbeInputs
     outputs: list[torch.Tensor]
+    blocks: dict[str, BlockCalls] | None = None  # per-block calls, for refine_scope="blocks"
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.outputs) or not self.outputs:
@@ -60,23 +66,31 @@ class TeacherCalls:
             )
 
     @classmethod
-    def record(cls, model: nn.Module, inputs: ProbeInputs) -> TeacherCalls:
-        """Run the (full-precision) ``model`` on every recorded call and keep its outputs."""
-        with eval_mode(model), torch.no_grad():
+    def record(cls, model: nn.Module, inputs: ProbeInputs, *, blocks: bool = False) -> TeacherCalls:
+        """Run the (full-precision) ``model`` on every recorded call and keep its outputs; with ``blocks``, also
+        every block's inputs and outputs (:mod:`.blocks`), the targets of ``refine_scope="blocks"``."""
+        names = block_names(model) if blocks else []
+        with eval_mode(model), torch.no_grad(), record_block_calls(model, names) as recorded:
             outputs = [model_output(model, args, kwargs).detach().float().cpu() for args, kwargs in inputs.calls]
-        return cls(inputs, outputs)
+        return cls(inputs, outputs, recorded if blocks else None)
 
 
 @dataclass(frozen=True)
 class RefineReport:
-    """What refinement did: the reported teacher loss before and after, steps run, where it stopped and why."""
+    """What refinement did: the reported teacher loss before and after, steps run, where it stopped and why.
+
+    ``best_step`` is the step whose parameters were kept (scope ``"model"``); with ``scope="blocks"`` every
+    block keeps its own best, ``steps`` counts the steps of all ``blocks`` trained and ``best_step`` is None.
+    """
 
     loss_before: float
     loss_after: float
     steps: int
-    best_step: int
+    best_step: int | None
     seconds: float
     stopped: str | None = None  # why training stopped early (e.g. NaN at step 37), or None
+    scope: str = "model"
+    blocks: int = 0  # blocks trained one at a time (scope "blocks")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -86,18 +100,24 @@ class RefineReport:
             "best_step": self.best_step,
             "seconds": round(self.seconds, 3),
             "stopped": self.stopped,
+            "scope": self.scope,
+            "blocks": self.blocks,
         }
 
 
+def _to(value: Any, device: torch.device) -> Any:
+    return tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, value)
+
+
 def _slice_call(args: tuple, kwargs: dict, rows: torch.Tensor, batch: int) -> tuple[tuple, dict]:
-    """The call restricted to ``rows`` of its batch (tensors whose first dimension is the batch)."""
+    """The call restricted to ``rows`` of its batch (tensors, nested too, whose first dimension is the batch)."""
 
     def pick(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
             return value[rows]
         return value
 
-    return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
+    return tree_map(pick, args), tree_map(pick, kwargs)
 
 
 @contextmanager
@@ -182,72 +202,173 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
 
     Args:
         model: a model whose selected layers are already OTQ layers.
-        teacher: the full-precision model's recorded calls and outputs.
-        calibration: ``refine_steps``, ``refine_lr``, ``refine_batch_size``, ``refine_eval_every``, ``seed``.
+        teacher: the full-precision model's recorded calls and outputs (with its blocks' calls for
+            ``refine_scope="blocks"``).
+        calibration: ``refine_steps``, ``refine_lr``, ``refine_batch_size``, ``refine_eval_every``,
+            ``refine_scope``, ``seed``.
 
     Returns:
         A :class:`RefineReport`; the model holds the parameters with the lowest reported loss.
 
     Raises:
-        CalibrationError: no teacher, or no OTQ layer in ``model``.
+        CalibrationError: no teacher (or one without block calls for ``refine_scope="blocks"``), or no OTQ
+            layer in ``model``.
     """
     teacher = require_teacher(teacher)
     layers = [m for m in model.modules() if isinstance(m, OTQLayerMixin)]
     if not layers:
         raise CalibrationError(f"{type(model).__name__} has no OTQ layer to refine; quantize it first.")
-    device = next(model.parameters(), layers[0].packed).device
+    if calibration.refine_scope == "blocks" and teacher.blocks is None:
+        raise CalibrationError(
+            "refine_scope='blocks' needs the teacher's block calls: record it with "
+            "TeacherCalls.record(float_model, calls, blocks=True) (quantize_pipeline does when refine_scope='blocks')."
+        )
     dtypes = [{n: layer._buffers[n].dtype for n in _TRAINABLE_BUFFERS if layer._buffers.get(n) is not None}
               for layer in layers]  # fmt: skip
     stored = [{n: t.clone() for n, t in layer._buffers.items() if t is not None} for layer in layers]
     stored_bias = [None if layer.bias is None else layer.bias.detach().clone() for layer in layers]
-    generator = torch.Generator().manual_seed(calibration.seed)
     started = time.perf_counter()
-    steps, every = calibration.refine_steps, calibration.refine_eval_every
-    stopped, ran = None, 0
-    with eval_mode(model), _trainable(layers) as params:
+    with eval_mode(model):
         before = _loss(model, teacher)
-        best, best_step, best_state = before, 0, _snapshot(layers)
-        optimizer = torch.optim.Adam(params, lr=calibration.refine_lr)
-        bar = tqdm(range(1, steps + 1), desc="OTQ refine", unit="step", disable=not calibration.progress)
-        for step in bar:
-            ran = step
-            call = int(torch.randint(len(teacher.outputs), (1,), generator=generator))
-            (args, kwargs), target = teacher.inputs.calls[call], teacher.outputs[call]
-            batch = target.shape[0]
-            rows = torch.randperm(batch, generator=generator)[: calibration.refine_batch_size]
-            sub_args, sub_kwargs = _slice_call(args, kwargs, rows, batch)
-            ref = target[rows].to(device)
-            out = model_output(model, sub_args, sub_kwargs).float()
-            loss = (out - ref).square().sum() / ref.square().sum().clamp_min(1e-30)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-            if not math.isfinite(float(loss)) or not grads_finite:
-                stopped = f"non-finite {'loss' if not math.isfinite(float(loss)) else 'gradient'} at step {step}"
-                logger.warning("Refinement stopped: %s; keeping the best parameters (step %d).", stopped, best_step)
-                break
-            optimizer.step()
-            if step % every == 0 or step == steps:
-                current = _loss(model, teacher)
-                if math.isfinite(current) and current < best:
-                    best, best_step, best_state = current, step, _snapshot(layers)
-                bar.set_postfix(loss=f"{current:.4g}", best=f"{best:.4g}")
-        bar.close()
-        _restore(layers, best_state)
+        if calibration.refine_scope == "blocks":
+            steps, best_step, stopped, blocks = _refine_blocks(model, teacher, calibration)
+        else:
+            device = next(model.parameters(), layers[0].packed).device
+            fit = _train(layers, _model_step(model, teacher, calibration, device), lambda: _loss(model, teacher),
+                         calibration, "OTQ refine")  # fmt: skip
+            steps, best_step, stopped, blocks = fit.ran, fit.best_step, fit.stopped, 0
     for layer, layer_dtypes in zip(layers, dtypes, strict=True):
         _store(layer, layer_dtypes)
     after = _loss(model, teacher)  # after storage rounding: what the saved model reports
-    if after > before:  # storage rounding undid a marginal gain: put the unrefined layers back exactly
+    if after > before:  # storage rounding (or blocks fitted apart) undid the gain: put the unrefined layers back
         for layer, buffers, bias in zip(layers, stored, stored_bias, strict=True):
             layer._buffers.update(buffers)
             if bias is not None:
                 with torch.no_grad():
                     layer.bias.copy_(bias)
         after, best_step = before, 0
-    report = RefineReport(before, after, ran, best_step, time.perf_counter() - started, stopped)
+    report = RefineReport(before, after, steps, best_step, time.perf_counter() - started, stopped,
+                          calibration.refine_scope, blocks)  # fmt: skip
     logger.info(
-        "Refined %d layers in %.1f s: teacher loss %.4g -> %.4g (best at step %d%s)",
-        len(layers), report.seconds, report.loss_before, report.loss_after, best_step,
-        f"; {stopped}" if stopped else "",
+        "Refined %d layers (%s) in %.1f s: teacher loss %.4g -> %.4g%s",
+        len(layers), f"{blocks} blocks" if blocks else "whole model", report.seconds, report.loss_before,
+        report.loss_after, f"; {stopped}" if stopped else "",
     )  # fmt: skip
     return report
+
+
+@dataclass(frozen=True)
+class _Fit:
+    ran: int
+    best_step: int
+    stopped: str | None
+
+
+def _train(
+    layers: list[OTQLayerMixin],
+    step_loss: Callable[[torch.Generator], torch.Tensor],
+    eval_loss: Callable[[], float],
+    calibration: CalibrationConfig,
+    desc: str,
+) -> _Fit:
+    """Adam on ``layers``' float parameters: ``refine_steps`` steps of ``step_loss``, ``eval_loss`` measured
+    before and every ``refine_eval_every`` steps; the layers end with the parameters of the lowest measured loss."""
+    generator = torch.Generator().manual_seed(calibration.seed)
+    steps, every = calibration.refine_steps, calibration.refine_eval_every
+    stopped, ran = None, 0
+    with _trainable(layers) as params:
+        best = eval_loss()
+        best_step, best_state = 0, _snapshot(layers)
+        optimizer = torch.optim.Adam(params, lr=calibration.refine_lr)
+        bar = tqdm(range(1, steps + 1), desc=desc, unit="step", disable=not calibration.progress)
+        for step in bar:
+            ran = step
+            loss = step_loss(generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+            loss_finite = math.isfinite(float(loss.detach()))
+            if not loss_finite or not grads_finite:
+                stopped = f"non-finite {'loss' if not loss_finite else 'gradient'} at step {step}"
+                logger.warning("Refinement stopped: %s; keeping the best parameters (step %d).", stopped, best_step)
+                break
+            optimizer.step()
+            if step % every == 0 or step == steps:
+                current = eval_loss()
+                if math.isfinite(current) and current < best:
+                    best, best_step, best_state = current, step, _snapshot(layers)
+                bar.set_postfix(loss=f"{current:.4g}", best=f"{best:.4g}")
+        bar.close()
+        _restore(layers, best_state)
+    return _Fit(ran, best_step, stopped)
+
+
+def _model_step(
+    model: nn.Module, teacher: TeacherCalls, calibration: CalibrationConfig, device: torch.device
+) -> Callable[[torch.Generator], torch.Tensor]:
+    """One training loss of the whole model: relative velocity error on a random sub-batch of a random call."""
+
+    def step(generator: torch.Generator) -> torch.Tensor:
+        call = int(torch.randint(len(teacher.outputs), (1,), generator=generator))
+        (args, kwargs), target = teacher.inputs.calls[call], teacher.outputs[call]
+        batch = target.shape[0]
+        rows = torch.randperm(batch, generator=generator)[: calibration.refine_batch_size]
+        sub_args, sub_kwargs = _slice_call(args, kwargs, rows, batch)
+        ref = target[rows].to(device)
+        out = model_output(model, sub_args, sub_kwargs).float()
+        return (out - ref).square().sum() / ref.square().sum().clamp_min(1e-30)
+
+    return step
+
+
+def _block_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum ||out - ref||^2, sum ||ref||^2)`` over a block's output tensors."""
+    if len(outputs) != len(targets):
+        raise CalibrationError(f"a block returned {len(outputs)} tensors where its teacher returned {len(targets)}.")
+    num = sum((o.float() - r.to(o.device)).square().sum() for o, r in zip(outputs, targets, strict=True))
+    den = sum(r.square().sum() for r in targets)
+    return num, torch.as_tensor(den)
+
+
+def _refine_blocks(
+    model: nn.Module, teacher: TeacherCalls, calibration: CalibrationConfig
+) -> tuple[int, None, str | None, int]:
+    """Train each block with OTQ layers on its recorded full-precision inputs and outputs, one block at a time.
+
+    Returns ``(steps of all blocks, None, why it stopped or None, blocks trained)``.
+    """
+    modules = dict(model.named_modules())
+    total, trained = 0, 0
+    for name, recorded in (teacher.blocks or {}).items():
+        block = modules[name]
+        layers = [m for m in block.modules() if isinstance(m, OTQLayerMixin)]
+        if not layers:
+            continue
+        if not len(recorded):
+            logger.warning("Block %s has OTQ layers but ran in no teacher call; it is not refined.", name)
+            continue
+        device = layers[0].packed.device
+
+        def step(generator: torch.Generator, block=block, recorded=recorded, device=device) -> torch.Tensor:
+            call = int(torch.randint(len(recorded), (1,), generator=generator))
+            (args, kwargs), targets = recorded.calls[call], recorded.outputs[call]
+            batch = targets[0].shape[0]
+            rows = torch.randperm(batch, generator=generator)[: calibration.refine_batch_size]
+            sub_args, sub_kwargs = _slice_call(args, kwargs, rows, batch)
+            refs = [t[rows] if t.dim() > 0 and t.shape[0] == batch else t for t in targets]
+            num, den = _block_error(block_outputs(block(*_to(sub_args, device), **_to(sub_kwargs, device))), refs)
+            return num / den.to(num.device).clamp_min(1e-30)
+
+        @torch.no_grad()
+        def evaluate(block=block, recorded=recorded, device=device) -> float:
+            num = den = 0.0
+            for (args, kwargs), targets in zip(recorded.calls, recorded.outputs, strict=True):
+                n, d = _block_error(block_outputs(block(*_to(args, device), **_to(kwargs, device))), targets)
+                num, den = num + float(n), den + float(d)
+            return num / den if den > 0 else 0.0
+
+        fit = _train(layers, step, evaluate, calibration, f"OTQ refine {name}")
+        total, trained = total + fit.ran, trained + 1
+        if fit.stopped:
+            return total, None, f"{fit.stopped} of block {name}", trained
+    return total, None, None, trained

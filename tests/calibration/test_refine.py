@@ -15,10 +15,12 @@ from safetensors.torch import load_file
 
 from diffusers_otq import CalibrationConfig, CalibrationError, OTQConfig, quantize_model, quantize_pipeline
 from diffusers_otq.calibration import ProbeInputs, TeacherCalls, refine_model
+from diffusers_otq.calibration.blocks import block_names, block_outputs
 from diffusers_otq.calibration.sampling import record_teacher_calls
+from diffusers_otq.hub import model_card
 from diffusers_otq.layers import OTQLayerMixin
 
-from .helpers import quick, sample, unet_pipeline
+from .helpers import dit_pipeline, quick, sample, unet_pipeline
 
 
 def _refined(steps: int = 12, **overrides):
@@ -106,8 +108,43 @@ def test_refinement_without_a_teacher_is_refused() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"refine_steps": -1}, "refine_steps=-1"), ({"refine_lr": 0.0}, "refine_lr=0.0"),
-     ({"refine_batch_size": 0}, "refine_batch_size=0")],
+     ({"refine_batch_size": 0}, "refine_batch_size=0"), ({"refine_scope": "layer"}, "refine_scope='layer'")],
 )  # fmt: skip
 def test_bad_refinement_settings(kwargs: dict, match: str) -> None:
     with pytest.raises(CalibrationError, match=match):
         CalibrationConfig(**kwargs)
+
+
+@pytest.mark.parametrize("pipeline", [unet_pipeline, dit_pipeline])
+def test_block_by_block_refinement_trains_every_block_and_never_raises_the_loss(pipeline, tmp_path: Path) -> None:
+    pipe = pipeline()
+    calibration = quick(refine_steps=6, refine_samples=4, refine_batch_size=4, refine_eval_every=3,
+                        refine_lr=1e-3, refine_scope="blocks")  # fmt: skip
+    quantize_pipeline(pipe, OTQConfig(bits=2), calibration, progress=False, compute_metrics=False)
+    record = pipe.transformer.config["quantization_config"].provenance["refinement"]
+    names = block_names(pipe.transformer)
+    layer_names = [n for n, m in pipe.transformer.named_modules() if isinstance(m, OTQLayerMixin)]
+    blocks = [b for b in names if any(n == b or n.startswith(b + ".") for n in layer_names)]
+    assert record["scope"] == "blocks" and record["blocks"] == len(blocks) > 1 and record["best_step"] is None
+    assert record["steps"] == 6 * len(blocks) and record["stopped"] is None
+    assert record["loss_after"] < record["loss_before"]
+    for layer in (m for m in pipe.transformer.modules() if isinstance(m, OTQLayerMixin)):
+        assert not layer.codebook.requires_grad and bool((layer.codebook[:, 1:] >= layer.codebook[:, :-1]).all())
+    assert f"block outputs, {len(blocks)} blocks one at a time" in str(model_card(pipe, tmp_path, "me/fm-otq2"))
+
+
+def test_block_calls_hold_each_blocks_full_precision_inputs_and_outputs() -> None:
+    pipe = unet_pipeline()
+    model = pipe.transformer
+    calls = record_teacher_calls(pipe, quick(refine_samples=2))
+    teacher = TeacherCalls.record(model, calls, blocks=True)
+    assert list(teacher.blocks) == block_names(model) and "down_blocks.0" in teacher.blocks
+    recorded = teacher.blocks["down_blocks.0"]
+    assert len(recorded) == len(calls)
+    args, kwargs = recorded.calls[0]
+    with torch.no_grad():  # replaying a recorded call reproduces the recorded output exactly
+        again = block_outputs(model.down_blocks[0](*args, **kwargs))
+    assert all(torch.equal(a.float(), b) for a, b in zip(again, recorded.outputs[0], strict=True))
+    with pytest.raises(CalibrationError, match="needs the teacher's block calls"):
+        quantize_model(model, OTQConfig(bits=2), calibration=quick(refine_steps=2, refine_scope="blocks"),
+                       teacher=TeacherCalls.record(unet_pipeline().transformer, calls), progress=False)  # fmt: skip
