@@ -11,6 +11,7 @@ what lets ``from_pretrained`` load OTQ checkpoints:
 'otq'
 """
 
+from . import _quiet_imports  # noqa: F401  (first: imports diffusers without the optional backends' noise)
 from .calibration import (
     BitsPlan,
     CalibrationConfig,

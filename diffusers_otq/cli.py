@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from PIL import Image, ImageDraw
@@ -228,12 +228,15 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
         "--calibration-steps": args.calibration_steps,
         "--save-statistics": args.save_statistics,
         "--refine-steps": args.refine_steps,
+        "--refine-blocks": args.refine_blocks or None,
     }
     given = [flag for flag, value in calibration_flags.items() if value is not None]
     if not args.calibrate:
         if given:
             raise CLIError(f"{', '.join(given)} only apply with --calibrate; add --calibrate.")
         return None
+    if args.refine_blocks and not args.refine_steps:
+        raise CLIError("--refine-blocks sets how refinement runs; add --refine-steps N (e.g. 300).")
     try:
         return CalibrationConfig(
             num_samples=args.num_samples,
@@ -243,6 +246,7 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
             seed=args.seed,
             error_feedback=not args.no_error_feedback,
             refine_steps=args.refine_steps or 0,
+            refine_scope="blocks" if args.refine_blocks else "model",
         )
     except ValueError as err:
         raise CLIError(str(err)) from None
@@ -381,8 +385,9 @@ def _record_lines(record: dict) -> list[str]:
     if "refinement" in record:
         r = record["refinement"]
         stopped = f"; stopped: {r['stopped']}" if r.get("stopped") else ""
+        scope = f" ({r['blocks']} blocks one at a time)" if r.get("scope") == "blocks" else ""
         lines.append(
-            f"  refinement: {r['steps']} steps in {r['seconds']:.1f} s, teacher loss {r['loss_before']:.4g} -> "
+            f"  refinement{scope}: {r['steps']} steps in {r['seconds']:.1f} s, teacher loss {r['loss_before']:.4g} -> "
             f"{r['loss_after']:.4g}{stopped}"
         )
     return lines
@@ -393,12 +398,17 @@ def _record_lines(record: dict) -> list[str]:
 
 def run_generate(args: argparse.Namespace) -> str:
     """Sample from a (quantized) FlowMatchPipeline to PNG files."""
+    for flag, value in (("--num-images", args.num_images), ("--steps", args.steps)):
+        if value < 1:
+            raise CLIError(f"{flag} {value} must be >= 1.")
+    labels = args.class_labels
+    if labels is not None:
+        if any(label < 0 for label in labels):
+            raise CLIError(f"--class-labels {labels} must be class indices >= 0.")
+        labels = [labels[i % len(labels)] for i in range(args.num_images)]  # cycle: 0 1 2 0 1 2 ...
     output = _writable_dir(Path(args.output))
     pipe = _load_pipeline(args.source)
     pipe.set_progress_bar_config(disable=False)
-    labels = args.class_labels
-    if labels is not None and len(labels) not in (1, args.num_images):
-        raise CLIError(f"--class-labels has {len(labels)} values; give 1 or --num-images ({args.num_images}).")
     try:
         images = pipe(
             batch_size=args.num_images,
@@ -420,10 +430,16 @@ def run_generate(args: argparse.Namespace) -> str:
 # ---------------------------------------------------------------------------------------------------- main
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (``diffusers-otq quantize: error: ...``, exit 2) like every
+    other error of the command; ``--help`` still prints the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}. See {self.prog} --help.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="diffusers-otq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="diffusers-otq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"diffusers-otq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -481,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine-steps", type=int, default=None, help="train codebooks/biases against the fp velocity (e.g. 300)"
     )
     calibrate.add_argument(
+        "--refine-blocks",
+        action="store_true",
+        help="refine one block at a time (memory of one block; for models whose backward does not fit)",
+    )
+    calibrate.add_argument(
         "--statistics", default=None, metavar="FILE", help="reuse saved statistics instead of sampling"
     )
     quantize.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -499,14 +520,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _new_folders(path: Path) -> list[Path]:
+    """The folders that creating ``path`` would add, deepest first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; stops at the first one that holds something
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    created = _new_folders(Path(args.output)) if getattr(args, "output", None) else []
     try:
         print(args.run(args))  # the command's result goes to stdout; progress and logs go to stderr
     except CLIError as err:
+        _remove_if_empty(created)  # a failed command leaves no empty output folder behind
         print(f"diffusers-otq {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BaseException:
+        _remove_if_empty(created)
+        raise
     return 0
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_otq import FlowMatchPipeline
+from diffusers_otq import METHODS, FlowMatchPipeline
 from diffusers_otq.classifier import FashionClassifier, save_classifier
 from diffusers_otq.cli import main
 from diffusers_otq.layers import OTQLayerMixin
@@ -136,11 +136,13 @@ def test_generate_writes_pngs(bundle: Path, tmp_path: Path) -> None:
             r"'otq/does-not-exist' is not a bundled reference pipeline; available",
         ),
         (["generate", "{bundle}", "--class-labels", "12", "--steps", "2"], r"class_labels \[12\] are out of range"),
-        (["generate", "{bundle}", "--steps", "0"], r"num_inference_steps=0 must be an int >= 1"),
+        (["generate", "{bundle}", "--steps", "0"], r"--steps 0 must be >= 1"),
+        (["generate", "{bundle}", "--class-labels", "-1"], r"--class-labels \[-1\] must be class indices >= 0"),
         (["quantize", "{tmp}", "{tmp}/out"], r"is not a diffusers model or pipeline folder"),
         (["quantize", "{bundle}", "{tmp}/out", "--bits", "9"], r"bits=9 is out of range"),
         (["quantize", "{bundle}", "{tmp}/out", "--prompts", "p.txt"], r"--prompts only apply with --calibrate"),
         (["quantize", "{bundle}", "{tmp}/out", "--refine-steps", "5"], r"--refine-steps only apply with --calibrate"),
+        (["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--refine-blocks"], r"add --refine-steps N"),
         (["quantize", "{bundle}", "{tmp}/out", "--rank", "-2"], r"rank=-2 must be an int >= 0"),
         (["quantize", "{bundle}", "{tmp}/out", "--rotate", "--rotation-block", "24"], r"rotation_block=24 must be"),
         (
@@ -166,10 +168,34 @@ def test_errors_are_one_clear_line(
     assert re.search(message, err), err
 
 
-def test_console_script_is_installed() -> None:
+def test_console_script_is_installed_and_quiet() -> None:
     executable = shutil.which("diffusers-otq") or str(Path(sys.executable).parent / "diffusers-otq")
     result = subprocess.run([executable, "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("diffusers-otq ")
+    assert result.stderr == ""  # no import noise from the optional backends diffusers loads (torchao, bnb)
+    bad = subprocess.run([executable, "quantize", "a", "b", "--method", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.splitlines() == [
+        "diffusers-otq quantize: error: argument --method: invalid choice: 'nope' (choose from "
+        + ", ".join(repr(m) for m in METHODS)
+        + "). See diffusers-otq quantize --help."
+    ]
+
+
+def test_generate_cycles_class_labels(bundle: Path, tmp_path: Path) -> None:
+    argv = ["generate", str(bundle), "--num-images", "5", "--class-labels", "0", "1", "--steps", "2",
+            "--output", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir())[-1] == "sample_0004.png"
+
+
+def test_a_failed_command_leaves_no_empty_output_folder(bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "samples"
+    argv = ["generate", str(bundle), "--class-labels", "12", "--steps", "2", "--output", str(out)]
+    assert main(argv) == 2  # fails after loading the pipeline, where the folder already existed
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    assert main([*argv[:-1], str(tmp_path / "kept")]) == 2 and (tmp_path / "kept").is_dir()  # not ours to remove
 
 
 def test_quantize_with_structure_and_refinement(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
