@@ -29,6 +29,7 @@ from torch import nn
 from .options import DEFAULT_METHOD, LayerSpec
 from .quantized_tensor import QuantizedTensor, quantize_tensor
 from .structure import InputRotation, LowRankBranch, lowrank_dtype
+from .weight_view import ReadOnlyWeight
 
 
 __all__ = ["CODE_BUFFERS", "OTQConv2d", "OTQLayerMixin", "OTQLinear", "QUANTIZED_BUFFERS", "STRUCTURE_BUFFERS"]
@@ -52,6 +53,15 @@ class OTQLayerMixin:
     rank: int
     rotation_block: int
     rotation_dim: int  # the weight's input-channel axis, which a rotation mixes
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Called like the float class (``OTQConv2d(8, 16, 3)``: no :class:`QuantizedTensor`), build that float
+        layer instead: libraries that make companion layers with ``type(layer)(...)``, as peft does for the LoRA
+        factors of a convolution, get ordinary float layers."""
+        first = args[0] if args else kwargs.get("quantized")
+        if (args or kwargs) and not isinstance(first, QuantizedTensor):  # no arguments: copy/pickle protocol
+            return cls.float_type(*args, **kwargs)
+        return super().__new__(cls)
 
     def _init_quantized(
         self, quantized: QuantizedTensor, lowrank: LowRankBranch | None = None, rotation: InputRotation | None = None
@@ -192,8 +202,10 @@ class OTQLayerMixin:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight (a fresh tensor on every access, not a parameter; prefer ``dequantize_weight``)."""
-        return self.dequantize_weight()
+        """The effective weight as a read-only view (:class:`~diffusers_otq.weight_view.ReadOnlyWeight`): dequantized
+        afresh on every access, not a parameter, and in-place writes (a LoRA fuse) raise. Prefer
+        ``dequantize_weight`` for a plain tensor."""
+        return ReadOnlyWeight.wrap(self.dequantize_weight(), f"{type(self).__name__}{tuple(self.weight_shape)}")
 
     @property
     def nbytes(self) -> int:
@@ -233,8 +245,11 @@ class OTQLayerMixin:
         return text
 
 
-class OTQLinear(OTQLayerMixin, nn.Module):
+class OTQLinear(OTQLayerMixin, nn.Linear):
     """``nn.Linear`` with a codebook-quantized weight.
+
+    A subclass of ``nn.Linear`` (peft, diffusers' LoRA loaders and ``isinstance`` checks treat it as one) whose
+    ``weight`` is a dequantized read-only view and whose stored tensors are the packed buffers.
 
     Example:
         >>> import torch
@@ -253,7 +268,7 @@ class OTQLinear(OTQLayerMixin, nn.Module):
         lowrank: LowRankBranch | None = None,
         rotation: InputRotation | None = None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: no float weight is ever allocated
         if len(quantized.shape) != 2:
             raise ValueError(f"OTQLinear needs a 2-D weight (out, in), got shape {tuple(quantized.shape)}.")
         self.out_features, self.in_features = quantized.shape
@@ -282,8 +297,10 @@ class OTQLinear(OTQLayerMixin, nn.Module):
         )
 
 
-class OTQConv2d(OTQLayerMixin, nn.Module):
+class OTQConv2d(OTQLayerMixin, nn.Conv2d):
     """``nn.Conv2d`` with a codebook-quantized weight (any stride, padding, dilation, groups and padding mode).
+
+    A subclass of ``nn.Conv2d`` whose ``weight`` is a dequantized read-only view (see :class:`OTQLinear`).
 
     Example:
         >>> import torch
@@ -303,7 +320,7 @@ class OTQConv2d(OTQLayerMixin, nn.Module):
         lowrank: LowRankBranch | None = None,
         rotation: InputRotation | None = None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Conv2d.__init__: no float weight is ever allocated
         if len(quantized.shape) != 4:
             raise ValueError(f"OTQConv2d needs a 4-D weight (out, in/groups, kh, kw), got {tuple(quantized.shape)}.")
         self.in_channels = conv.in_channels
@@ -314,6 +331,7 @@ class OTQConv2d(OTQLayerMixin, nn.Module):
         self.dilation = conv.dilation
         self.groups = conv.groups
         self.padding_mode = conv.padding_mode
+        self.transposed, self.output_padding = False, (0, 0)
         self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
         if (lowrank is not None or rotation is not None) and conv.groups != 1:
             raise ValueError(

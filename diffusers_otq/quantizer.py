@@ -288,7 +288,8 @@ class OTQQuantizer(DiffusersQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """True: adapters (LoRA via peft) train on OTQ layers; the packed codes themselves are never trained."""
+        return True
 
     @property
     def is_compileable(self) -> bool:

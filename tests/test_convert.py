@@ -10,12 +10,17 @@ from torch import nn
 
 from diffusers_otq import OTQConv2d, OTQLinear, dequantize_model, quantize_model
 from diffusers_otq.convert import matches_module_name
+from diffusers_otq.layers import OTQLayerMixin
 
 from .tiny_models import tiny_unet
 
 
 def _float_layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, OTQLayerMixin)
+    ]
 
 
 def test_quantize_model_replaces_every_linear_and_conv() -> None:
