@@ -38,11 +38,13 @@ except ImportError:  # pragma: no cover - transformers is a dependency of this p
 
 __all__ = ["FORMAT_VERSION", "OTQConfig", "OTQMethod"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the packed checkpoint layout (see :mod:`diffusers_otq.quantized_tensor`); bumped on any change.
 
 1: codes, codebooks, group scales. 2: adds the optional low-rank branch (``lowrank_up``, ``lowrank_down``) and
-input rotation (``rotation_signs``) of :mod:`diffusers_otq.structure`; version-1 checkpoints load unchanged."""
+input rotation (``rotation_signs``) of :mod:`diffusers_otq.structure`. 3: the packed codes are stored as
+``<layer>.weight`` (was ``<layer>.packed``), where diffusers' LoRA loaders look for a layer's weight. Version-1
+and -2 checkpoints load unchanged (their ``packed`` entries are read as ``weight``)."""
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in CODEBOOK_DTYPES}
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}

@@ -1,7 +1,10 @@
 """``OTQLinear`` and ``OTQConv2d``: layers whose weight lives in a :class:`QuantizedTensor`'s packed buffers.
 
-The packed tensors are registered buffers (``packed``, ``codebook`` and, for group granularity, ``scale_codes``,
-``scale_max`` and ``scale_step``), so ``.to(device)``, ``state_dict()`` and safetensors work unchanged. The bias stays a float
+The packed tensors are registered buffers (``weight``: the bit-packed codes, as bitsandbytes stores its packed
+bytes under ``weight``; ``codebook`` and, for group granularity, ``scale_codes``, ``scale_max`` and
+``scale_step``), so ``.to(device)``, ``state_dict()`` and safetensors work unchanged, and tools that look up
+``<module>.weight`` in a state dict (diffusers' LoRA loaders) find the layer. Attribute access ``layer.weight``
+is the dequantized read-only view; ``layer.packed`` is the stored codes. The bias stays a float
 parameter. Two optional pieces of :mod:`diffusers_otq.structure` add buffers of their own: a low-rank branch
 (``lowrank_up``, ``lowrank_down``) and an input rotation (``rotation_signs``). The forward is::
 
@@ -32,12 +35,22 @@ from .structure import InputRotation, LowRankBranch, lowrank_dtype
 from .weight_view import ReadOnlyWeight
 
 
-__all__ = ["CODE_BUFFERS", "OTQConv2d", "OTQLayerMixin", "OTQLinear", "QUANTIZED_BUFFERS", "STRUCTURE_BUFFERS"]
+__all__ = [
+    "CODE_BUFFERS",
+    "LEGACY_BUFFER_NAMES",
+    "OTQConv2d",
+    "OTQLayerMixin",
+    "OTQLinear",
+    "QUANTIZED_BUFFERS",
+    "STRUCTURE_BUFFERS",
+]
 
-CODE_BUFFERS: tuple[str, ...] = ("packed", "codebook", "scale_codes", "scale_max", "scale_step")
+CODE_BUFFERS: tuple[str, ...] = ("weight", "codebook", "scale_codes", "scale_max", "scale_step")
 STRUCTURE_BUFFERS: tuple[str, ...] = ("lowrank_up", "lowrank_down", "rotation_signs")
 QUANTIZED_BUFFERS: tuple[str, ...] = CODE_BUFFERS + STRUCTURE_BUFFERS
 """Every stored tensor of an OTQ layer (a layer registers those it uses); the bias is a parameter."""
+LEGACY_BUFFER_NAMES: dict[str, str] = {"packed": "weight"}
+"""Stored names of format versions 1-2 and their current names (the codes were ``packed`` before version 3)."""
 
 
 class OTQLayerMixin:
@@ -75,7 +88,8 @@ class OTQLayerMixin:
         self.weight_shape = torch.Size(quantized.shape)
         self.weight_dtype = quantized.dtype
         for key, tensor in quantized.tensors().items():
-            self.register_buffer(key, tensor)
+            # `weight` is a class property (the dequantized view), so register_buffer would refuse the name
+            self._buffers[LEGACY_BUFFER_NAMES.get(key, key)] = tensor
         rows, width = self.weight_shape[0], self.weight_shape[1:].numel()
         if lowrank is not None and (lowrank.up.shape[0], lowrank.down.shape[1]) != (rows, width):
             raise ValueError(
@@ -152,6 +166,17 @@ class OTQLayerMixin:
         """Keep the float bias (original precision and requires_grad) as a parameter."""
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
+    @property
+    def packed(self) -> torch.Tensor:
+        """The bit-packed codes (the ``weight`` entry of the state dict)."""
+        return self._buffers["weight"]
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        for old, new in LEGACY_BUFFER_NAMES.items():  # state dicts of format versions 1-2
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
     def quantized_weight(self) -> QuantizedTensor:
         """A :class:`QuantizedTensor` view of the stored buffers (no copy)."""
         return QuantizedTensor(
@@ -205,6 +230,8 @@ class OTQLayerMixin:
         """The effective weight as a read-only view (:class:`~diffusers_otq.weight_view.ReadOnlyWeight`): dequantized
         afresh on every access, not a parameter, and in-place writes (a LoRA fuse) raise. Prefer
         ``dequantize_weight`` for a plain tensor."""
+        if self.packed.device.type == "meta":  # a skeleton before loading: what the checkpoint's `weight` fills
+            return self.packed
         return ReadOnlyWeight.wrap(self.dequantize_weight(), f"{type(self).__name__}{tuple(self.weight_shape)}")
 
     @property

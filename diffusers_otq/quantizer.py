@@ -42,7 +42,7 @@ from .convert import (
     set_submodule,
 )
 from .functional.packing import unpack_codes
-from .layers import QUANTIZED_BUFFERS, OTQLayerMixin
+from .layers import LEGACY_BUFFER_NAMES, QUANTIZED_BUFFERS, OTQLayerMixin
 from .memory import release_freed_memory
 from .options import CODEBOOK_DTYPES
 
@@ -122,8 +122,14 @@ class OTQQuantizer(DiffusersQuantizer):
                 )
             headers.append(header)
         self._files = [h.path for h in headers]
-        self._checksums = collect_checksums(headers)
-        return loaded_keys
+        self._checksums = {_current_key(key): crc for key, crc in collect_checksums(headers).items()}
+        return [_current_key(key) for key in loaded_keys]
+
+    def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Entries of format versions 1-2 under their current names (``<layer>.packed`` -> ``<layer>.weight``)."""
+        if not self.pre_quantized:
+            return state_dict
+        return {_current_key(key): value for key, value in state_dict.items()}
 
     def _process_model_before_weight_loading(
         self, model: nn.Module, device_map: Any = None, keep_in_fp32_modules: list[str] | None = None, **kwargs: Any
@@ -275,7 +281,7 @@ class OTQQuantizer(DiffusersQuantizer):
     @staticmethod
     def _implied_bits(layer: PlannedLayer, tensor_name: str, loaded: torch.Tensor) -> str:
         bits = layer.spec.bits
-        if tensor_name == "packed":
+        if tensor_name == "weight":
             numel = layer.module.weight.numel()
             return f" (the stored codes hold {loaded.numel() * 8 / numel:.2f} bits per weight, config says {bits})"
         if tensor_name == "codebook" and loaded.dim() == 2:
@@ -305,3 +311,10 @@ class OTQQuantizer(DiffusersQuantizer):
 
         detach_model_card(model)
         return model
+
+
+def _current_key(key: str) -> str:
+    """``key`` with a format-version-1/2 tensor name (``packed``) replaced by its current one (``weight``)."""
+    module, _, tensor = key.rpartition(".")
+    new = LEGACY_BUFFER_NAMES.get(tensor)
+    return f"{module}.{new}" if new is not None and module else key

@@ -67,7 +67,7 @@ def test_saved_headers_carry_version_and_checksums(saved: Path) -> None:
     assert header.metadata[FORMAT_VERSION_KEY] == str(FORMAT_VERSION)
     checksums = json.loads(header.metadata[CHECKSUMS_KEY])
     tensors = load_file(saved / WEIGHTS)
-    assert "conv_in.packed" in checksums and "conv_in.codebook" in checksums and "conv_in.bias" not in checksums
+    assert "conv_in.weight" in checksums and "conv_in.codebook" in checksums and "conv_in.bias" not in checksums
     assert all(tensor_checksum(tensors[k]) == v for k, v in checksums.items())
 
 
@@ -103,10 +103,10 @@ def test_flipped_code_bits_fail_the_checksum(saved: Path, tmp_path: Path) -> Non
     folder = _copy(saved, tmp_path / "q")
 
     def flip(tensors: dict, metadata: dict) -> None:
-        tensors["down_blocks.0.resnets.0.conv1.packed"][5] ^= 0xFF
+        tensors["down_blocks.0.resnets.0.conv1.weight"][5] ^= 0xFF
 
     _rewrite(folder / WEIGHTS, flip)
-    with pytest.raises(CheckpointError, match=r"'down_blocks.0.resnets.0.conv1'.*'packed'.*checksum.*corrupted"):
+    with pytest.raises(CheckpointError, match=r"'down_blocks.0.resnets.0.conv1'.*'weight'.*checksum.*corrupted"):
         UNet2DModel.from_pretrained(folder)
 
 
@@ -127,8 +127,8 @@ def test_config_bits_disagreeing_with_codes(saved: Path, tmp_path: Path) -> None
 def test_packed_codes_of_the_wrong_length(saved: Path, tmp_path: Path) -> None:
     folder = _copy(saved, tmp_path / "q")
 
-    _replace_tensor(folder / WEIGHTS, "conv_out.packed", lambda packed: packed[:-8])
-    with pytest.raises(CheckpointError, match=r"'conv_out'.*'packed' has shape \(64,\).*needs \(72,\).*3.56 bits"):
+    _replace_tensor(folder / WEIGHTS, "conv_out.weight", lambda packed: packed[:-8])
+    with pytest.raises(CheckpointError, match=r"'conv_out'.*'weight' has shape \(64,\).*needs \(72,\).*3.56 bits"):
         UNet2DModel.from_pretrained(folder)
 
 
@@ -148,7 +148,7 @@ def test_codes_beyond_a_short_codebook(saved: Path, tmp_path: Path) -> None:
         packed[0] = 0xFF  # two codes of 15
         return packed
 
-    _replace_tensor(folder / WEIGHTS, "conv_in.packed", bad_code)
+    _replace_tensor(folder / WEIGHTS, "conv_in.weight", bad_code)
     with pytest.raises(CheckpointError, match=r"'conv_in'.*code is 15.*only 9 entries"):
         UNet2DModel.from_pretrained(folder)
 
@@ -169,8 +169,8 @@ def test_unknown_format_version_in_config_and_header(saved: Path, tmp_path: Path
 
 def test_missing_packed_tensor_is_not_left_on_meta(saved: Path, tmp_path: Path) -> None:
     folder = _copy(saved, tmp_path / "q")
-    _rewrite(folder / WEIGHTS, lambda tensors, metadata: tensors.pop("mid_block.resnets.0.conv2.packed"))
-    with pytest.raises(CheckpointError, match=r"'mid_block.resnets.0.conv2'.*'packed' is still on the meta device"):
+    _rewrite(folder / WEIGHTS, lambda tensors, metadata: tensors.pop("mid_block.resnets.0.conv2.weight"))
+    with pytest.raises(CheckpointError, match=r"'mid_block.resnets.0.conv2'.*'weight' is still on the meta device"):
         UNet2DModel.from_pretrained(folder)
 
 

@@ -72,9 +72,10 @@ def test_conv_dtypes(dtype: torch.dtype) -> None:
 def test_buffers_state_dict_and_safetensors_roundtrip(tmp_path) -> None:
     layer = OTQLinear.from_module(nn.Linear(96, 40), bits=3, granularity="group", group_size=32)
     state = layer.state_dict()
-    assert set(state) == {"packed", "codebook", "scale_codes", "scale_max", "scale_step", "bias"}
+    assert set(state) == {"weight", "codebook", "scale_codes", "scale_max", "scale_step", "bias"}
+    assert state["weight"].dtype == torch.uint8 and torch.equal(state["weight"], layer.packed)  # the codes
     assert {name for name, _ in layer.named_buffers()} == {
-        "packed",
+        "weight",
         "codebook",
         "scale_codes",
         "scale_max",
@@ -115,8 +116,8 @@ def test_dtype_cast_keeps_packed_data_and_moves_compute_dtype() -> None:
     layer = OTQLinear.from_module(nn.Linear(64, 16), bits=3, granularity="group", group_size=32)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     layer.half()
-    for key in ("packed", "codebook", "scale_codes", "scale_max", "scale_step"):
-        assert torch.equal(getattr(layer, key), before[key]) and getattr(layer, key).dtype == before[key].dtype
+    for key in ("weight", "codebook", "scale_codes", "scale_max", "scale_step"):
+        assert torch.equal(layer._buffers[key], before[key]) and layer._buffers[key].dtype == before[key].dtype
     assert layer.bias.dtype == torch.float16 and layer.weight.dtype == torch.float16
     layer.to(torch.bfloat16)
     assert layer.weight_dtype == torch.bfloat16 and layer.codebook.dtype == torch.float16

@@ -124,17 +124,9 @@ def test_a_saved_adapter_loads_onto_a_fresh_quantized_model(tmp_path: Path) -> N
     torch.testing.assert_close(_out(fresh, "flux"), expected, rtol=0, atol=0)
 
 
-FLUX_STATE_DICT_KEY = pytest.mark.xfail(
-    raises=KeyError,
-    strict=True,
-    reason="FluxLoraLoaderMixin._maybe_expand_lora_state_dict reads transformer.state_dict()[f'{name}.weight']; OTQ "
-    "layers store their codes as 'packed' (format version 2). Open in issue 14: store them under 'weight'.",
-)
-
-
 @pytest.mark.parametrize(
     ("name", "pipeline"),
-    [pytest.param("flux", tiny_flux_pipeline, marks=FLUX_STATE_DICT_KEY), ("sd3", tiny_sd3_pipeline)],
+    [("flux", tiny_flux_pipeline), ("sd3", tiny_sd3_pipeline)],
 )
 def test_pipeline_load_lora_weights_set_adapters_and_unload(name: str, pipeline, tmp_path: Path) -> None:
     float_model = MODELS[name][0]()

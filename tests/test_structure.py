@@ -15,7 +15,7 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffusers_otq import OTQConfig, OTQConv2d, OTQLinear, quantize_model
+from diffusers_otq import FORMAT_VERSION, OTQConfig, OTQConv2d, OTQLinear, quantize_model
 from diffusers_otq.checkpoint import read_safetensors_header
 from diffusers_otq.fitting import fit_data_free
 from diffusers_otq.layers import OTQLayerMixin
@@ -181,7 +181,9 @@ def test_structured_checkpoints_reload_bit_identically_in_a_fresh_process(tmp_pa
         model.save_pretrained(tmp_path / f"{name}-sharded", max_shard_size="30KB")
         assert len(list((tmp_path / f"{name}-sharded").glob("*.safetensors"))) > 1
         header = read_safetensors_header(tmp_path / name / "diffusion_pytorch_model.safetensors")
-        assert header.metadata["otq_format_version"] == "2" and any("lowrank_up" in k for k in header.tensors)
+        assert header.metadata["otq_format_version"] == str(FORMAT_VERSION) and any(
+            "lowrank_up" in k for k in header.tensors
+        )
         for key in (name, f"{name}-sharded"):
             cls = type(model).__name__
             jobs.append({"class": cls, "path": str(tmp_path / key), "inputs": str(tmp_path / f"{name}-inputs.safetensors"),
@@ -197,24 +199,42 @@ def test_structured_checkpoints_reload_bit_identically_in_a_fresh_process(tmp_pa
         assert torch.equal(outputs[key], value), key
 
 
-def test_version_one_checkpoints_still_load(tmp_path: Path) -> None:
-    """A checkpoint written before the structure buffers existed (format 1) loads into this version unchanged."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_checkpoints_still_load(version: int, tmp_path: Path) -> None:
+    """Checkpoints written before the structure buffers (format 1) and before the codes were stored as
+    ``<layer>.weight`` (formats 1-2, ``<layer>.packed``) load into this version unchanged."""
     model = tiny_sd3_transformer()
     quantize_model(model, OTQConfig(bits=3), progress=False)
-    model.save_pretrained(tmp_path / "v1")
-    file = tmp_path / "v1" / "diffusion_pytorch_model.safetensors"
+    model.save_pretrained(tmp_path / "old")
+    file = tmp_path / "old" / "diffusion_pytorch_model.safetensors"
     metadata = read_safetensors_header(file).metadata
-    save_file(load_file(file), file, metadata={**metadata, "otq_format_version": "1"})
-    config_path = tmp_path / "v1" / "config.json"
+
+    def legacy(key: str) -> str:  # the packed codes' old name
+        return key.removesuffix(".weight") + ".packed" if key in packed else key
+
+    tensors = load_file(file)
+    packed = {k for k, v in tensors.items() if k.endswith(".weight") and v.dtype == torch.uint8}
+    assert packed and all(k in json.loads(metadata["otq_checksums"]) for k in packed)
+    checksums = {legacy(k): v for k, v in json.loads(metadata["otq_checksums"]).items()}
+    save_file({legacy(k): v for k, v in tensors.items()}, file,
+              metadata={**metadata, "otq_format_version": str(version), "otq_checksums": json.dumps(checksums)})  # fmt: skip
+    config_path = tmp_path / "old" / "config.json"
     config = json.loads(config_path.read_text())
-    config["quantization_config"]["format_version"] = 1
-    for key in ("rank", "rotation", "rotation_block", "rotation_seed"):
-        config["quantization_config"].pop(key, None)
+    config["quantization_config"]["format_version"] = version
+    if version == 1:
+        for key in ("rank", "rotation", "rotation_block", "rotation_seed"):
+            config["quantization_config"].pop(key, None)
     config_path.write_text(json.dumps(config))
-    reloaded = SD3Transformer2DModel.from_pretrained(tmp_path / "v1")
+    reloaded = SD3Transformer2DModel.from_pretrained(tmp_path / "old")
     inputs = sd3_inputs()
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).sample, model(**inputs).sample)
+    old_state = {legacy(k): v for k, v in model.state_dict().items()}  # plain torch state dicts too
+    fresh = tiny_sd3_transformer()
+    quantize_model(fresh, OTQConfig(bits=3, method="uniform"), progress=False)
+    fresh.load_state_dict(old_state)
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).sample, model(**inputs).sample)
 
 
 def test_quantize_on_load_fits_the_same_structure_as_post_hoc(tmp_path: Path) -> None:

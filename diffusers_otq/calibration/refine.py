@@ -154,7 +154,7 @@ def _store(layer: OTQLayerMixin, dtypes: dict[str, torch.dtype]) -> None:
     codebook = layer._buffers["codebook"].to(dtypes["codebook"])
     if bool((codebook[:, 1:] < codebook[:, :-1]).any()):  # refinement moved codewords past each other
         codebook, codes = sort_codebook(codebook, layer.quantized_weight().codes().to(torch.int64))
-        layer._buffers["packed"] = pack_codes(codes.reshape(-1).to(torch.uint8), layer.bits)
+        layer._buffers["weight"] = pack_codes(codes.reshape(-1).to(torch.uint8), layer.bits)
     layer._buffers["codebook"] = codebook.contiguous()
     for name in ("scale_max", "lowrank_up", "lowrank_down"):
         if layer._buffers.get(name) is not None:
@@ -330,10 +330,25 @@ def _block_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> tu
     return num, torch.as_tensor(den)
 
 
+def _student_inputs(model: nn.Module, name: str, teacher: TeacherCalls, recorded: BlockCalls) -> BlockCalls:
+    """The block's calls with the inputs the quantized model (earlier blocks already refined) gives it, and the
+    full-precision outputs as targets: the block learns to undo the error that reaches it, not only its own.
+    Falls back to the recorded full-precision inputs when the block runs a different number of times."""
+    with torch.no_grad(), record_block_calls(model, [name]) as seen:
+        for args, kwargs in teacher.inputs.calls:
+            model_output(model, args, kwargs)
+    if len(seen[name]) != len(recorded):
+        logger.warning("Block %s ran %d times on the quantized model, %d on the teacher; training it on the "
+                       "teacher's inputs.", name, len(seen[name]), len(recorded))  # fmt: skip
+        return recorded
+    return BlockCalls(seen[name].calls, recorded.outputs)
+
+
 def _refine_blocks(
     model: nn.Module, teacher: TeacherCalls, calibration: CalibrationConfig
 ) -> tuple[int, None, str | None, int]:
-    """Train each block with OTQ layers on its recorded full-precision inputs and outputs, one block at a time.
+    """Train each block with OTQ layers, one at a time in definition order, to map the inputs the quantized model
+    gives it (:func:`_student_inputs`) to its recorded full-precision outputs.
 
     Returns ``(steps of all blocks, None, why it stopped or None, blocks trained)``.
     """
@@ -347,6 +362,7 @@ def _refine_blocks(
         if not len(recorded):
             logger.warning("Block %s has OTQ layers but ran in no teacher call; it is not refined.", name)
             continue
+        recorded = _student_inputs(model, name, teacher, recorded)
         device = layers[0].packed.device
 
         def step(generator: torch.Generator, block=block, recorded=recorded, device=device) -> torch.Tensor:
