@@ -335,7 +335,7 @@ def run_quantize(args: argparse.Namespace) -> str:
         saved = saved.to_dict()
     record = (saved or {}).get("provenance") or {}
     lines = [
-        f"Quantized {len(reports)} layers ({params:,} weights) of {source} with {config!r}",
+        f"Quantized {len(reports)} layers ({params:,} weights) of {source} with {config.as_code()}",
         *_record_lines(record),
         f"  bits/weight of quantized layers: {bpw:.3f}",
         f"  size on disk: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({before / max(after, 1):.2f}x smaller)",

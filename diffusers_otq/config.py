@@ -5,8 +5,15 @@ It is saved as ``quantization_config`` in each quantized model's ``config.json``
 
 >>> from diffusers_otq import OTQConfig
 >>> config = OTQConfig(bits=3, modules_to_not_convert=["proj_out"], module_overrides={"attn*": {"bits": 4}})
->>> config
-OTQConfig(bits=3, method='ot-vp', granularity='channel', modules_to_not_convert=['proj_out'], module_overrides={'attn*': {'bits': 4}})
+>>> config.as_code()
+"OTQConfig(bits=3, method='ot-vp', granularity='channel', modules_to_not_convert=['proj_out'], module_overrides={'attn*': {'bits': 4}})"
+>>> print(repr(OTQConfig(bits=2)))  # as diffusers prints its configs: class name and the JSON of what differs
+OTQConfig {
+  "bits": 2,
+  "format_version": 3,
+  "quant_method": "otq"
+}
+<BLANKLINE>
 >>> OTQConfig.from_dict(config.to_dict()) == config
 True
 """
@@ -411,6 +418,11 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
     __hash__ = None  # type: ignore[assignment]  # mutable, like every QuantizationConfigMixin
 
     def __repr__(self) -> str:
+        """diffusers' form for quantization configs: ``OTQConfig {json of the non-default fields}``."""
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+    def as_code(self) -> str:
+        """The constructor call that rebuilds this config (``OTQConfig(bits=3, ...)``), for messages and docs."""
         shown = {"bits": self.bits, "method": self.method, "granularity": self.granularity}
         hidden = ("quant_method", "format_version", "provenance")
         shown.update({k: v for k, v in self.to_diff_dict().items() if k not in hidden})
@@ -421,8 +433,8 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
     def for_pipeline(self, components: tuple[str, ...] | list[str] = ("transformer",)) -> Any:
         """Wrap this config for ``DiffusionPipeline.from_pretrained`` (which needs a PipelineQuantizationConfig).
 
-        >>> OTQConfig(bits=3).for_pipeline(["transformer"]).quant_mapping
-        {'transformer': OTQConfig(bits=3, method='ot-vp', granularity='channel')}
+        >>> OTQConfig(bits=3).for_pipeline(["transformer"]).quant_mapping["transformer"].bits
+        3
         """
         from diffusers import PipelineQuantizationConfig
 

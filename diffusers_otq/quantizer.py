@@ -15,6 +15,7 @@ Two loading paths, chosen by diffusers from the checkpoint's ``config.json``:
 from __future__ import annotations
 
 import logging
+import types
 from functools import partial
 from typing import Any
 
@@ -90,8 +91,9 @@ class OTQQuantizer(DiffusersQuantizer):
             )
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
-        self._torch_dtype = torch_dtype
-        return torch_dtype
+        """The load dtype; without one, diffusers' float32 default (so ``_pre_quantization_dtype`` is recorded)."""
+        self._torch_dtype = torch_dtype or torch.float32
+        return self._torch_dtype
 
     def adjust_target_dtype(self, target_dtype: torch.dtype) -> Any:
         """Size estimate for ``device_map="auto"``: 4- or 2-bit codes count as accelerate's int4/int2."""
@@ -233,6 +235,7 @@ class OTQQuantizer(DiffusersQuantizer):
         from .hub import attach_model_card
 
         attach_model_card(model)
+        count_unquantized_parameters(model)
         return model
 
     def _check_codes(self, name: str, module: OTQLayerMixin) -> None:
@@ -318,3 +321,19 @@ def _current_key(key: str) -> str:
     module, _, tensor = key.rpartition(".")
     new = LEGACY_BUFFER_NAMES.get(tensor)
     return f"{module}.{new}" if new is not None and module else key
+
+
+def _num_parameters(self: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """``ModelMixin.num_parameters`` plus every OTQ layer's weight, counted as the float parameters it replaces
+    (as diffusers counts bitsandbytes' packed weights); the codes are never trainable, so ``only_trainable`` counts
+    what diffusers counts."""
+    count = type(self).num_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+    if only_trainable:
+        return count
+    return count + sum(m.weight_shape.numel() for m in self.modules() if isinstance(m, OTQLayerMixin))
+
+
+def count_unquantized_parameters(model: nn.Module) -> None:
+    """Make ``model.num_parameters()`` (a diffusers model's) count the unquantized parameters."""
+    if callable(getattr(type(model), "num_parameters", None)):
+        model.num_parameters = types.MethodType(_num_parameters, model)

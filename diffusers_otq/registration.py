@@ -2,8 +2,9 @@
 
 diffusers has no registration API: its two ``AUTO_*`` mappings are plain module-level dicts that every lookup
 reads at call time, so adding our keys in place is visible everywhere (sdnq and fouroversix do the same).
-transformers' public ``register_quantization_config`` is used for the config, which lets
-``PipelineQuantizationConfig(quant_backend="otq", ...)`` validate. Both registrations are idempotent and never
+transformers' public ``register_quantization_config`` and ``register_quantizer`` are used for the config and
+:class:`~diffusers_otq.transformers_quantizer.OTQTransformersQuantizer`, which lets
+``PipelineQuantizationConfig(quant_backend="otq", ...)`` validate and quantize text encoders. Both registrations are idempotent and never
 replace another package's "otq" entry.
 
 ``DiffusionPipeline.from_pretrained`` rejects a bare model config with a terse "must be an instance of
@@ -61,6 +62,12 @@ def register() -> None:
         transformers_auto.register_quantization_config(QUANT_METHOD)(OTQConfig)
     else:
         _claim(transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, OTQConfig, "transformers quantization configs")
+    from .transformers_quantizer import OTQTransformersQuantizer
+
+    if transformers_auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is None:
+        transformers_auto.register_quantizer(QUANT_METHOD)(OTQTransformersQuantizer)
+    else:
+        _claim(transformers_auto.AUTO_QUANTIZER_MAPPING, OTQTransformersQuantizer, "transformers quantizers")
 
 
 def _explain_bare_config(from_pretrained: Any) -> Any:
@@ -71,9 +78,9 @@ def _explain_bare_config(from_pretrained: Any) -> Any:
         config = kwargs.get("quantization_config")
         if isinstance(config, OTQConfig):
             raise ValueError(
-                f"{cls.__name__}.from_pretrained got quantization_config={config!r}, a per-model config; pipelines "
+                f"{cls.__name__}.from_pretrained got quantization_config={config.as_code()}, a per-model config; pipelines "
                 "need a PipelineQuantizationConfig that says which components to quantize. Wrap it: "
-                f"quantization_config=PipelineQuantizationConfig(quant_mapping={{'transformer': {config!r}}}), "
+                f"quantization_config=PipelineQuantizationConfig(quant_mapping={{'transformer': {config.as_code()}}}), "
                 "or config.for_pipeline(['transformer'])."
             )
         return from_pretrained(cls, *args, **kwargs)

@@ -43,9 +43,13 @@ def test_diff_dict_keeps_only_changes() -> None:
     assert OTQConfig(bits=3).to_diff_dict() == {"quant_method": "otq", "format_version": FORMAT_VERSION, "bits": 3}
 
 
-def test_repr_is_readable() -> None:
-    text = repr(OTQConfig(bits=2, modules_to_not_convert=["x"]))
-    assert text == "OTQConfig(bits=2, method='ot-vp', granularity='channel', modules_to_not_convert=['x'])"
+def test_repr_is_diffusers_form_and_as_code_rebuilds_it() -> None:
+    config = OTQConfig(bits=2, modules_to_not_convert=["x"])
+    name, _, body = repr(config).partition(" ")
+    assert name == "OTQConfig" and json.loads(body) == config.to_diff_dict()
+    code = config.as_code()
+    assert code == "OTQConfig(bits=2, method='ot-vp', granularity='channel', modules_to_not_convert=['x'])"
+    assert eval(code, {"OTQConfig": OTQConfig}) == config  # the constructor call it claims to be
 
 
 @pytest.mark.parametrize(
