@@ -87,7 +87,7 @@ def _quantize_diffusers_model(
 ) -> list[LayerReport]:
     """Convert, then attach what ``from_pretrained`` would: quantizer, flags and the config entry."""
     from .hub import attach_model_card
-    from .quantizer import OTQQuantizer, count_unquantized_parameters
+    from .quantizer import OTQQuantizer, adapt_quantized_model
 
     hf_quantizer = OTQQuantizer(config, pre_quantized=True)  # "pre-quantized" from now on: reloads skip fitting
     hf_quantizer.plan = {layer.name: layer for layer in plan}
@@ -98,5 +98,5 @@ def _quantize_diffusers_model(
     model.hf_quantizer = hf_quantizer
     model.register_to_config(quantization_config=config, _pre_quantization_dtype=original_dtype)
     attach_model_card(model)
-    count_unquantized_parameters(model)
+    adapt_quantized_model(model)
     return reports

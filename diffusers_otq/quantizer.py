@@ -235,7 +235,7 @@ class OTQQuantizer(DiffusersQuantizer):
         from .hub import attach_model_card
 
         attach_model_card(model)
-        count_unquantized_parameters(model)
+        adapt_quantized_model(model)
         return model
 
     def _check_codes(self, name: str, module: OTQLayerMixin) -> None:
@@ -333,7 +333,18 @@ def _num_parameters(self: nn.Module, only_trainable: bool = False, exclude_embed
     return count + sum(m.weight_shape.numel() for m in self.modules() if isinstance(m, OTQLayerMixin))
 
 
-def count_unquantized_parameters(model: nn.Module) -> None:
-    """Make ``model.num_parameters()`` (a diffusers model's) count the unquantized parameters."""
+def _to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """``ModelMixin.to`` with ``dtype=None`` (no cast) dropped: diffusers refuses any ``dtype`` keyword on a
+    quantized model, even None, which is what its own ``save_lora_adapter`` passes."""
+    if "dtype" in kwargs and kwargs["dtype"] is None:
+        kwargs.pop("dtype")
+    return type(self).to(self, *args, **kwargs)
+
+
+def adapt_quantized_model(model: nn.Module) -> None:
+    """Bookkeeping of a quantized diffusers/transformers model, as other backends have it: ``num_parameters()``
+    counts the unquantized parameters, and ``to(dtype=None)`` (no cast, e.g. from ``save_lora_adapter``) works."""
     if callable(getattr(type(model), "num_parameters", None)):
         model.num_parameters = types.MethodType(_num_parameters, model)
+    if type(model).to is not nn.Module.to:  # diffusers' ModelMixin.to, which refuses dtype=None
+        model.to = types.MethodType(_to, model)

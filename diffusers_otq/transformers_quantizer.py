@@ -29,7 +29,7 @@ from .checkpoint import CHECKSUMS_KEY, FORMAT_VERSION_KEY, CheckpointError, chec
 from .config import FORMAT_VERSION, OTQConfig
 from .convert import plan_layers, quantize_layer, replace_with_empty_layers, set_submodule
 from .layers import QUANTIZED_BUFFERS, OTQLayerMixin
-from .quantizer import count_unquantized_parameters
+from .quantizer import adapt_quantized_model
 
 
 try:
@@ -99,7 +99,7 @@ class OTQTransformersQuantizer(HfQuantizer):
                 module = model.get_submodule(layer.name)
                 set_submodule(model, layer.name, quantize_layer(replace(layer, module=module)))  # the loaded float
             logger.info("Quantized %d layers of %s with OTQ on load.", len(self.plan), type(model).__name__)
-            count_unquantized_parameters(model)
+            adapt_quantized_model(model)
             return model
         for name in self.plan:
             module = model.get_submodule(name)
@@ -110,7 +110,7 @@ class OTQTransformersQuantizer(HfQuantizer):
                     f"Layer {name!r}: {', '.join(meta) or 'its weight'} never arrived from the checkpoint (a missing "
                     "shard, or a checkpoint quantized with other settings than its config.json says)."
                 )
-        count_unquantized_parameters(model)
+        adapt_quantized_model(model)
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -41,7 +41,7 @@ BEHAVIOURS: dict[str, str] = {
     # LoRA / peft
     "peft adapters on quantized layers = on the dequantized model": "test_lora::test_an_adapter_on_quantized_layers_matches_it_on_the_dequantized_model",
     "adapter training moves only LoRA weights": "test_lora::test_training_an_adapter_moves_only_the_lora_weights",
-    "save / load a LoRA adapter": "test_lora::test_a_saved_adapter_loads_onto_a_fresh_quantized_model",
+    "save_lora_adapter / load_lora_adapter": "test_lora::test_a_saved_adapter_loads_onto_a_fresh_quantized_model",
     "load_lora_weights / set_adapters / unload (SD3, Flux)": "test_lora::test_pipeline_load_lora_weights_set_adapters_and_unload",
     "fuse_lora refused with a clear error": "test_lora::test_fusing_into_a_quantized_weight_is_refused_and_changes_nothing",
     # text encoders through transformers
