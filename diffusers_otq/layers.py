@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .functional.dequant_ops import fast_path_available, tiled_linear
 from .options import DEFAULT_METHOD, LayerSpec
 from .quantized_tensor import QuantizedTensor, quantize_tensor
 from .structure import InputRotation, LowRankBranch, lowrank_dtype
@@ -305,10 +306,34 @@ class OTQLinear(OTQLayerMixin, nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(input.dtype)
         x = self._rotate_input(input, -1)
-        out = F.linear(x, self.codes_weight(input.dtype), bias)
+        if self._use_fused(x):  # CPU: dequantize tile by tile into a reused scratch, no full-size weight
+            out = self._fused_linear(x, bias)
+        else:
+            out = F.linear(x, self.codes_weight(input.dtype), bias)
         if self.rank:
             out = out + F.linear(F.linear(x, self.lowrank_down.to(input.dtype)), self.lowrank_up.to(input.dtype))
         return out
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        """The fused CPU kernel applies: per-row storage, nothing that needs a gradient through the weight's
+        codebooks or into ``x`` (the custom op has no backward), and the extension built."""
+        if self.granularity == "tensor" or x.dim() == 0:
+            return False
+        trains = self.codebook.requires_grad or (
+            self._buffers.get("scale_max") is not None and self.scale_max.requires_grad
+        )
+        if torch.is_grad_enabled() and (x.requires_grad or trains):
+            return False
+        return fast_path_available(x.device)
+
+    def _fused_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        scales = self.quantized_weight().decoded_scales()
+        x2d = x.reshape(-1, self.in_features)
+        none = x2d.new_empty(0, dtype=torch.float32)
+        out = tiled_linear(x2d, self.packed, self.codebook.to(torch.float32), none if scales is None else scales,
+                           none.to(x.dtype) if bias is None else bias, self.out_features, self.in_features,
+                           self.bits)  # fmt: skip
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the reconstructed weight."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .functional.dequant_ops import dequantize_rows, reference_dequantize
 from .functional.fitters import fit_codebook, stretch_to_variance
 from .functional.packing import pack_codes, packed_num_bytes, unpack_codes
 from .functional.scales import GroupScales, decode_group_scales, encode_group_scales
@@ -177,17 +178,21 @@ class QuantizedTensor:
         """Reconstruct the weight: ``codebook[c, code] * scale``, shape :attr:`shape`, dtype ``dtype`` or :attr:`dtype`."""
         out_dtype = self.dtype if dtype is None else dtype
         rows, n = self.rows
-        codes = self.codes().to(torch.int64)  # (R, n)
-        if self.codebook.shape[0] == 1:
-            values = self.codebook[0][codes]
-        else:
-            values = self.codebook.gather(1, codes)
+        scales = self.decoded_scales()
+        if torch.is_grad_enabled() and (self.codebook.requires_grad or (scales is not None and scales.requires_grad)):
+            # refinement trains codebooks/scales: the differentiable reference path
+            weight = reference_dequantize(self.packed, self.codebook, scales, rows, n, self.bits, out_dtype)
+            return weight.reshape(self.shape)
+        empty = self.codebook.new_empty(0, dtype=torch.float32)
+        weight = dequantize_rows(self.packed, self.codebook.to(torch.float32), empty if scales is None else scales,
+                                 rows, n, self.bits, out_dtype)  # fmt: skip
+        return weight.reshape(self.shape)
+
+    def decoded_scales(self) -> torch.Tensor | None:
+        """(R, G) float32 group scales, or None without group granularity."""
         if self.scale_codes is None:
-            return values.to(out_dtype).reshape(self.shape)
-        scales = decode_group_scales(self.scale_codes, self.scale_max, self.scale_step)  # (R, G) float32
-        groups = scales.shape[1]
-        values = values.to(torch.float32).view(rows, groups, n // groups) * scales[:, :, None]
-        return values.to(out_dtype).reshape(self.shape)
+            return None
+        return decode_group_scales(self.scale_codes, self.scale_max, self.scale_step)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name: ``packed``, ``codebook`` and, for groups, ``scale_codes/max/step``."""

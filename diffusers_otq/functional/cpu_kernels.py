@@ -1,0 +1,266 @@
+"""Fused CPU kernels for packed codes, compiled on first use (``torch.utils.cpp_extension``), with a fallback.
+
+Two kernels read the packed bit stream (layout in :mod:`.packing`: blocks of 8 codes in ``bits`` bytes, code
+``k`` of a block at bit ``k * bits`` of the block's little-endian bytes) directly, with no index tensor:
+
+* ``dequantize(packed, codebook, scales, rows, n, bits, dtype) -> (rows, n)``:
+  ``w[r, j] = codebook[r or 0, code(r*n + j)] * scales[r, j // (n / G)]`` written straight in the output dtype,
+  rows in parallel. Scratch: none beyond the output.
+* ``gemv(x, packed, codebook, scales, rows, n, bits) -> (T, rows)`` for a few tokens, never building the weight:
+  each code is looked up in the row's codebook (a few floats, held in cache/registers) and multiplied into the
+  token sums, ``y[t, r] = sum_g scale[r, g] * sum_{j in g} codebook[r, code_rj] * x[t, j]`` (float32 within a
+  group, float64 across groups).
+
+Both decode whole blocks of 8 codes with compile-time shifts (one kernel instance per bit width).
+
+``codebook`` and ``scales`` are float32 (``scales`` empty without group granularity); ``x`` and the GEMV output
+are float32. The extension is built once per machine into torch's extension cache (about a minute with one
+core); when it cannot be built or loaded, :func:`load` returns None, the reason is logged once, and callers use
+the pure-PyTorch reference path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from types import ModuleType
+
+
+__all__ = ["load", "loaded"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline uint64_t load_block(const uint8_t* packed, int64_t nbytes, int64_t block, int bits) {
+  uint64_t window = 0;
+  int64_t start = block * bits;
+  int64_t avail = nbytes - start;
+  std::memcpy(&window, packed + start, static_cast<size_t>(avail < bits ? avail : bits));  // little-endian
+  return window;
+}
+
+// Calls fn(j, code) for codes [g0, g0 + count) of the stream, j = 0..count-1. Whole blocks of 8 are decoded with
+// compile-time shifts (BITS is a template parameter), the ragged head and tail one block window at a time.
+template <int BITS, typename Fn>
+inline void for_codes(const uint8_t* packed, int64_t nbytes, int64_t g0, int64_t count, Fn&& fn) {
+  constexpr uint64_t mask = (BITS == 8) ? 0xFFull : ((1ull << BITS) - 1);
+  int64_t g = g0, j = 0;
+  while (j < count && (g & 7)) {  // head: up to the next block boundary
+    uint64_t window = load_block(packed, nbytes, g >> 3, BITS) >> ((g & 7) * BITS);
+    int64_t take = std::min<int64_t>(8 - (g & 7), count - j);
+    for (int64_t q = 0; q < take; ++q) { fn(j + q, static_cast<int>(window & mask)); window >>= BITS; }
+    j += take; g += take;
+  }
+  const int64_t whole_end = count - ((count - j) & 7);
+  const int64_t last_full = (nbytes / BITS);  // blocks whose BITS bytes are all present
+  while (j < whole_end && (g >> 3) < last_full) {
+    uint64_t window = 0;
+    const int64_t start = (g >> 3) * BITS;
+    if (start + 8 <= nbytes) {
+      std::memcpy(&window, packed + start, 8);  // one 8-byte load; the bytes past the block are shifted away
+    } else {
+      std::memcpy(&window, packed + start, BITS);
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q) fn(j + q, static_cast<int>((window >> (q * BITS)) & mask));
+    j += 8; g += 8;
+  }
+  while (j < count) {  // tail
+    uint64_t window = load_block(packed, nbytes, g >> 3, BITS) >> ((g & 7) * BITS);
+    int64_t take = std::min<int64_t>(8 - (g & 7), count - j);
+    for (int64_t q = 0; q < take; ++q) { fn(j + q, static_cast<int>(window & mask)); window >>= BITS; }
+    j += take; g += take;
+  }
+}
+
+template <int BITS, typename out_t>
+// Rows first_row .. first_row+rows of W into out (rows, n).
+void dequantize_impl(const uint8_t* packed, int64_t nbytes, const float* codebook, int64_t cb_rows, int64_t k,
+                     const float* scales, int64_t groups, int64_t rows, int64_t n, out_t* out, int64_t first_row = 0) {
+  const int64_t parts = groups ? groups : 1, group = n / parts;
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<out_t> table(static_cast<size_t>(k));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = first_row + i;
+      const float* cb = codebook + (cb_rows == 1 ? 0 : r) * k;
+      for (int64_t p = 0; p < parts; ++p) {
+        out_t* dst = out + i * n + p * group;
+        if (groups) {
+          const float s = scales[r * groups + p];
+          for (int64_t c = 0; c < k; ++c) table[c] = static_cast<out_t>(cb[c] * s);  // the group's scaled codebook
+          for_codes<BITS>(packed, nbytes, r * n + p * group, group, [&](int64_t j, int code) { dst[j] = table[code]; });
+        } else {
+          for (int64_t c = 0; c < k; ++c) table[c] = static_cast<out_t>(cb[c]);
+          for_codes<BITS>(packed, nbytes, r * n, n, [&](int64_t j, int code) { dst[j] = table[code]; });
+        }
+      }
+    }
+  });
+}
+
+template <int BITS>
+void gemv_impl(const float* xs, int64_t tokens, const uint8_t* packed, int64_t nbytes, const float* codebook,
+               int64_t cb_rows, int64_t k, const float* scales, int64_t groups, int64_t rows, int64_t n, float* ys) {
+  const int64_t parts = groups ? groups : 1, group = n / parts;
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> part(static_cast<size_t>(tokens));
+    std::vector<double> acc(static_cast<size_t>(tokens));
+    for (int64_t r = begin; r < end; ++r) {
+      const float* cb = codebook + (cb_rows == 1 ? 0 : r) * k;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t p = 0; p < parts; ++p) {
+        std::fill(part.begin(), part.end(), 0.0f);
+        const int64_t col0 = p * group;
+        if (tokens == 1) {
+          float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 independent chains, not one serial add
+          const float* x = xs + col0;
+          for_codes<BITS>(packed, nbytes, r * n + col0, group,
+                          [&](int64_t j, int code) { sums[j & 7] += cb[code] * x[j]; });
+          part[0] = ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
+        } else {
+          for_codes<BITS>(packed, nbytes, r * n + col0, group, [&](int64_t j, int code) {
+            const float w = cb[code];
+            for (int64_t t = 0; t < tokens; ++t) part[t] += w * xs[t * n + col0 + j];
+          });
+        }
+        const double s = groups ? scales[r * groups + p] : 1.0;
+        for (int64_t t = 0; t < tokens; ++t) acc[t] += s * part[t];
+      }
+      for (int64_t t = 0; t < tokens; ++t) ys[t * rows + r] = static_cast<float>(acc[t]);
+    }
+  });
+}
+
+template <typename F>
+void with_bits(int64_t bits, F&& f) {
+  switch (bits) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: TORCH_CHECK(false, "bits must be 1..8, got ", bits);
+  }
+}
+
+}  // namespace
+
+torch::Tensor dequantize(torch::Tensor packed, torch::Tensor codebook, torch::Tensor scales, int64_t rows,
+                         int64_t n, int64_t bits, torch::ScalarType dtype) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous(), "packed must be contiguous uint8");
+  TORCH_CHECK(codebook.dtype() == torch::kFloat32 && codebook.is_contiguous(), "codebook must be contiguous float32");
+  const int64_t groups = scales.numel() ? scales.size(1) : 0;
+  auto out = torch::empty({rows, n}, torch::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "otq_dequantize", [&] {
+    with_bits(bits, [&](auto b) {
+      dequantize_impl<decltype(b)::value, scalar_t>(packed.data_ptr<uint8_t>(), packed.numel(),
+          codebook.data_ptr<float>(), codebook.size(0), codebook.size(1), groups ? scales.data_ptr<float>() : nullptr,
+          groups, rows, n, out.data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, torch::Tensor scales,
+                   int64_t rows, int64_t n, int64_t bits) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 && x.size(1) == n,
+              "x must be contiguous float32 (T, n)");
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous(), "packed must be contiguous uint8");
+  const int64_t groups = scales.numel() ? scales.size(1) : 0;
+  auto y = torch::empty({x.size(0), rows}, x.options());
+  with_bits(bits, [&](auto b) {
+    gemv_impl<decltype(b)::value>(x.data_ptr<float>(), x.size(0), packed.data_ptr<uint8_t>(), packed.numel(),
+        codebook.data_ptr<float>(), codebook.size(0), codebook.size(1), groups ? scales.data_ptr<float>() : nullptr,
+        groups, rows, n, y.data_ptr<float>());
+  });
+  return y;
+}
+
+// x (T, n) @ W^T + bias -> (T, rows) in x's dtype (bias empty: none): W is dequantized `tile` rows at a time into a scratch buffer that is
+// reused across tiles and calls (no fresh full-size weight, no page faults), each tile multiplied by at::mm.
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, torch::Tensor scales,
+                     torch::Tensor bias, int64_t rows, int64_t n, int64_t bits, int64_t tile) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == n && x.is_contiguous(), "x must be contiguous (T, n)");
+  const int64_t groups = scales.numel() ? scales.size(1) : 0;
+  auto y = torch::empty({x.size(0), rows}, x.options());
+  thread_local torch::Tensor scratch;
+  if (!scratch.defined() || scratch.numel() < tile * n || scratch.scalar_type() != x.scalar_type()) {
+    scratch = torch::empty({tile * n}, x.options());
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += tile) {
+    const int64_t count = std::min(tile, rows - r0);
+    auto w = scratch.narrow(0, 0, count * n).view({count, n});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "otq_linear_tile", [&] {
+      with_bits(bits, [&](auto b) {  // rows r0 .. r0+count of W into the scratch
+        dequantize_impl<decltype(b)::value, scalar_t>(packed.data_ptr<uint8_t>(), packed.numel(),
+            codebook.data_ptr<float>(), codebook.size(0), codebook.size(1), groups ? scales.data_ptr<float>() : nullptr,
+            groups, count, n, w.data_ptr<scalar_t>(), r0);
+      });
+    });
+    // as F.linear: addmm with the bias (same rounding), mm without
+    y.narrow(1, r0, count).copy_(bias.numel() ? at::addmm(bias.narrow(0, r0, count), x, w.t()) : at::mm(x, w.t()));
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "x (T, n) @ W^T -> (T, rows), W dequantized tile by tile into a reused scratch");
+  m.def("dequantize", &dequantize, "packed codes -> weight (rows, n)");
+  m.def("gemv", &gemv, "x (T, n) @ dequantized weight^T -> (T, rows), never building the weight");
+}
+"""
+
+_DISABLE_ENV = "DIFFUSERS_OTQ_NO_CPU_KERNELS"
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+
+
+def load() -> ModuleType | None:
+    """The compiled kernels, built on first call; None (reason logged once) when they cannot be used.
+
+    Set ``DIFFUSERS_OTQ_NO_CPU_KERNELS=1`` to use the reference path only.
+    """
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        module = None
+        if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
+            logger.info("OTQ CPU kernels disabled by %s; using the PyTorch reference dequantization.", _DISABLE_ENV)
+        else:
+            try:
+                from torch.utils.cpp_extension import load_inline
+
+                module = load_inline(
+                    name="diffusers_otq_cpu_v6",
+                    cpp_sources=[_SOURCE],
+                    extra_cflags=["-O3"],
+                    verbose=False,
+                )
+                logger.info("OTQ CPU kernels loaded (fused dequantization and lookup-table GEMV).")
+            except Exception as err:  # noqa: BLE001 - any build/load failure means: use the reference path
+                logger.warning(
+                    "OTQ CPU kernels could not be built or loaded (%s: %s); using the slower PyTorch reference "
+                    "dequantization. A C++ compiler and Python headers enable them.",
+                    type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "",
+                )
+        _state["module"] = module
+        return module
+
+
+def loaded() -> ModuleType | None:
+    """The kernels if :func:`load` already built them, else None (never builds; safe while tracing)."""
+    return _state.get("module")

@@ -1,0 +1,127 @@
+"""Dequantization and lookup-table GEMV as ``torch.library`` custom ops (one op each under ``torch.compile``).
+
+* :func:`dequantize_rows` -> ``(rows, n)``: ``w[r, j] = codebook[r|0, code] * scale[r, j // group]`` in the
+  output dtype. CPU: the fused kernel of :mod:`.cpu_kernels` (bit stream -> output dtype in one pass, no index
+  tensor); elsewhere, or where the kernel cannot be built: the reference path (unpack to uint8, gather,
+  scale), bit-identical to it.
+* :func:`tiled_linear` -> ``(T, rows)``: ``x W^T`` in ``x``'s dtype, the weight dequantized
+  :data:`LINEAR_TILE_ROWS` rows at a time into a scratch buffer reused across tiles and calls (no full-size
+  temporary, no fresh pages), each tile multiplied with ``at::mm``. Equal to ``x @ dequantize_rows(...).T``.
+* :func:`lut_gemv` -> ``(T, rows)``: ``x W^T`` for a few tokens without building ``W`` (CPU kernel), float32;
+  it sums in another order than a matmul, so it agrees with ``x @ dequantize_rows(...).T`` to float tolerance.
+
+Both ops take the codebook and the decoded group scales (:func:`~.scales.decode_group_scales`) as float32 and an
+empty ``scales`` tensor without groups. They have no autograd formula: callers that need gradients through the
+codebook or scales (refinement) use :func:`reference_dequantize`, which is differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cpu_kernels import load, loaded
+from .packing import unpack_codes
+
+
+__all__ = [
+    "LINEAR_TILE_ROWS",
+    "dequantize_rows",
+    "fast_path_available",
+    "lut_gemv",
+    "reference_dequantize",
+    "tiled_linear",
+]
+
+LINEAR_TILE_ROWS = 128
+"""Rows of the weight :func:`tiled_linear` dequantizes at a time (its scratch: ``128 * n`` values, reused)."""
+
+
+def reference_dequantize(
+    packed: torch.Tensor,
+    codebook: torch.Tensor,
+    scales: torch.Tensor | None,
+    rows: int,
+    n: int,
+    bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Pure-PyTorch dequantization (differentiable in ``codebook`` and ``scales``); shapes as in the module doc."""
+    codes = unpack_codes(packed, bits, rows * n).view(rows, n).to(torch.int64)
+    values = codebook[0][codes] if codebook.shape[0] == 1 else codebook.gather(1, codes)
+    if scales is None or scales.numel() == 0:
+        return values.to(dtype)
+    groups = scales.shape[1]
+    values = values.to(torch.float32).view(rows, groups, n // groups) * scales[:, :, None]
+    return values.to(dtype).view(rows, n)
+
+
+def fast_path_available(device: torch.device) -> bool:
+    """Whether the fused kernels serve tensors on ``device`` (CPU with the extension built). While
+    ``torch.compile`` traces, only an already loaded extension counts (building it is not traceable)."""
+    if device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling():
+        return loaded() is not None
+    return load() is not None
+
+
+@torch.library.custom_op("diffusers_otq::dequantize_rows", mutates_args=())
+def dequantize_rows(
+    packed: torch.Tensor,
+    codebook: torch.Tensor,
+    scales: torch.Tensor,
+    rows: int,
+    n: int,
+    bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The ``(rows, n)`` weight in ``dtype`` (see module doc); ``codebook``/``scales`` float32."""
+    if fast_path_available(packed.device):
+        return load().dequantize(packed.contiguous(), codebook.contiguous(), scales.contiguous(), rows, n, bits, dtype)
+    return reference_dequantize(packed, codebook, scales, rows, n, bits, dtype)
+
+
+@dequantize_rows.register_fake
+def _(packed, codebook, scales, rows, n, bits, dtype):  # noqa: ANN001, ANN202 - torch.library fake signature
+    return packed.new_empty((rows, n), dtype=dtype)
+
+
+@torch.library.custom_op("diffusers_otq::lut_gemv", mutates_args=())
+def lut_gemv(
+    x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor, rows: int, n: int, bits: int
+) -> torch.Tensor:
+    """``x (T, n) @ W^T -> (T, rows)`` in float32 without building ``W`` on the CPU (see module doc)."""
+    x = x.to(torch.float32).contiguous()
+    if fast_path_available(packed.device):
+        return load().gemv(x, packed.contiguous(), codebook.contiguous(), scales.contiguous(), rows, n, bits)
+    return x @ reference_dequantize(packed, codebook, scales, rows, n, bits, torch.float32).T
+
+
+@lut_gemv.register_fake
+def _(x, packed, codebook, scales, rows, n, bits):  # noqa: ANN001, ANN202 - torch.library fake signature
+    return x.new_empty((x.shape[0], rows), dtype=torch.float32)
+
+
+@torch.library.custom_op("diffusers_otq::tiled_linear", mutates_args=())
+def tiled_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    codebook: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor,
+    rows: int,
+    n: int,
+    bits: int,
+) -> torch.Tensor:
+    """``x (T, n) @ W^T + bias -> (T, rows)`` in ``x``'s dtype (``bias`` empty: none), ``W`` dequantized tile by tile
+    (see module doc); equal to ``F.linear(x, W, bias)``."""
+    if fast_path_available(packed.device):
+        return load().linear(x.contiguous(), packed.contiguous(), codebook.contiguous(), scales.contiguous(),
+                             bias.contiguous(), rows, n, bits, LINEAR_TILE_ROWS)  # fmt: skip
+    weight = reference_dequantize(packed, codebook, scales, rows, n, bits, x.dtype)
+    return torch.nn.functional.linear(x, weight, bias if bias.numel() else None)
+
+
+@tiled_linear.register_fake
+def _(x, packed, codebook, scales, bias, rows, n, bits):  # noqa: ANN001, ANN202 - torch.library fake signature
+    return x.new_empty((x.shape[0], rows))
