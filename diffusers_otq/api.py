@@ -64,6 +64,12 @@ def quantize_model(
             "quantize the original float model instead (or call model.dequantize() first)."
         )
     config.check_resolved()
+    if isinstance(model, nn.Linear | nn.Conv2d):
+        raise TypeError(
+            f"quantize_model got a bare {type(model).__name__}; it quantizes the layers inside a model. For one "
+            f"layer use OTQ{type(model).__name__}.from_module(layer, bits=...), or wrap "
+            "it: quantize_model(torch.nn.Sequential(layer), ...)."
+        )
     skip = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     plan = plan_layers(model, partial(config.layer_spec, skip=skip))
     if _is_diffusers_model(model):

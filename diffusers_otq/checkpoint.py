@@ -1,10 +1,12 @@
 """Checkpoint integrity: safetensors header checks and per-tensor checksums of the packed OTQ tensors.
 
 A saved quantized model carries, in every safetensors header, ``otq_format_version`` and ``otq_checksums``
-(JSON ``{state_dict_key: crc32}`` of the packed codes, codebooks and scales). On load the headers are read
-first (no tensor data), so a truncated or foreign file is reported by name before anything is loaded, and each
-packed tensor is verified against its checksum as it arrives: flipped bits in the codes cannot slip through
-as a silently different model.
+(JSON ``{state_dict_key: crc32}``). From format version 3 the map covers every tensor of the checkpoint (packed
+codes, codebooks, scales, and the float biases, norms and embeddings too) and each checksum covers the tensor's
+dtype and shape as well as its bytes (:func:`typed_checksum`), so a header relabel (F16 -> BF16), a swap or a
+renamed key is caught like a flipped bit. Versions 1-2 listed only the packed tensors, by raw bytes
+(:func:`tensor_checksum`). On load the headers are read first (no tensor data), so a truncated or foreign file
+is reported by name before anything is loaded, and each tensor is verified as it arrives.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "collect_checksums",
     "read_safetensors_header",
     "tensor_checksum",
+    "typed_checksum",
 ]
 
 CHECKSUMS_KEY = "otq_checksums"
@@ -81,7 +84,8 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
     except (UnicodeDecodeError, ValueError) as err:
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({err}). {fix}") from None
     metadata = header.pop("__metadata__", None) or {}
-    data_end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    _check_entries(path, header, metadata, fix)
+    data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
     expected = 8 + header_len + data_end
     if size < expected:
         raise CheckpointError(
@@ -91,15 +95,52 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
     return SafetensorsHeader(path, header, dict(metadata))
 
 
+def _check_entries(path: str, tensors: dict, metadata: object, fix: str) -> None:
+    """Every header entry must be ``{"dtype": str, "shape": [int >= 0, ...], "data_offsets": [begin, end]}`` with
+    ``0 <= begin <= end``, and ``__metadata__`` a map of strings; otherwise a :class:`CheckpointError` naming it."""
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(
+            f"{path}: the header's __metadata__ must map strings to strings, got {metadata!r:.200}. {fix}"
+        )
+    for key, info in tensors.items():
+        problem = None
+        if not isinstance(info, dict):
+            problem = f"is {type(info).__name__}, not an object"
+        elif not isinstance(info.get("dtype"), str):
+            problem = f"has dtype {info.get('dtype')!r}, not a string"
+        elif not isinstance(info.get("shape"), list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"]
+        ):
+            problem = f"has shape {info.get('shape')!r}, not a list of non-negative ints"
+        else:
+            offsets = info.get("data_offsets")
+            valid = (isinstance(offsets, list) and len(offsets) == 2
+                     and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                     and 0 <= offsets[0] <= offsets[1])  # fmt: skip
+            if not valid:
+                problem = f"has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end"
+        if problem:
+            raise CheckpointError(f"{path}: header entry {key!r} {problem}. {fix}")
+
+
 def tensor_checksum(tensor: torch.Tensor) -> int:
     """CRC-32 of the tensor's raw bytes (any dtype, any device)."""
     data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
     return zlib.crc32(data)
 
 
+def typed_checksum(tensor: torch.Tensor) -> int:
+    """CRC-32 of ``"<dtype>:<shape>:"`` followed by the tensor's raw bytes (format version 3)."""
+    prefix = f"{str(tensor.dtype).removeprefix('torch.')}:{list(tensor.shape)}:".encode()
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    return zlib.crc32(data, zlib.crc32(prefix))
+
+
 def checksums_metadata(tensors: Mapping[str, torch.Tensor]) -> str:
-    """The ``otq_checksums`` metadata value for ``tensors`` (JSON text)."""
-    return json.dumps({key: tensor_checksum(t) for key, t in tensors.items()}, sort_keys=True)
+    """The ``otq_checksums`` metadata value for ``tensors`` (JSON text of :func:`typed_checksum` per key)."""
+    return json.dumps({key: typed_checksum(t) for key, t in tensors.items()}, sort_keys=True)
 
 
 def collect_checksums(headers: Iterable[SafetensorsHeader]) -> dict[str, int]:
@@ -110,8 +151,11 @@ def collect_checksums(headers: Iterable[SafetensorsHeader]) -> dict[str, int]:
         if text is None:
             continue
         try:
-            merged.update({str(k): int(v) for k, v in json.loads(text).items()})
-        except (ValueError, AttributeError) as err:
+            entries = json.loads(text).items()
+            if not all(isinstance(v, int) and not isinstance(v, bool) for _, v in entries):
+                raise ValueError("every checksum must be an int")
+            merged.update({str(k): v for k, v in entries})
+        except (ValueError, AttributeError, TypeError) as err:
             raise CheckpointError(
                 f"{header.path}: the {CHECKSUMS_KEY!r} header entry is not a JSON map of checksums ({err}); "
                 "re-save the checkpoint."

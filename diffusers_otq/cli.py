@@ -298,13 +298,22 @@ def run_quantize(args: argparse.Namespace) -> str:
             "pipeline folder, or --statistics FILE saved from an earlier calibration."
         )
     statistics = _load_statistics(args.statistics)
+    target = Path(args.output).resolve()
+    if target == source.resolve() or source.resolve() in target.parents:
+        raise CLIError(
+            f"OUT {args.output!r} is the source folder {str(source)!r} (or inside it); quantizing would overwrite the "
+            "float model. Give another output folder."
+        )
     output = _writable_dir(Path(args.output))
     dtype = getattr(torch, args.dtype)
     if kind == "model":
         class_name = json.loads((source / "config.json").read_text())["_class_name"]
-        cls = getattr(diffusers, class_name, None)
-        if cls is None:
-            raise CLIError(f"{source}/config.json names {class_name!r}, which diffusers does not provide.")
+        cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+            raise CLIError(
+                f"{source}/config.json names {class_name!r}, which is not a diffusers model class; fix _class_name "
+                "(e.g. 'SD3Transformer2DModel')."
+            )
         obj = cls.from_pretrained(source, torch_dtype=dtype)
         reports = _quantize_module(obj, config, class_name, statistics)
         denoiser = obj

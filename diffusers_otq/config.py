@@ -252,8 +252,13 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
                 f"This checkpoint uses OTQ format_version={format_version}, but this diffusers-otq reads versions "
                 f"up to {FORMAT_VERSION}; upgrade it: pip install -U diffusers-otq."
             )
+        if modules_to_not_convert is not None and not isinstance(modules_to_not_convert, str | bytes):
+            try:
+                modules_to_not_convert = list(modules_to_not_convert)  # once: a generator is read a single time
+            except TypeError:
+                pass  # not iterable: refused below
         if modules_to_not_convert is not None and (
-            isinstance(modules_to_not_convert, str) or not all(isinstance(p, str) for p in modules_to_not_convert)
+            not isinstance(modules_to_not_convert, list) or not all(isinstance(p, str) for p in modules_to_not_convert)
         ):
             raise ValueError(
                 f"modules_to_not_convert={modules_to_not_convert!r} must be a list of module-name patterns, "
@@ -333,7 +338,12 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
             what = f"module_overrides[{pattern!r}]"
             if not isinstance(pattern, str) or not isinstance(options, Mapping):
                 raise ValueError(f"{what}={options!r} must be a dict of options keyed by a str pattern.")
-            _spec_kwargs(options, what)  # names and dtype
+            try:  # values too, now: a bad override is refused even if it never matches a layer
+                base = LayerSpec(bits=self.bits, method=self.method, granularity=self.granularity,
+                                 group_size=self.group_size)  # fmt: skip
+                replace(base, **_spec_kwargs(options, what))
+            except ValueError as err:
+                raise ValueError(f"{what}: {err}") from None
             checked[pattern] = {
                 k: (_dtype_name(v, f"{what} codebook_dtype") if k == "codebook_dtype" else v)
                 for k, v in options.items()

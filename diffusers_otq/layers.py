@@ -246,6 +246,13 @@ class OTQLayerMixin:
         """``nbytes * 8`` per weight element: every stored bit counted."""
         return self.nbytes * 8 / self.weight_shape.numel()
 
+    def _check_input(self, input: torch.Tensor) -> None:
+        if not input.is_floating_point():  # nn.Linear/nn.Conv2d refuse these too; decoding to int would truncate
+            raise TypeError(
+                f"{type(self).__name__} expects a floating-point input, got dtype {input.dtype}; cast it first "
+                "(e.g. x.float())."
+            )
+
     def _rotate_input(self, input: torch.Tensor, channel_dim: int) -> torch.Tensor:
         rotation = self.input_rotation()
         return input if rotation is None else rotation.rotate(input, dim=channel_dim)
@@ -304,6 +311,7 @@ class OTQLinear(OTQLayerMixin, nn.Linear):
         self._init_bias(bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
         bias = None if self.bias is None else self.bias.to(input.dtype)
         x = self._rotate_input(input, -1)
         if self._use_fused(x):  # CPU: dequantize tile by tile into a reused scratch, no full-size weight
@@ -405,6 +413,7 @@ class OTQConv2d(OTQLayerMixin, nn.Conv2d):
         return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
         bias = None if self.bias is None else self.bias.to(input.dtype)
         x = self._rotate_input(input, 1)
         out = self._conv(x, self.codes_weight(input.dtype), bias)

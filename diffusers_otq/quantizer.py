@@ -32,6 +32,7 @@ from .checkpoint import (
     collect_checksums,
     read_safetensors_header,
     tensor_checksum,
+    typed_checksum,
 )
 from .config import FORMAT_VERSION, OTQConfig
 from .convert import (
@@ -76,6 +77,9 @@ class OTQQuantizer(DiffusersQuantizer):
         self.plan: dict[str, PlannedLayer] = {}
         self._torch_dtype: torch.dtype | None = None
         self._checksums: dict[str, int] = {}
+        self._typed = False  # the checkpoint's checksums cover every tensor with its dtype and shape (format >= 3)
+        self._verified: set[str] = set()
+        self._loaded_keys: list[str] = []
         self._files: list[str] = []
 
     # ------------------------------------------------------------------------------------------- environment
@@ -117,21 +121,56 @@ class OTQQuantizer(DiffusersQuantizer):
                 )
             header = read_safetensors_header(path)
             version = header.metadata.get(FORMAT_VERSION_KEY)
-            if version is not None and (not version.isdigit() or int(version) > FORMAT_VERSION):
+            if version is not None and not (version.isascii() and version.isdecimal()):
+                raise CheckpointError(
+                    f"{path}: the header's OTQ format version {version!r} is not a number; the file is damaged. "
+                    "Re-download or re-save the checkpoint."
+                )
+            if version is not None and int(version) > FORMAT_VERSION:
                 raise CheckpointError(
                     f"{path}: written with OTQ format version {version!r}, but this diffusers-otq reads versions up "
                     f"to {FORMAT_VERSION}; upgrade it: pip install -U diffusers-otq."
                 )
             headers.append(header)
+        for header in headers:
+            if FORMAT_VERSION_KEY not in header.metadata or CHECKSUMS_KEY not in header.metadata:
+                raise CheckpointError(
+                    f"{header.path}: the header has no {FORMAT_VERSION_KEY!r}/{CHECKSUMS_KEY!r} entries, which every "
+                    "file diffusers-otq saves carries: the metadata was removed or the file was not written by "
+                    "diffusers-otq, so its integrity cannot be checked. Re-download or re-save the checkpoint."
+                )
+        versions = {int(h.metadata[FORMAT_VERSION_KEY]) for h in headers}
+        self._typed = bool(headers) and min(versions) >= 3  # every tensor, dtype and shape included
         self._files = [h.path for h in headers]
         self._checksums = {_current_key(key): crc for key, crc in collect_checksums(headers).items()}
-        return [_current_key(key) for key in loaded_keys]
+        self._verified = set()
+        self._loaded_keys = [_current_key(key) for key in loaded_keys]
+        return self._loaded_keys
 
     def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Entries of format versions 1-2 under their current names (``<layer>.packed`` -> ``<layer>.weight``)."""
         if not self.pre_quantized:
             return state_dict
-        return {_current_key(key): value for key, value in state_dict.items()}
+        state_dict = {_current_key(key): value for key, value in state_dict.items()}
+        if self._typed:  # format >= 3: every tensor as stored (before any dtype cast), dtype and shape included
+            for key, value in state_dict.items():
+                expected = self._checksums.get(key)
+                if expected is None:
+                    raise CheckpointError(
+                        f"{self._files_text()}: tensor {key!r} is not in the checksums saved with the checkpoint (a "
+                        "renamed or added entry); the file is corrupted. Re-download or re-save it."
+                    )
+                if typed_checksum(value) != expected:
+                    raise CheckpointError(
+                        f"{self._files_text()}: tensor {key!r} ({str(value.dtype).removeprefix('torch.')}, "
+                        f"{list(value.shape)}) does not match the checksum saved with it (its bytes, dtype or shape "
+                        "changed); the file is corrupted. Re-download or re-save it."
+                    )
+                self._verified.add(key)
+        return state_dict
+
+    def _files_text(self) -> str:
+        return ", ".join(self._files) or "the checkpoint"
 
     def _process_model_before_weight_loading(
         self, model: nn.Module, device_map: Any = None, keep_in_fp32_modules: list[str] | None = None, **kwargs: Any
@@ -148,6 +187,7 @@ class OTQQuantizer(DiffusersQuantizer):
                 "OTQConfig selects no nn.Linear/nn.Conv2d layer of %s; nothing is quantized.", type(model).__name__
             )
         if self.pre_quantized:
+            self._check_plan_matches_checkpoint()
             replace_with_empty_layers(model, list(self.plan.values()), dtype=self._torch_dtype)
         return model
 
@@ -207,7 +247,17 @@ class OTQQuantizer(DiffusersQuantizer):
             )
         if stored.shape != empty.shape:  # normally caught by check_quantized_param_shape first
             self.check_quantized_param_shape(key, empty, stored)
-        expected = self._checksums.get(key)
+        if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+            raise CheckpointError(
+                f"{self._where(key)}: stored {tensor_name!r} holds NaN or Inf values, which would make every output "
+                f"of the layer NaN/Inf; the file is corrupted. Re-download or re-save it."
+            )
+        if tensor_name in ("scale_max", "scale_step") and bool((stored < 0).any()):
+            raise CheckpointError(
+                f"{self._where(key)}: stored {tensor_name!r} has negative values ({float(stored.min()):g}); group "
+                "scales are >= 0 by construction, so the file is corrupted. Re-download or re-save it."
+            )
+        expected = None if self._typed else self._checksums.get(key)  # format >= 3: verified on arrival
         if expected is not None and tensor_checksum(stored) != expected:
             raise CheckpointError(
                 f"{self._where(key)}: the bytes of {tensor_name!r} do not match the checksum saved with them "
@@ -215,6 +265,8 @@ class OTQQuantizer(DiffusersQuantizer):
             )
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.pre_quantized:
+            self._check_complete(model)
         for name, layer in self.plan.items():
             module = model.get_submodule(name)
             if not isinstance(module, OTQLayerMixin):
@@ -237,6 +289,41 @@ class OTQQuantizer(DiffusersQuantizer):
         attach_model_card(model)
         adapt_quantized_model(model)
         return model
+
+    def _check_plan_matches_checkpoint(self) -> None:
+        """The layers config.json selects are exactly those the checkpoint stores quantized (with a codebook)."""
+        if not self._loaded_keys:
+            return
+        stored = {key.rpartition(".")[0] for key in self._loaded_keys if key.endswith(".codebook")}
+        extra, missing = sorted(stored - set(self.plan)), sorted(set(self.plan) - stored)
+        if extra or missing:
+            config = self.quantization_config
+            raise CheckpointError(
+                f"{self._files_text()}: config.json's quantization_config does not match the stored tensors: "
+                + (f"the checkpoint stores {', '.join(extra[:5])} quantized, but the config leaves them in float "
+                   f"(modules_to_not_convert={config.modules_to_not_convert!r})" if extra else "")
+                + ("; " if extra and missing else "")
+                + (f"the config quantizes {', '.join(missing[:5])}, but the checkpoint stores them in float"
+                   if missing else "")
+                + ". config.json was edited or belongs to another checkpoint; restore it or re-save the model."
+            )  # fmt: skip
+
+    def _check_complete(self, model: nn.Module) -> None:
+        """Every tensor the checksums list arrived, and no parameter or buffer is left on the meta device."""
+        if self._typed:
+            missing = sorted(set(self._checksums) - self._verified)
+            if missing:
+                raise CheckpointError(
+                    f"{self._files_text()}: {len(missing)} tensor(s) listed in the checkpoint's checksums are not in "
+                    f"its files: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (removed or renamed); "
+                    "the checkpoint is incomplete or corrupted. Re-download or re-save it."
+                )
+        left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+        if left:
+            raise CheckpointError(
+                f"{self._files_text()}: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''} never arrived from the "
+                "checkpoint and would be left uninitialised; the checkpoint is incomplete. Re-download or re-save it."
+            )
 
     def _check_codes(self, name: str, module: OTQLayerMixin) -> None:
         """Codes must index existing codewords (only possible to violate when a codebook has < 2**bits entries)."""
@@ -262,12 +349,7 @@ class OTQQuantizer(DiffusersQuantizer):
                 "OTQ checkpoints are saved as safetensors only (no pickles); call "
                 "save_pretrained(..., safe_serialization=True) (the default)."
             )
-        packed = {
-            key: tensor
-            for key, tensor in state_dict.items()
-            if key.rpartition(".")[2] in QUANTIZED_BUFFERS and key.rpartition(".")[0] in self.plan
-        }
-        return state_dict, {FORMAT_VERSION_KEY: str(FORMAT_VERSION), CHECKSUMS_KEY: checksums_metadata(packed)}
+        return state_dict, {FORMAT_VERSION_KEY: str(FORMAT_VERSION), CHECKSUMS_KEY: checksums_metadata(state_dict)}
 
     def _where(self, key: str) -> str:
         files = f" in {', '.join(self._files)}" if self._files else ""

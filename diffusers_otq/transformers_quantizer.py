@@ -114,10 +114,9 @@ class OTQTransformersQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The state dict and the format version and checksums of every packed tensor, for the safetensors header."""
+        """The state dict and the format version and checksums of every tensor, for the safetensors header."""
         state = model.state_dict()
-        packed = {k: v for k, v in state.items() if _is_quantized_key(k, self.plan)}
-        return state, {FORMAT_VERSION_KEY: str(FORMAT_VERSION), CHECKSUMS_KEY: checksums_metadata(packed)}
+        return state, {FORMAT_VERSION_KEY: str(FORMAT_VERSION), CHECKSUMS_KEY: checksums_metadata(state)}
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True

@@ -12,8 +12,11 @@ kernel cannot be built). One torch thread, medians; the machine is shared, so re
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +30,80 @@ from diffusers_otq.functional.dequant_ops import fast_path_available, reference_
 
 
 logger = logging.getLogger("bench_runtime")
+
+_MODEL_CHILD = r"""
+import json, statistics, sys, time
+import torch
+torch.set_num_threads(1)
+from diffusers import SD3Transformer2DModel
+from diffusers_otq import OTQConfig, quantize_model
+from diffusers_otq.layers import OTQLayerMixin
+spec = json.loads(sys.argv[1])
+
+def status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+torch.manual_seed(0)
+model = SD3Transformer2DModel(**spec["config"]).eval()
+largest = max(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+if spec["variant"] != "fp32":
+    quantize_model(model, OTQConfig(bits=spec["bits"]), progress=False, compute_metrics=False)
+layers = [m for m in model.modules() if isinstance(m, OTQLayerMixin)]
+packed = sum(m.nbytes for m in layers)
+cfg, b = spec["config"], spec["batch"]
+g = torch.Generator().manual_seed(1)
+inputs = {"hidden_states": torch.randn(b, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"], generator=g),
+          "encoder_hidden_states": torch.randn(b, 77, cfg["joint_attention_dim"], generator=g),
+          "pooled_projections": torch.randn(b, cfg["pooled_projection_dim"], generator=g),
+          "timestep": torch.full((b,), 500.0)}
+times = []
+with torch.no_grad():
+    model(**inputs)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status_kb("VmRSS")
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        model(**inputs)
+        times.append(time.perf_counter() - start)
+print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "seconds": statistics.median(times),
+                  "peak_extra_mb": (status_kb("VmHWM") - base) / 1024, "packed_mb": packed / 2**20,
+                  "largest_layer_mb": largest / 2**20}))
+"""
+
+
+def _model_rows(layers: int, width: int, batch: int) -> list[str]:
+    """Forward time and peak memory of an SD3-style transformer, fp32 vs OTQ 2/3/4 bits, each in its own process."""
+    from bench_load import _model_config  # the SD3-style model of results/bench_load.md
+
+    config = _model_config(layers, width)
+    results = {}
+    for variant, bits in (("fp32", 0), ("otq 2-bit", 2), ("otq 3-bit", 3), ("otq 4-bit", 4)):
+        spec = {"config": config, "variant": variant, "bits": bits, "batch": batch, "repeats": 3}
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, "-c", _MODEL_CHILD, json.dumps(spec)], capture_output=True, text=True,
+                              env=env)  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        logger.info("%s: %s", variant, results[variant])
+    fp32 = results["fp32"]
+    lines = [
+        "",
+        f"SD3-style transformer, {layers} layers, width {width} ({fp32['params'] / 1e6:.0f}M parameters before "
+        f"quantization), batch {batch}, one thread, each variant in its own process; peak RSS reset after a warm-up "
+        "forward, so 'peak extra' is what a forward adds on top of the model.",
+        "",
+        "| variant | forward s | / fp32 | peak extra RSS during forward MiB | packed weights MiB | largest layer fp32 MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, r in results.items():
+        lines.append(
+            f"| {variant} | {r['seconds']:.2f} | {r['seconds'] / fp32['seconds']:.2f} | {r['peak_extra_mb']:.0f} | "
+            f"{r['packed_mb']:.0f} | {r['largest_layer_mb']:.0f} |"
+        )
+    return lines
 
 
 def _median_ms(fn: Callable[..., torch.Tensor], *args: object, budget_s: float = 0.6) -> float:
@@ -59,6 +136,11 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--model-layers", type=int, default=2, help="SD3-style model for the model-level rows")
+    parser.add_argument("--model-width", type=int, default=1536)
+    parser.add_argument("--model-batch", type=int, default=1)
+    parser.add_argument("--skip-layers", action="store_true")
+    parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -73,7 +155,7 @@ def main() -> None:
         "OTQ compiled / linear | reference / linear |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for shape in args.shapes:
+    for shape in [] if args.skip_layers else args.shapes:
         out_features, in_features = map(int, shape.split("x"))
         torch.manual_seed(0)
         linear = nn.Linear(in_features, out_features).to(dtype)
@@ -83,6 +165,7 @@ def main() -> None:
                                               group_size=64 if granularity == "group" else None).to(dtype)  # fmt: skip
                 compiled = None
                 if bits == 3 and not args.no_compile:
+                    torch._dynamo.reset()  # a fresh cache per layer: the layers share one forward code object
                     compiled = torch.compile(layer, fullgraph=True)
                 for tokens in args.tokens:
                     x = torch.randn(tokens, in_features, dtype=dtype)
@@ -96,6 +179,8 @@ def main() -> None:
                         f"{eager / base:.2f} | {'' if comp is None else f'{comp / base:.2f}'} | {reference / base:.2f} |"
                     )
                     logger.info(lines[-1])
+    if not args.skip_model:
+        lines += _model_rows(args.model_layers, args.model_width, args.model_batch)
     table = "\n".join(lines)
     print(table)
     if args.output:

@@ -17,7 +17,7 @@ from diffusers_otq.checkpoint import (
     FORMAT_VERSION_KEY,
     CheckpointError,
     read_safetensors_header,
-    tensor_checksum,
+    typed_checksum,
 )
 
 from .tiny_models import tiny_unet
@@ -56,7 +56,7 @@ def _replace_tensor(path: Path, key: str, edit) -> None:  # noqa: ANN001 - edit(
     def apply(tensors: dict, metadata: dict) -> None:
         tensors[key] = edit(tensors[key]).contiguous()
         checksums = json.loads(metadata[CHECKSUMS_KEY])
-        checksums[key] = tensor_checksum(tensors[key])
+        checksums[key] = typed_checksum(tensors[key])
         metadata[CHECKSUMS_KEY] = json.dumps(checksums)
 
     _rewrite(path, apply)
@@ -67,8 +67,8 @@ def test_saved_headers_carry_version_and_checksums(saved: Path) -> None:
     assert header.metadata[FORMAT_VERSION_KEY] == str(FORMAT_VERSION)
     checksums = json.loads(header.metadata[CHECKSUMS_KEY])
     tensors = load_file(saved / WEIGHTS)
-    assert "conv_in.weight" in checksums and "conv_in.codebook" in checksums and "conv_in.bias" not in checksums
-    assert all(tensor_checksum(tensors[k]) == v for k, v in checksums.items())
+    assert set(checksums) == set(tensors)  # every tensor: packed codes, codebooks, and the float biases and norms
+    assert all(typed_checksum(tensors[k]) == v for k, v in checksums.items())
 
 
 def test_truncated_single_file_names_the_file(saved: Path, tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_flipped_code_bits_fail_the_checksum(saved: Path, tmp_path: Path) -> Non
         tensors["down_blocks.0.resnets.0.conv1.weight"][5] ^= 0xFF
 
     _rewrite(folder / WEIGHTS, flip)
-    with pytest.raises(CheckpointError, match=r"'down_blocks.0.resnets.0.conv1'.*'weight'.*checksum.*corrupted"):
+    with pytest.raises(CheckpointError, match=r"'down_blocks.0.resnets.0.conv1.weight'.*checksum.*corrupted"):
         UNet2DModel.from_pretrained(folder)
 
 
@@ -118,7 +118,6 @@ def test_config_bits_disagreeing_with_codes(saved: Path, tmp_path: Path) -> None
     with pytest.raises(CheckpointError, match=r"'conv_in'.*codebook.*have 9 entries; bits=3 means up to 8"):
         UNet2DModel.from_pretrained(folder)
     config["quantization_config"]["bits"] = 5  # codebooks fit; the packed codes are too short
-    config["quantization_config"]["modules_to_not_convert"] = ["conv_in"]
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"'conv_out'.*have 16 entries; bits=5 means up to 32.*config.json"):
         UNet2DModel.from_pretrained(folder)
@@ -167,21 +166,40 @@ def test_unknown_format_version_in_config_and_header(saved: Path, tmp_path: Path
         UNet2DModel.from_pretrained(folder)
 
 
-def test_missing_packed_tensor_is_not_left_on_meta(saved: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["mid_block.resnets.0.conv2.weight", "conv_in.bias", "conv_norm_out.weight"])
+def test_a_missing_tensor_packed_or_float_is_named(saved: Path, tmp_path: Path, key: str) -> None:
     folder = _copy(saved, tmp_path / "q")
-    _rewrite(folder / WEIGHTS, lambda tensors, metadata: tensors.pop("mid_block.resnets.0.conv2.weight"))
-    with pytest.raises(CheckpointError, match=r"'mid_block.resnets.0.conv2'.*'weight' is still on the meta device"):
+    _rewrite(folder / WEIGHTS, lambda tensors, metadata: tensors.pop(key))
+    with pytest.raises(CheckpointError, match=rf"listed in the checkpoint's checksums are not in its files: {key}"):
+        UNet2DModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("key", ["conv_in.bias", "conv_norm_out.weight", "conv_in.codebook"])
+def test_float_tensors_are_checksummed_bytes_dtype_and_shape(saved: Path, tmp_path: Path, key: str) -> None:
+    for name, edit in {"flip": lambda t: t.clone().view(torch.uint8).bitwise_xor_(1).view(t.dtype),
+                       "relabel": lambda t: t.view(torch.bfloat16) if t.dtype == torch.float16 else t.view(torch.int32),
+                       "reshape": lambda t: t.reshape(1, -1)}.items():  # fmt: skip
+        folder = _copy(saved, tmp_path / name)
+
+        def apply(tensors: dict, metadata: dict, edit=edit) -> None:
+            tensors[key] = edit(tensors[key]).contiguous()
+
+        _rewrite(folder / WEIGHTS, apply)
+        with pytest.raises(CheckpointError, match=rf"tensor '{key}' .* does not match the checksum"):
+            UNet2DModel.from_pretrained(folder)
+
+
+def test_removed_checksum_metadata_is_refused(saved: Path, tmp_path: Path) -> None:
+    folder = _copy(saved, tmp_path / "q")
+    _rewrite(folder / WEIGHTS, lambda tensors, metadata: metadata.pop(CHECKSUMS_KEY))
+    with pytest.raises(CheckpointError, match=r"no 'otq_format_version'/'otq_checksums' entries"):
         UNet2DModel.from_pretrained(folder)
 
 
 def test_wrong_codebook_dtype(saved: Path, tmp_path: Path) -> None:
     folder = _copy(saved, tmp_path / "q")
 
-    def to_int(tensors: dict, metadata: dict) -> None:
-        tensors["conv_in.codebook"] = tensors["conv_in.codebook"].to(torch.int16)
-        metadata.pop(CHECKSUMS_KEY)
-
-    _rewrite(folder / WEIGHTS, to_int)
+    _replace_tensor(folder / WEIGHTS, "conv_in.codebook", lambda t: t.to(torch.int16))  # re-signed
     with pytest.raises(CheckpointError, match=r"'conv_in'.*dtype torch.int16, expected torch.float16"):
         UNet2DModel.from_pretrained(folder)
 
@@ -190,3 +208,46 @@ def test_pickle_save_is_refused(saved: Path, tmp_path: Path) -> None:
     model = UNet2DModel.from_pretrained(saved)
     with pytest.raises(ValueError, match="safetensors only"):
         model.save_pretrained(tmp_path, safe_serialization=False)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_codebooks_are_refused_even_when_re_signed(saved: Path, tmp_path: Path, value: float) -> None:
+    folder = _copy(saved, tmp_path / "q")
+
+    def poison(codebook: torch.Tensor) -> torch.Tensor:
+        codebook = codebook.clone()
+        codebook[0, 0] = value
+        return codebook
+
+    _replace_tensor(folder / WEIGHTS, "conv_in.codebook", poison)
+    with pytest.raises(CheckpointError, match=r"'conv_in'.*'codebook' holds NaN or Inf"):
+        UNet2DModel.from_pretrained(folder)
+
+
+def test_negative_group_scales_are_refused(tmp_path: Path) -> None:
+    tiny_unet().save_pretrained(tmp_path / "float")
+    config = OTQConfig(bits=3, granularity="group", group_size=8)
+    UNet2DModel.from_pretrained(tmp_path / "float", quantization_config=config).save_pretrained(tmp_path / "q")
+    _replace_tensor(tmp_path / "q" / WEIGHTS, "conv_out.scale_max", lambda t: -t)
+    with pytest.raises(CheckpointError, match=r"'conv_out'.*'scale_max' has negative values"):
+        UNet2DModel.from_pretrained(tmp_path / "q")
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "match"),
+    [
+        (lambda c: c["quantization_config"].update(modules_to_not_convert=["conv_in"]), CheckpointError,
+         r"stores conv_in quantized, but the config leaves them in float"),
+        (lambda c: c["quantization_config"].update(modules_to_not_convert=["*"]), CheckpointError,
+         r"does not match the stored tensors"),
+        (lambda c: c.update(quantization_config=None), ValueError, r"conv_in.weight expected shape"),  # diffusers'
+        (lambda c: c.pop("quantization_config"), ValueError, r"conv_in.weight expected shape"),  # own float path
+    ],
+)  # fmt: skip
+def test_config_edits_fail_loudly_instead_of_giving_nan(saved: Path, tmp_path: Path, edit, error, match) -> None:  # noqa: ANN001
+    folder = _copy(saved, tmp_path / "q")
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(error, match=match):
+        UNet2DModel.from_pretrained(folder)

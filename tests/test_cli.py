@@ -212,3 +212,18 @@ def test_quantize_with_structure_and_refinement(bundle: Path, tmp_path: Path, ca
     card = str(model_card(pipe, tmp_path / "q", "me/fm-dit-otq2"))
     assert "refinement (codes frozen) | 3 Adam steps" in card and "rank-2 16-bit branch" in card
     assert "randomized Hadamard input rotation" in card
+
+
+def test_quantize_refuses_to_overwrite_its_source_or_a_non_model_class(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "utils"}))
+    assert main(["quantize", str(folder), str(tmp_path / "out")]) == 2
+    assert "names 'utils', which is not a diffusers model class" in capsys.readouterr().err
+    before = sorted(p.name for p in folder.iterdir())
+    for out in (folder, folder / "q"):
+        assert main(["quantize", str(folder), str(out)]) == 2
+        assert "would overwrite the float model" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -105,10 +106,20 @@ def test_override_order_survives_a_sorted_json_round_trip() -> None:
         OTQConfig(module_overrides=[["a", {"bits": 5}], ["a", {"bits": 4}]])
 
 
-def test_bad_override_combination_names_the_layer() -> None:
-    config = OTQConfig(module_overrides={"attn": {"granularity": "group"}})
-    with pytest.raises(ValueError, match=r"'blocks.0.attn'.*needs group_size"):
-        config.layer_spec("blocks.0.attn", nn.Linear(8, 8))
+def test_bad_overrides_are_refused_when_the_config_is_made() -> None:
+    with pytest.raises(ValueError, match=r"module_overrides\['attn'\].*needs group_size"):
+        OTQConfig(module_overrides={"attn": {"granularity": "group"}})
+    with pytest.raises(ValueError, match=r"module_overrides\['nomatch'\].*bits=99 is out of range"):
+        OTQConfig(module_overrides={"nomatch": {"bits": 99}})  # even a pattern no layer will ever match
+
+
+def test_modules_to_not_convert_takes_any_iterable_of_names_once() -> None:
+    assert OTQConfig(modules_to_not_convert=(p for p in ["proj_out", "x"])).modules_to_not_convert == ["proj_out", "x"]
+    for bad in (42, "proj_out", [1]):
+        with pytest.raises(
+            ValueError, match=re.escape(f"modules_to_not_convert={bad!r} must be a list of module-name patterns")
+        ):
+            OTQConfig(modules_to_not_convert=bad)
 
 
 def test_for_pipeline_wraps_the_config() -> None:

@@ -135,3 +135,9 @@ def test_bad_options_fail_before_touching_the_model() -> None:
     with pytest.raises(ValueError, match="bits=12"):
         quantize_model(model, bits=12, progress=False)
     assert _float_layers(model) == _float_layers(tiny_unet())
+
+
+def test_a_bare_layer_is_refused_with_the_way_to_quantize_it() -> None:
+    for layer, hint in ((nn.Linear(16, 16), "OTQLinear.from_module"), (nn.Conv2d(2, 4, 3), "OTQConv2d.from_module")):
+        with pytest.raises(TypeError, match=rf"bare {type(layer).__name__}.*{hint}"):
+            quantize_model(layer, bits=3)

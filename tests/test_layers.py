@@ -140,3 +140,12 @@ def test_from_module_rejects_wrong_types() -> None:
         OTQLinear.from_module(nn.Conv2d(2, 2, 1))
     with pytest.raises(TypeError, match="nn.Conv2d"):
         OTQConv2d.from_module(nn.Linear(2, 2))
+
+
+def test_integer_inputs_are_refused_like_nn_linear() -> None:
+    linear = OTQLinear.from_module(nn.Linear(16, 8), bits=3)
+    conv = OTQConv2d.from_module(nn.Conv2d(2, 4, 3), bits=3)
+    with pytest.raises(TypeError, match=r"OTQLinear expects a floating-point input, got dtype torch.int64"):
+        linear(torch.ones(2, 16, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"OTQConv2d expects a floating-point input, got dtype torch.int32"):
+        conv(torch.ones(1, 2, 5, 5, dtype=torch.int32))
