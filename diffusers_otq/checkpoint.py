@@ -125,17 +125,15 @@ def _check_entries(path: str, tensors: dict, metadata: object, fix: str) -> None
             raise CheckpointError(f"{path}: header entry {key!r} {problem}. {fix}")
 
 
-def tensor_checksum(tensor: torch.Tensor) -> int:
-    """CRC-32 of the tensor's raw bytes (any dtype, any device)."""
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
-    return zlib.crc32(data)
+def tensor_checksum(tensor: torch.Tensor, start: int = 0) -> int:
+    """CRC-32 of the tensor's raw bytes (any dtype, any device), continuing from ``start``."""
+    return zlib.crc32(tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy(), start)
 
 
 def typed_checksum(tensor: torch.Tensor) -> int:
     """CRC-32 of ``"<dtype>:<shape>:"`` followed by the tensor's raw bytes (format version 3)."""
     prefix = f"{str(tensor.dtype).removeprefix('torch.')}:{list(tensor.shape)}:".encode()
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
-    return zlib.crc32(data, zlib.crc32(prefix))
+    return tensor_checksum(tensor, zlib.crc32(prefix))
 
 
 def checksums_metadata(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -327,20 +327,15 @@ class OTQLinear(OTQLayerMixin, nn.Linear):
         codebooks or into ``x`` (the custom op has no backward), and the extension built."""
         if self.granularity == "tensor" or x.dim() == 0:
             return False
-        trains = self.codebook.requires_grad or (
-            self._buffers.get("scale_max") is not None and self.scale_max.requires_grad
-        )
-        if torch.is_grad_enabled() and (x.requires_grad or trains):
+        if self.quantized_weight().needs_grad or (torch.is_grad_enabled() and x.requires_grad):
             return False
         return fast_path_available(x.device)
 
     def _fused_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        scales = self.quantized_weight().decoded_scales()
         x2d = x.reshape(-1, self.in_features)
-        none = x2d.new_empty(0, dtype=torch.float32)
-        out = tiled_linear(x2d, self.packed, self.codebook.to(torch.float32), none if scales is None else scales,
-                           none.to(x.dtype) if bias is None else bias, self.out_features, self.in_features,
-                           self.bits)  # fmt: skip
+        bias = x2d.new_empty(0) if bias is None else bias
+        out = tiled_linear(x2d, self.packed, *self.quantized_weight().kernel_inputs(), bias, self.out_features,
+                           self.in_features, self.bits)  # fmt: skip
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> nn.Linear:

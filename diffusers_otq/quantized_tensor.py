@@ -178,15 +178,24 @@ class QuantizedTensor:
         """Reconstruct the weight: ``codebook[c, code] * scale``, shape :attr:`shape`, dtype ``dtype`` or :attr:`dtype`."""
         out_dtype = self.dtype if dtype is None else dtype
         rows, n = self.rows
-        scales = self.decoded_scales()
-        if torch.is_grad_enabled() and (self.codebook.requires_grad or (scales is not None and scales.requires_grad)):
-            # refinement trains codebooks/scales: the differentiable reference path
-            weight = reference_dequantize(self.packed, self.codebook, scales, rows, n, self.bits, out_dtype)
-            return weight.reshape(self.shape)
-        empty = self.codebook.new_empty(0, dtype=torch.float32)
-        weight = dequantize_rows(self.packed, self.codebook.to(torch.float32), empty if scales is None else scales,
-                                 rows, n, self.bits, out_dtype)  # fmt: skip
+        if self.needs_grad:  # refinement trains codebooks/scales: the differentiable reference path
+            weight = reference_dequantize(self.packed, self.codebook, self.decoded_scales(), rows, n, self.bits,
+                                          out_dtype)  # fmt: skip
+        else:
+            weight = dequantize_rows(self.packed, *self.kernel_inputs(), rows, n, self.bits, out_dtype)
         return weight.reshape(self.shape)
+
+    @property
+    def needs_grad(self) -> bool:
+        """Whether gradients must flow into the codebook or the group scales (the fused ops have no backward)."""
+        trained = (t for t in (self.codebook, self.scale_max, self.scale_step) if t is not None)
+        return torch.is_grad_enabled() and any(t.requires_grad for t in trained)
+
+    def kernel_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codebook, scales)`` as the fused ops take them: float32, ``scales`` (R, G) or empty without groups."""
+        scales = self.decoded_scales()
+        codebook = self.codebook.to(torch.float32)
+        return codebook, codebook.new_empty(0) if scales is None else scales
 
     def decoded_scales(self) -> torch.Tensor | None:
         """(R, G) float32 group scales, or None without group granularity."""

@@ -349,7 +349,7 @@ class OTQQuantizer(DiffusersQuantizer):
                 "OTQ checkpoints are saved as safetensors only (no pickles); call "
                 "save_pretrained(..., safe_serialization=True) (the default)."
             )
-        return state_dict, {FORMAT_VERSION_KEY: str(FORMAT_VERSION), CHECKSUMS_KEY: checksums_metadata(state_dict)}
+        return state_dict, checkpoint_metadata(state_dict)
 
     def _where(self, key: str) -> str:
         files = f" in {', '.join(self._files)}" if self._files else ""
@@ -403,6 +403,11 @@ def _current_key(key: str) -> str:
     module, _, tensor = key.rpartition(".")
     new = LEGACY_BUFFER_NAMES.get(tensor)
     return f"{module}.{new}" if new is not None and module else key
+
+
+def checkpoint_metadata(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The safetensors header entries of a saved OTQ model: format version and the checksum of every tensor."""
+    return {FORMAT_VERSION_KEY: str(FORMAT_VERSION), CHECKSUMS_KEY: checksums_metadata(state_dict)}
 
 
 def _num_parameters(self: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CHECKSUMS_KEY, FORMAT_VERSION_KEY, CheckpointError, checksums_metadata
-from .config import FORMAT_VERSION, OTQConfig
+from .checkpoint import CheckpointError
+from .config import OTQConfig
 from .convert import plan_layers, quantize_layer, replace_with_empty_layers, set_submodule
 from .layers import QUANTIZED_BUFFERS, OTQLayerMixin
-from .quantizer import adapt_quantized_model
+from .quantizer import adapt_quantized_model, checkpoint_metadata
 
 
 try:
@@ -116,7 +116,7 @@ class OTQTransformersQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The state dict and the format version and checksums of every tensor, for the safetensors header."""
         state = model.state_dict()
-        return state, {FORMAT_VERSION_KEY: str(FORMAT_VERSION), CHECKSUMS_KEY: checksums_metadata(state)}
+        return state, checkpoint_metadata(state)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True

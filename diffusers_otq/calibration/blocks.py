@@ -3,7 +3,8 @@
 Block-by-block refinement trains one block at a time, so the memory of a training step is that of one block's
 forward and backward, not the whole model's. Its targets are recorded once, before quantization: while the
 full-precision teacher runs its recorded denoiser calls, a forward hook on every block keeps the block's
-inputs and outputs (detached, on the CPU). A block then learns to map its full-precision inputs to its
+inputs and outputs (detached, on the CPU). A block then learns to map the inputs the quantized model gives it
+(its recorded full-precision inputs where the quantized model calls it a different number of times) to its
 full-precision outputs.
 
 The blocks of a model are its direct children, with every ``nn.ModuleList`` / ``nn.Sequential`` child split

@@ -12,9 +12,9 @@ quantized layers:
 
 minimising the relative velocity error ``sum ||v_student - v_teacher||^2 / sum ||v_teacher||^2`` on random
 sub-batches of the recorded calls. With ``CalibrationConfig(refine_scope="blocks")`` it trains one block at a
-time instead (memory of one block's forward and backward, for large models): each block learns to map its
-full-precision inputs to its full-precision outputs (:mod:`.blocks`, recorded with the teacher), for
-``refine_steps`` steps per block. The loss it reports is measured on all recorded calls before, during (every
+time instead (memory of one block's forward and backward, for large models): each block, in order, learns to
+map the inputs the quantized model gives it to its full-precision outputs (:mod:`.blocks`, recorded with the
+teacher), for ``refine_steps`` steps per block. The loss it reports is measured on all recorded calls before, during (every
 ``refine_eval_every`` steps) and after training; the parameters with the lowest reported loss are kept, so
 refinement never makes it worse. A NaN/Inf loss or gradient stops training at that step, keeps the last good
 parameters and says which step.

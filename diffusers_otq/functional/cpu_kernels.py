@@ -233,6 +233,8 @@ def load() -> ModuleType | None:
 
     Set ``DIFFUSERS_OTQ_NO_CPU_KERNELS=1`` to use the reference path only.
     """
+    if "module" in _state:  # every forward asks: no lock once decided
+        return _state["module"]
     with _lock:
         if "module" in _state:
             return _state["module"]
