@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional.dequant_ops import fast_path_available, tiled_linear
+from .functional.dequant_ops import fused_linear_available, tiled_linear
 from .options import DEFAULT_METHOD, LayerSpec
 from .quantized_tensor import QuantizedTensor, quantize_tensor
 from .structure import InputRotation, LowRankBranch, lowrank_dtype
@@ -314,7 +314,7 @@ class OTQLinear(OTQLayerMixin, nn.Linear):
         self._check_input(input)
         bias = None if self.bias is None else self.bias.to(input.dtype)
         x = self._rotate_input(input, -1)
-        if self._use_fused(x):  # CPU: dequantize tile by tile into a reused scratch, no full-size weight
+        if self._use_fused(x):  # tile by tile (CPU scratch or GPU registers), no full-size weight
             out = self._fused_linear(x, bias)
         else:
             out = F.linear(x, self.codes_weight(input.dtype), bias)
@@ -323,13 +323,13 @@ class OTQLinear(OTQLayerMixin, nn.Linear):
         return out
 
     def _use_fused(self, x: torch.Tensor) -> bool:
-        """The fused CPU kernel applies: per-row storage, nothing that needs a gradient through the weight's
-        codebooks or into ``x`` (the custom op has no backward), and the extension built."""
+        """A fused kernel applies: per-row storage, nothing that needs a gradient through the weight's codebooks or
+        into ``x`` (the custom op has no backward), and the CPU extension built or Triton on a GPU."""
         if self.granularity == "tensor" or x.dim() == 0:
             return False
         if self.quantized_weight().needs_grad or (torch.is_grad_enabled() and x.requires_grad):
             return False
-        return fast_path_available(x.device)
+        return fused_linear_available(x.device)
 
     def _fused_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
 from .functional.dequant_ops import dequantize_rows, reference_dequantize
 from .functional.fitters import fit_codebook, stretch_to_variance
 from .functional.packing import pack_codes, packed_num_bytes, unpack_codes
+from .functional.parallel import fit_workers, run_tasks
 from .functional.scales import GroupScales, decode_group_scales, encode_group_scales
 from .options import (
     DEFAULT_METHOD,
@@ -50,6 +52,7 @@ __all__ = [
 ]
 
 _ELEMENTS_PER_CHUNK = 1 << 22  # rows are fitted in chunks of about this many values to bound scratch memory
+_ROWS_ELEMENTS_PER_TASK = 1 << 19  # smaller chunks when several threads fit side by side (load balance, memory)
 _FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
@@ -296,13 +299,19 @@ def _fit_rows(
     storage_dtype: torch.dtype,
     what: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit every row of ``values`` (R, n) in chunks; return the stored codebook (R, K) and uint8 codes (R, n)."""
+    """Fit every row of ``values`` (R, n); return the stored codebook (R, K) and uint8 codes (R, n).
+
+    Rows are fitted in chunks of about ``_ROWS_ELEMENTS_PER_TASK`` values, side by side on the CPU cores torch may
+    use (:func:`~diffusers_otq.functional.parallel.run_tasks`). Every fitter treats rows independently, so the
+    result is the same bits for any chunking and thread count.
+    """
     rows, n = values.shape
     levels = 1 << bits
     codes = torch.empty(rows, n, dtype=torch.uint8, device=values.device)
-    codebooks = []
-    chunk = max(1, _ELEMENTS_PER_CHUNK // n)
-    for start in range(0, rows, chunk):
+    workers = fit_workers(values.device)
+    chunk = max(1, (_ROWS_ELEMENTS_PER_TASK if workers > 1 else _ELEMENTS_PER_CHUNK) // n)
+
+    def fit_chunk(start: int) -> torch.Tensor:
         x = values[start : start + chunk]
         if n <= levels:  # as many codewords as values: store the row itself, losslessly
             sorted_x, order = x.sort(dim=1, stable=True)
@@ -322,9 +331,11 @@ def _fit_rows(
         stored = codebook.to(storage_dtype)
         if chunk_codes is None:
             chunk_codes = _nearest_codes(x, stored)
-        codes[start : start + chunk] = chunk_codes
-        codebooks.append(stored)
-    return torch.cat(codebooks), codes
+        codes[start : start + chunk] = chunk_codes  # disjoint rows per task
+        return stored
+
+    tasks = [partial(fit_chunk, start) for start in range(0, rows, chunk)]
+    return torch.cat(run_tasks(tasks, workers)), codes
 
 
 def _fit_shared(
@@ -350,9 +361,13 @@ def _fit_shared(
     sample_weights = None if flat_weights is None else flat_weights[:, ::stride].contiguous()
     codebook, _ = _fit_rows(flat[:, ::stride].contiguous(), bits, "ot", sample_weights, storage_dtype, what)
     codes = torch.empty(values.shape, dtype=torch.uint8, device=values.device)
-    chunk = max(1, _ELEMENTS_PER_CHUNK // values.shape[1])
-    for start in range(0, values.shape[0], chunk):
-        codes[start : start + chunk] = _nearest_codes(values[start : start + chunk], codebook)
+    workers = fit_workers(values.device)
+    chunk = max(1, (_ROWS_ELEMENTS_PER_TASK if workers > 1 else _ELEMENTS_PER_CHUNK) // values.shape[1])
+
+    def assign(start: int) -> None:
+        codes[start : start + chunk] = _nearest_codes(values[start : start + chunk], codebook)  # disjoint rows
+
+    run_tasks([partial(assign, start) for start in range(0, values.shape[0], chunk)], workers)
     if method == "ot-vp":
         codebook = stretch_to_variance(values, codebook.float(), codes, weights).to(storage_dtype)
     return codebook, codes

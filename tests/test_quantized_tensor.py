@@ -277,3 +277,32 @@ def test_importance_lowers_the_importance_weighted_error() -> None:
 def test_bad_importance(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         quantize_tensor(torch.randn(8, 64), **{"bits": 3, **kwargs})
+
+
+@pytest.mark.parametrize("method", ["ot-vp", "ot", "uniform"])
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_same_bits_for_any_thread_count_and_chunking(
+    monkeypatch: pytest.MonkeyPatch, method: str, granularity: str
+) -> None:
+    import diffusers_otq.quantized_tensor as storage
+
+    torch.manual_seed(3)  # uniform, Gaussian and heavy-tailed rows converge at different Lloyd iterations
+    weight = torch.cat(
+        [torch.rand(8, 2048), torch.randn(8, 2048), torch.distributions.StudentT(2.0).sample((8, 2048))]
+    )
+    weight = weight[torch.randperm(weight.shape[0])] * 0.02
+    group_size = 64 if granularity == "group" else None
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads, task_elements in ((1, 1 << 22), (2, 1 << 13), (2, 1 << 22)):
+            torch.set_num_threads(threads)
+            monkeypatch.setattr(storage, "_ROWS_ELEMENTS_PER_TASK", task_elements)
+            monkeypatch.setattr(storage, "_ELEMENTS_PER_CHUNK", task_elements)
+            q = quantize_tensor(weight, 3, method, granularity, group_size, codebook_scope="channel")
+            results.append(q)
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        assert torch.equal(other.packed, results[0].packed)
+        assert torch.equal(other.codebook, results[0].codebook)

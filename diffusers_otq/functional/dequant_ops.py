@@ -4,9 +4,11 @@
   output dtype. CPU: the fused kernel of :mod:`.cpu_kernels` (bit stream -> output dtype in one pass, no index
   tensor); elsewhere, or where the kernel cannot be built: the reference path (unpack to uint8, gather,
   scale), bit-identical to it.
-* :func:`tiled_linear` -> ``(T, rows)``: ``x W^T`` in ``x``'s dtype, the weight dequantized
+* :func:`tiled_linear` -> ``(T, rows)``: ``x W^T`` in ``x``'s dtype. CPU: the weight dequantized
   :data:`LINEAR_TILE_ROWS` rows at a time into a scratch buffer reused across tiles and calls (no full-size
-  temporary, no fresh pages), each tile multiplied with ``at::mm``. Equal to ``x @ dequantize_rows(...).T``.
+  temporary, no fresh pages), each tile multiplied with ``at::mm``, equal to ``x @ dequantize_rows(...).T``.
+  CUDA with Triton (:mod:`.triton_kernels`): codes decoded tile by tile in registers and fed to ``tl.dot``,
+  equal up to the float32 accumulation order.
 * :func:`lut_gemv` -> ``(T, rows)``: ``x W^T`` for a few tokens without building ``W`` (CPU kernel), float32;
   it sums in another order than a matmul, so it agrees with ``x @ dequantize_rows(...).T`` to float tolerance.
 
@@ -21,12 +23,14 @@ import torch
 
 from .cpu_kernels import load, loaded
 from .packing import unpack_codes
+from .triton_kernels import triton_available, triton_linear
 
 
 __all__ = [
     "LINEAR_TILE_ROWS",
     "dequantize_rows",
     "fast_path_available",
+    "fused_linear_available",
     "lut_gemv",
     "reference_dequantize",
     "tiled_linear",
@@ -56,13 +60,19 @@ def reference_dequantize(
 
 
 def fast_path_available(device: torch.device) -> bool:
-    """Whether the fused kernels serve tensors on ``device`` (CPU with the extension built). While
+    """Whether the fused CPU kernels serve tensors on ``device`` (CPU with the extension built). While
     ``torch.compile`` traces, only an already loaded extension counts (building it is not traceable)."""
     if device.type != "cpu":
         return False
     if torch.compiler.is_compiling():
         return loaded() is not None
     return load() is not None
+
+
+def fused_linear_available(device: torch.device) -> bool:
+    """Whether :func:`tiled_linear` runs a fused kernel on ``device``: Triton on a GPU
+    (:func:`~.triton_kernels.triton_available`) or the CPU extension (:func:`fast_path_available`)."""
+    return triton_available(device) or fast_path_available(device)
 
 
 @torch.library.custom_op("diffusers_otq::dequantize_rows", mutates_args=())
@@ -115,6 +125,8 @@ def tiled_linear(
 ) -> torch.Tensor:
     """``x (T, n) @ W^T + bias -> (T, rows)`` in ``x``'s dtype (``bias`` empty: none), ``W`` dequantized tile by tile
     (see module doc); equal to ``F.linear(x, W, bias)``."""
+    if triton_available(packed.device):
+        return triton_linear(x, packed, codebook, scales, bias, rows, n, bits)
     if fast_path_available(packed.device):
         return load().linear(x.contiguous(), packed.contiguous(), codebook.contiguous(), scales.contiguous(),
                              bias.contiguous(), rows, n, bits, LINEAR_TILE_ROWS)  # fmt: skip

@@ -296,27 +296,33 @@ def _lloyd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd iterations (midpoint boundaries, cell means) until no atom moves by more than ``tolerance * span``.
 
+    Each row stops on its own test (converged rows are frozen), so a row's result does not depend on which other
+    rows share its batch: fitting rows in chunks, in any order or in parallel, gives the same bits.
+
     Returns:
-        ``(codebook (R, K), cuts (R, K-1))``: the atoms and the nearest-atom cell boundaries of the last step.
+        ``(codebook (R, K), cuts (R, K-1))``: the atoms and the nearest-atom cell boundaries of each row's last step.
     """
     rows, n = sorted_values.shape
     span = (sorted_values[:, -1:] - sorted_values[:, :1]).to(codebook.dtype)  # (R, 1)
     lo = torch.zeros(rows, 1, dtype=torch.int64, device=sorted_values.device)
     hi = torch.full((rows, 1), n, dtype=torch.int64, device=sorted_values.device)
-    cut = None
+    active = torch.ones(rows, 1, dtype=torch.bool, device=sorted_values.device)
+    cuts = None
     for _ in range(max_iterations):
         midpoints = ((codebook[:, 1:] + codebook[:, :-1]) * 0.5).to(sorted_values.dtype)  # (R, K-1)
         cut = torch.searchsorted(sorted_values, midpoints)  # (R, K-1): first position >= midpoint
+        cuts = cut if cuts is None else torch.where(active, cut, cuts)
         bounds = torch.cat([lo, cut, hi], dim=1)  # (R, K+1)
         mass, sum_wx = _cell_stats(prefix_w, prefix_wx, bounds)
         means = sum_wx / mass.clamp_min(torch.finfo(mass.dtype).tiny)
         updated = torch.where(mass > 0, means, codebook)
         updated = _split_for_empty_cells(updated, bounds, mass, prefix_w, prefix_wx, prefix_wxx)
         moved = (updated - codebook).abs().amax(dim=1, keepdim=True)
-        codebook = updated
-        if bool((moved <= tolerance * span).all()):
+        codebook = torch.where(active, updated, codebook)
+        active = active & (moved > tolerance * span)
+        if not bool(active.any()):
             break
-    return codebook, cut
+    return codebook, cuts
 
 
 def _partition_cost(
