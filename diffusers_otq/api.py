@@ -72,6 +72,9 @@ def quantize_model(
         )
     skip = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     plan = plan_layers(model, partial(config.layer_spec, skip=skip))
+    config.warn_unmatched_overrides(
+        [name for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    )
     if _is_diffusers_model(model):
         return _quantize_diffusers_model(model, config, plan, progress, compute_metrics, quantizer)
     return convert_model(model, plan, progress=progress, compute_metrics=compute_metrics, quantizer=quantizer)

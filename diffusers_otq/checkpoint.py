@@ -27,6 +27,7 @@ __all__ = [
     "SafetensorsHeader",
     "checksums_metadata",
     "collect_checksums",
+    "sort_header_metadata",
     "read_safetensors_header",
     "tensor_checksum",
     "typed_checksum",
@@ -92,7 +93,47 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
             f"{path}: the header describes {expected} bytes of tensors, but the file has only {size} bytes "
             f"({expected - size} missing); it is truncated. {fix}"
         )
+    if size > expected:
+        raise CheckpointError(
+            f"{path}: {size - expected} byte(s) follow the last tensor the header describes (the file has {size} "
+            f"bytes, the header accounts for {expected}); the file was appended to or its header edited. {fix}"
+        )
+    _check_layout(path, header, fix)
     return SafetensorsHeader(path, header, dict(metadata))
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+
+
+def _check_layout(path: str, tensors: dict, fix: str) -> None:
+    """What safetensors itself demands, said by name: a known dtype, ``data_offsets`` spanning exactly
+    ``numel * itemsize`` bytes, and the tensors tiling the data region without gaps or overlaps."""
+    spans = []
+    for key, info in tensors.items():
+        itemsize = _DTYPE_BYTES.get(info["dtype"])
+        if itemsize is None:
+            raise CheckpointError(
+                f"{path}: header entry {key!r} has dtype {info['dtype']!r}, which is not a safetensors dtype "
+                f"({', '.join(_DTYPE_BYTES)}). {fix}"
+            )
+        begin, end = info["data_offsets"]
+        numel = 1
+        for dim in info["shape"]:
+            numel *= dim
+        if end - begin != numel * itemsize:
+            raise CheckpointError(
+                f"{path}: header entry {key!r} ({info['dtype']}, shape {info['shape']}) needs {numel * itemsize} "
+                f"bytes but its data_offsets [{begin}, {end}] span {end - begin}; its dtype, shape or offsets were "
+                f"changed. {fix}"
+            )
+        spans.append((begin, end, key))
+    position = 0
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else f"leaves {begin - position} bytes unused"
+            raise CheckpointError(f"{path}: header entry {key!r} at data_offsets [{begin}, {end}] {what}. {fix}")
+        position = end
 
 
 def _check_entries(path: str, tensors: dict, metadata: object, fix: str) -> None:
@@ -142,7 +183,12 @@ def checksums_metadata(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def collect_checksums(headers: Iterable[SafetensorsHeader]) -> dict[str, int]:
-    """Merge the ``otq_checksums`` maps of several shard headers (each shard carries the full map)."""
+    """Merge the ``otq_checksums`` maps of several shard headers (each shard carries the full map).
+
+    Raises:
+        CheckpointError: a map is not JSON ``{key: int}``; two shards disagree on a checksum; or (format >= 3) a
+            shard stores a tensor its own map does not list.
+    """
     merged: dict[str, int] = {}
     for header in headers:
         text = header.metadata.get(CHECKSUMS_KEY)
@@ -152,10 +198,53 @@ def collect_checksums(headers: Iterable[SafetensorsHeader]) -> dict[str, int]:
             entries = json.loads(text).items()
             if not all(isinstance(v, int) and not isinstance(v, bool) for _, v in entries):
                 raise ValueError("every checksum must be an int")
-            merged.update({str(k): v for k, v in entries})
         except (ValueError, AttributeError, TypeError) as err:
             raise CheckpointError(
                 f"{header.path}: the {CHECKSUMS_KEY!r} header entry is not a JSON map of checksums ({err}); "
                 "re-save the checkpoint."
             ) from None
+        own = {str(k): v for k, v in entries}
+        clash = next((k for k, v in own.items() if merged.get(k, v) != v), None)
+        if clash is not None:
+            raise CheckpointError(
+                f"{header.path}: its checksum of {clash!r} ({own[clash]}) differs from another shard's "
+                f"({merged[clash]}); the shards' metadata was edited or they come from different saves. "
+                "Re-download or re-save the checkpoint."
+            )
+        version = header.metadata.get(FORMAT_VERSION_KEY, "")
+        unlisted = sorted(set(header.tensors) - set(own)) if version.isdecimal() and int(version) >= 3 else []
+        if unlisted:
+            raise CheckpointError(
+                f"{header.path}: stores {', '.join(unlisted[:5])} but its {CHECKSUMS_KEY!r} do not list them; the "
+                "header was edited. Re-download or re-save the checkpoint."
+            )
+        merged.update(own)
     return merged
+
+
+def sort_header_metadata(path: str | os.PathLike) -> bool:
+    """Rewrite the ``__metadata__`` of a safetensors header with its keys sorted, in place.
+
+    safetensors writes the metadata map from a Rust ``HashMap``, so its key order (and the file's bytes) varies
+    between runs; sorted, identical inputs give byte-identical files. Only the header's JSON is touched, and only
+    when it is in safetensors' own compact form (checked by re-serialising it), so the length and every tensor
+    offset stay the same.
+
+    Returns:
+        True if the header is now in sorted form, False if it was left alone (not compact JSON, no metadata).
+    """
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        raw = handle.read(length)
+        text = raw.rstrip(b" ")
+        header = json.loads(text)
+        metadata = header.get("__metadata__")
+        compact = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if not isinstance(metadata, dict) or compact != text:
+            return False
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        ordered = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if ordered != text:
+            handle.seek(8)
+            handle.write(ordered)
+    return True

@@ -285,6 +285,18 @@ def _load_statistics(path: str | None) -> CalibrationStatistics | None:
         raise CLIError(str(err)) from None
 
 
+def _check_weights_fit_class(source: Path, class_name: str, info: dict) -> None:
+    """The weights in ``source`` must be exactly those of ``class_name``: diffusers only warns about missing keys
+    (left randomly initialised) and unused ones, and quantizing that model would save noise."""
+    problems = {k: list(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        found = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {v[0]!r})" for k, v in problems.items() if v)
+        raise CLIError(
+            f"{source}: the weights do not fit {class_name}, the class config.json names: {found}. Fix _class_name "
+            "in config.json, or pass the folder of the model these weights belong to."
+        )
+
+
 def run_quantize(args: argparse.Namespace) -> str:
     """Load SRC, quantize its denoiser (or the named components) post-hoc, save to OUT, print a summary."""
     import diffusers
@@ -314,7 +326,8 @@ def run_quantize(args: argparse.Namespace) -> str:
                 f"{source}/config.json names {class_name!r}, which is not a diffusers model class; fix _class_name "
                 "(e.g. 'SD3Transformer2DModel')."
             )
-        obj = cls.from_pretrained(source, torch_dtype=dtype)
+        obj, info = cls.from_pretrained(source, torch_dtype=dtype, output_loading_info=True)
+        _check_weights_fit_class(source, class_name, info)
         reports = _quantize_module(obj, config, class_name, statistics)
         denoiser = obj
     else:

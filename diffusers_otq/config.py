@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
 from enum import Enum
@@ -31,9 +32,12 @@ import torch
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin as DiffusersQuantizationConfigMixin
 from torch import nn
 
+from .checkpoint import CheckpointError
 from .convert import matches_module_name
 from .options import CODEBOOK_DTYPES, DEFAULT_METHOD, LayerSpec
 
+
+logger = logging.getLogger(__name__)
 
 try:  # transformers is optional for diffusers; with it, the same config also serves text encoders
     from transformers.utils.quantization_config import (
@@ -364,6 +368,18 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
             rotation_seed=self.rotation_seed,
         )
 
+    def warn_unmatched_overrides(self, names: Sequence[str]) -> list[str]:
+        """Log a warning for every ``module_overrides`` pattern that names none of ``names`` (a typo would
+        otherwise quantize those layers with the base settings without a word); returns those patterns."""
+        unmatched = [p for p in (self.module_overrides or {}) if not any(matches_module_name(n, [p]) for n in names)]
+        if unmatched:
+            logger.warning(
+                "module_overrides pattern(s) %s match no nn.Linear/nn.Conv2d layer of the model; their settings are "
+                "not used (check the names: print([n for n, _ in model.named_modules()])).",
+                ", ".join(map(repr, unmatched)),
+            )
+        return unmatched
+
     def layer_spec(self, name: str, module: nn.Module | None = None, skip: tuple[str, ...] = ()) -> LayerSpec | None:
         """How the module called ``name`` is quantized, or None if it stays in full precision.
 
@@ -385,6 +401,29 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         return _resolve_structure(spec, structure, {}, name, module)
 
     # ------------------------------------------------------------------------------------------ serialisation
+
+    @classmethod
+    def from_dict(cls, config_dict: Mapping[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """Rebuild a stored config (``config.json``'s ``quantization_config``; diffusers calls this on load).
+
+        Raises:
+            CheckpointError: the stored dict is not a valid OTQConfig (not a mapping, unknown or bad values); the
+                message quotes the validation error and says the config was edited or damaged.
+        """
+        if not isinstance(config_dict, Mapping):
+            raise CheckpointError(
+                f"quantization_config is {config_dict!r:.120} ({type(config_dict).__name__}), not a mapping of "
+                "OTQConfig fields; config.json was edited or damaged. Restore it or re-save the model."
+            )
+        try:
+            return super().from_dict(dict(config_dict), return_unused_kwargs, **kwargs)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"quantization_config {json.dumps(config_dict, default=str)[:200]} is not a valid OTQConfig: {error} "
+                "If it comes from config.json, the file was edited or damaged: restore it or re-save the model."
+            ) from error
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict; ``OTQConfig(**config.to_dict())`` rebuilds an equal config."""

@@ -8,6 +8,7 @@ when quantizing (:func:`convert_model`, or layer by layer with :func:`quantize_l
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -33,6 +34,7 @@ __all__ = [
     "SpecFn",
     "convert_model",
     "dequantize_model",
+    "ModulePatterns",
     "matches_module_name",
     "plan_layers",
     "quantize_layer",
@@ -56,24 +58,48 @@ class LayerReport:
     w2: float
 
 
+class ModulePatterns:
+    """A compiled list of module-name patterns (see :func:`matches_module_name` for the rules).
+
+    Plain patterns go into a set of dot-component tuples, so a name of ``L`` components costs ``O(L^2)`` set
+    lookups however many patterns there are (100,000 names in ``modules_to_not_convert`` stay fast); glob
+    patterns are tried one by one.
+    """
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.plain: set[tuple[str, ...]] = set()
+        self.globs: list[str] = []
+        for pattern in patterns:
+            if any(ch in pattern for ch in "*?["):
+                self.globs.append(pattern)
+            else:
+                self.plain.add(tuple(pattern.split(".")))
+        self.widths = sorted({len(p) for p in self.plain})
+
+    def matches(self, name: str) -> bool:
+        """True if a pattern names ``name`` or a run of its dot-separated components."""
+        parts = tuple(name.split("."))
+        for width in self.widths:
+            if width > len(parts):
+                break
+            if any(parts[i : i + width] in self.plain for i in range(len(parts) - width + 1)):
+                return True
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.globs)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(patterns: tuple[str, ...]) -> ModulePatterns:
+    return ModulePatterns(patterns)
+
+
 def matches_module_name(name: str, patterns: Iterable[str]) -> bool:
     """True if a pattern names ``name`` or a run of its dot-separated components.
 
     ``"proj_out"`` matches ``"proj_out"`` and ``"blocks.0.proj_out"`` but not ``"proj_out_2"``;
     ``"blocks.0"`` matches everything below ``blocks.0``; patterns with ``*``/``?`` are fnmatch globs on the
-    full name.
+    full name. The compiled form of the last pattern lists is cached (:class:`ModulePatterns`).
     """
-    parts = name.split(".")
-    for pattern in patterns:
-        if any(ch in pattern for ch in "*?["):
-            if fnmatch.fnmatchcase(name, pattern):
-                return True
-            continue
-        wanted = pattern.split(".")
-        width = len(wanted)
-        if any(parts[i : i + width] == wanted for i in range(len(parts) - width + 1)):
-            return True
-    return False
+    return _compiled(tuple(patterns)).matches(name)
 
 
 SpecFn = Callable[[str, nn.Module], LayerSpec | None]

@@ -77,7 +77,9 @@ def _usage(obj: Any, repo_id: str) -> str:
 
     module = "diffusers" if getattr(diffusers, cls.__name__, None) is cls else cls.__module__.split(".")[0]
     var = "model" if isinstance(obj, nn.Module) else "pipe"
-    return f'from {module} import {cls.__name__}\n\n{var} = {cls.__name__}.from_pretrained("{repo_id}")'
+    # A JSON string is a valid Python string literal: whatever the id holds, a quote in it cannot end the string
+    literal = json.dumps(str(repo_id))
+    return f"from {module} import {cls.__name__}\n\n{var} = {cls.__name__}.from_pretrained({literal})"
 
 
 def model_card(obj: Any, save_directory: str | os.PathLike, repo_id: str, base_model: str | None = None) -> ModelCard:

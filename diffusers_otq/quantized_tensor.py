@@ -19,6 +19,7 @@ in :attr:`QuantizedTensor.nbytes`.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 from functools import partial
@@ -51,9 +52,12 @@ __all__ = [
     "resolve_codebook_dtype",
 ]
 
+logger = logging.getLogger(__name__)
+
 _ELEMENTS_PER_CHUNK = 1 << 22  # rows are fitted in chunks of about this many values to bound scratch memory
 _ROWS_ELEMENTS_PER_TASK = 1 << 19  # smaller chunks when several threads fit side by side (load balance, memory)
 _FLOAT16_MAX = torch.finfo(torch.float16).max
+_FLOAT16_TINY = torch.finfo(torch.float16).tiny  # smallest normal float16
 
 
 def row_layout(shape: tuple[int, ...], granularity: str) -> tuple[int, int]:
@@ -256,7 +260,7 @@ def check_weight(weight: object, what: str) -> torch.Tensor:
         what: How error messages name it, e.g. ``"weight of layer 'proj'"``.
 
     Raises:
-        TypeError: not a tensor, or not floating point.
+        TypeError: not a tensor, not floating point, or an 8-bit float (already quantized).
         ValueError: 0-d, empty, on the meta device, or holding NaN/Inf.
     """
     if not isinstance(weight, torch.Tensor):
@@ -265,6 +269,12 @@ def check_weight(weight: object, what: str) -> torch.Tensor:
         raise TypeError(
             f"{what} has dtype {weight.dtype}; only floating-point tensors can be quantized "
             "(convert with .float() first, or leave integer tensors unquantized)."
+        )
+    if weight.dtype.itemsize == 1:  # float8 variants: already quantized, and most torch ops refuse them
+        raise TypeError(
+            f"{what} has dtype {weight.dtype}, an 8-bit float format that is already quantized; OTQ fits float16, "
+            "bfloat16, float32 or float64 weights. Convert it first (weight.to(torch.bfloat16)), or leave the "
+            "layer out (modules_to_not_convert)."
         )
     if weight.dim() == 0:
         raise ValueError(f"{what} is 0-d (a scalar); quantize tensors with at least one dimension.")
@@ -280,6 +290,30 @@ def check_weight(weight: object, what: str) -> torch.Tensor:
             "Fix the checkpoint, or exclude this layer (modules_to_not_convert)."
         )
     return weight
+
+
+def _check_float16_range(rows: torch.Tensor, requested: torch.dtype | None, what: str) -> torch.dtype:
+    """float16 when every row's absmax lies in float16's normal range (or is 0), else float32 for a default
+    (``requested`` None) codebook dtype; an explicit float16 that cannot hold the rows is an error.
+
+    Above 65504 float16 overflows to Inf; below 2**-14 (6.1e-05) it is subnormal and a row of ~1e-8 rounds to 0.
+    """
+    peak = rows.abs().amax(dim=1)
+    nonzero = peak[peak > 0]
+    if nonzero.numel() == 0:
+        return torch.float16
+    low, high = float(nonzero.min()), float(nonzero.max())
+    if high <= _FLOAT16_MAX and low >= _FLOAT16_TINY:
+        return torch.float16
+    if requested is None:
+        logger.info("%s has rows with absmax %.3g..%.3g, outside float16's range: its codebooks are stored in "
+                    "float32.", what, low, high)  # fmt: skip
+        return torch.float32
+    raise ValueError(
+        f"{what} has rows with absmax from {low:.4g} to {high:.4g}, which float16 codebooks cannot hold (overflow "
+        f"above {_FLOAT16_MAX}, precision lost below {_FLOAT16_TINY:.3g}); pass codebook_dtype=torch.float32 (or "
+        "leave codebook_dtype unset to choose it automatically)."
+    )
 
 
 def _nearest_codes(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -427,7 +461,8 @@ def quantize_tensor(
             normalised values).
         group_size: values per scale group; must divide the input dimension (``granularity="group"`` only).
         codebook_dtype: storage dtype of the codebooks: float16, bfloat16 or float32. Default: bfloat16 for
-            bfloat16 weights, float16 otherwise. Rows with at most ``2**bits`` values (and constant rows) are
+            bfloat16 weights, float16 otherwise, and float32 for a tensor with rows beyond float16's normal range
+            (absmax above 65504 or below 6.1e-05). Rows with at most ``2**bits`` values (and constant rows) are
             reproduced exactly whenever the codebook dtype can represent their values (always for fp16/bf16
             weights with the default, and for any weight with float32); with ``"group"`` this holds for
             per-channel codebooks, while a shared codebook reproduces constant rows to its resolution.
@@ -448,7 +483,7 @@ def quantize_tensor(
     Raises:
         TypeError: ``weight`` is not a floating tensor, or ``bits`` is not an int.
         ValueError: bad bits/method/granularity/group_size/codebook options; 0-d, empty, meta or non-finite weight;
-            codewords outside the float16 range.
+            rows or codewords outside the range of an explicitly requested float16 codebook.
     """
     what = _describe(name)
     check_bits(bits)
@@ -474,14 +509,19 @@ def quantize_tensor(
         scales = encode_group_scales(x.view(rows, groups, group_size).abs().amax(dim=2))
         decoded = decode_group_scales(scales.codes, scales.row_max, scales.step, work_dtype)  # (R, G)
         expanded = decoded[:, :, None].expand(rows, groups, group_size).reshape(rows, n)
-        x = torch.where(expanded > 0, x / expanded.clamp_min(torch.finfo(work_dtype).tiny), torch.zeros_like(x))
+        x = torch.where(expanded > 0, x / expanded.masked_fill(expanded == 0, 1.0), torch.zeros_like(x))
         if method in ("ot", "ot-vp"):  # the error of a normalised value costs scale^2 in the weight
-            weights = expanded.square()
+            # Only ratios of weights matter: divide by a power of two (per codebook: per row, or one for a shared
+            # codebook) so that scale^2 neither overflows at 1e20 nor flushes to zero at 1e-20.
+            peak = decoded.amax(dim=1, keepdim=True) if codebook_scope == "channel" else decoded.amax().reshape(1, 1)
+            weights = torch.ldexp(expanded, -torch.frexp(peak).exponent).square()
         del expanded
     if relative_importance is not None:
         relative_importance = relative_importance.to(work_dtype).expand(rows, n)
         weights = relative_importance if weights is None else weights * relative_importance
     storage_dtype = resolve_codebook_dtype(codebook_dtype, weight.dtype, granularity)
+    if storage_dtype == torch.float16 and granularity != "group":  # group codebooks hold values in [-1, 1]
+        storage_dtype = _check_float16_range(x, codebook_dtype, what)
 
     if granularity == "group" and codebook_scope == "tensor":
         codebook, codes = _fit_shared(x, bits, method, weights, storage_dtype, what)

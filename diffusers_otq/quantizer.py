@@ -81,6 +81,7 @@ class OTQQuantizer(DiffusersQuantizer):
         self._verified: set[str] = set()
         self._loaded_keys: list[str] = []
         self._files: list[str] = []
+        self._file_of: dict[str, str] = {}  # stored key -> the file that holds it
 
     # ------------------------------------------------------------------------------------------- environment
 
@@ -142,6 +143,7 @@ class OTQQuantizer(DiffusersQuantizer):
         versions = {int(h.metadata[FORMAT_VERSION_KEY]) for h in headers}
         self._typed = bool(headers) and min(versions) >= 3  # every tensor, dtype and shape included
         self._files = [h.path for h in headers]
+        self._file_of = {_current_key(key): h.path for h in headers for key in h.tensors}
         self._checksums = {_current_key(key): crc for key, crc in collect_checksums(headers).items()}
         self._verified = set()
         self._loaded_keys = [_current_key(key) for key in loaded_keys]
@@ -157,19 +159,22 @@ class OTQQuantizer(DiffusersQuantizer):
                 expected = self._checksums.get(key)
                 if expected is None:
                     raise CheckpointError(
-                        f"{self._files_text()}: tensor {key!r} is not in the checksums saved with the checkpoint (a "
+                        f"{self._files_text(key)}: tensor {key!r} is not in the checksums saved with the checkpoint (a "
                         "renamed or added entry); the file is corrupted. Re-download or re-save it."
                     )
                 if typed_checksum(value) != expected:
                     raise CheckpointError(
-                        f"{self._files_text()}: tensor {key!r} ({str(value.dtype).removeprefix('torch.')}, "
+                        f"{self._files_text(key)}: tensor {key!r} ({str(value.dtype).removeprefix('torch.')}, "
                         f"{list(value.shape)}) does not match the checksum saved with it (its bytes, dtype or shape "
                         "changed); the file is corrupted. Re-download or re-save it."
                     )
                 self._verified.add(key)
         return state_dict
 
-    def _files_text(self) -> str:
+    def _files_text(self, key: str | None = None) -> str:
+        """The file holding ``key`` when known, else every file of the checkpoint."""
+        if key is not None and key in self._file_of:
+            return self._file_of[key]
         return ", ".join(self._files) or "the checkpoint"
 
     def _process_model_before_weight_loading(
@@ -189,6 +194,9 @@ class OTQQuantizer(DiffusersQuantizer):
         if self.pre_quantized:
             self._check_plan_matches_checkpoint()
             replace_with_empty_layers(model, list(self.plan.values()), dtype=self._torch_dtype)
+        else:
+            layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+            self.quantization_config.warn_unmatched_overrides(layers)
         return model
 
     def check_if_quantized_param(
@@ -352,7 +360,7 @@ class OTQQuantizer(DiffusersQuantizer):
         return state_dict, checkpoint_metadata(state_dict)
 
     def _where(self, key: str) -> str:
-        files = f" in {', '.join(self._files)}" if self._files else ""
+        files = f" in {self._files_text(key)}" if self._files else ""
         return f"Layer {key.rpartition('.')[0]!r}{files}"
 
     @staticmethod

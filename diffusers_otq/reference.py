@@ -44,9 +44,9 @@ def resolve_reference(name: str | os.PathLike) -> str | os.PathLike:
     """
     if not isinstance(name, str) or not name.startswith(PREFIX) or os.path.exists(name):
         return name
+    available = reference_models()
     folder = _root() / name[len(PREFIX) :]
-    if not (folder / "model_index.json").is_file():
-        available = reference_models()
+    if name not in available:  # only the listed names: "otq/../.." must not reach outside the bundled folder
         raise ValueError(
             f"{name!r} is not a bundled reference pipeline; available: {available or 'none (not installed)'}. "
             "Pass one of these, or a local pipeline folder."

@@ -7,6 +7,11 @@ transformers' public ``register_quantization_config`` and ``register_quantizer``
 ``PipelineQuantizationConfig(quant_backend="otq", ...)`` validate and quantize text encoders. Both registrations are idempotent and never
 replace another package's "otq" entry.
 
+``ModelMixin.from_pretrained`` is wrapped too: when loading a local folder fails, the files are examined and a
+damaged or mis-described OTQ checkpoint gets a :class:`~diffusers_otq.checkpoint.CheckpointError` with the cause
+(:mod:`diffusers_otq.load_errors`); every other failure passes through unchanged. ``ModelMixin.save_pretrained``
+of a model with OTQ layers makes the saved files byte-identical for identical models (:mod:`diffusers_otq.saving`).
+
 ``DiffusionPipeline.from_pretrained`` rejects a bare model config with a terse "must be an instance of
 PipelineQuantizationConfig"; registration wraps it so that an :class:`OTQConfig` gets an error that shows how to
 wrap it (``config.for_pipeline([...])``). Every other call passes through unchanged.
@@ -20,17 +25,23 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
-from .config import OTQConfig
+from .checkpoint import CheckpointError
+from .config import OTQConfig, OTQMethod
+from .layers import OTQLayerMixin
+from .load_errors import explain_load_failure
 from .quantizer import OTQQuantizer
+from .saving import make_deterministic
 
 
 __all__ = ["QUANT_METHOD", "register"]
 
 logger = logging.getLogger(__name__)
 
-QUANT_METHOD = "otq"
+QUANT_METHOD = OTQMethod.OTQ.value
 
 
 def _claim(mapping: dict, cls: type, where: str) -> bool:
@@ -48,9 +59,12 @@ def _claim(mapping: dict, cls: type, where: str) -> bool:
 
 def register() -> None:
     """Register :class:`OTQConfig`/:class:`OTQQuantizer` under "otq" with diffusers and transformers."""
+    from diffusers import DiffusionPipeline, ModelMixin
     from diffusers.quantizers import auto as diffusers_auto
 
-    _guard_pipeline_from_pretrained()
+    _wrap_once(DiffusionPipeline, "from_pretrained", _explain_bare_config)
+    _wrap_once(ModelMixin, "from_pretrained", _explain_load_failures)
+    _wrap_once(ModelMixin, "save_pretrained", _save_deterministically)
 
     _claim(diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, OTQConfig, "diffusers AUTO_QUANTIZATION_CONFIG_MAPPING")
     _claim(diffusers_auto.AUTO_QUANTIZER_MAPPING, OTQQuantizer, "diffusers AUTO_QUANTIZER_MAPPING")
@@ -70,6 +84,17 @@ def register() -> None:
         _claim(transformers_auto.AUTO_QUANTIZER_MAPPING, OTQTransformersQuantizer, "transformers quantizers")
 
 
+def _wrap_once(owner: type, name: str, wrap: Callable[[Any], Any]) -> None:
+    """Replace the method ``owner.name`` by ``wrap(method)`` (a classmethod stays one), once per process."""
+    current = owner.__dict__[name]
+    function = current.__func__ if isinstance(current, classmethod) else current
+    if getattr(function, "_otq_wrapped", False):
+        return
+    wrapped = wrap(function)
+    wrapped._otq_wrapped = True
+    setattr(owner, name, classmethod(wrapped) if isinstance(current, classmethod) else wrapped)
+
+
 def _explain_bare_config(from_pretrained: Any) -> Any:
     """Wrap ``DiffusionPipeline.from_pretrained`` so a bare OTQConfig fails with the fix spelled out."""
 
@@ -85,13 +110,37 @@ def _explain_bare_config(from_pretrained: Any) -> Any:
             )
         return from_pretrained(cls, *args, **kwargs)
 
-    wrapper._otq_wrapped = True  # type: ignore[attr-defined]
     return wrapper
 
 
-def _guard_pipeline_from_pretrained() -> None:
-    from diffusers import DiffusionPipeline
+def _explain_load_failures(from_pretrained: Any) -> Any:
+    """Wrap ``ModelMixin.from_pretrained``: a failure on a local folder gets the cause its files show
+    (:func:`~diffusers_otq.load_errors.explain_load_failure`), chained to diffusers' error."""
 
-    current = DiffusionPipeline.__dict__["from_pretrained"]
-    if not getattr(current.__func__, "_otq_wrapped", False):
-        DiffusionPipeline.from_pretrained = classmethod(_explain_bare_config(current.__func__))
+    @functools.wraps(from_pretrained)
+    def wrapper(cls: type, pretrained_model_name_or_path: Any = None, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)
+        except CheckpointError:
+            raise
+        except Exception as error:
+            explained = explain_load_failure(pretrained_model_name_or_path, kwargs.get("subfolder"), error)
+            if explained is None:
+                raise
+            raise explained from error
+
+    return wrapper
+
+
+def _save_deterministically(save_pretrained: Any) -> Any:
+    """Wrap ``ModelMixin.save_pretrained``: a model with OTQ layers is saved as byte-identical files
+    (:func:`~diffusers_otq.saving.make_deterministic`)."""
+
+    @functools.wraps(save_pretrained)
+    def wrapper(self: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        result = save_pretrained(self, save_directory, *args, **kwargs)
+        if any(isinstance(module, OTQLayerMixin) for module in self.modules()) and os.path.isdir(save_directory):
+            make_deterministic(save_directory)
+        return result
+
+    return wrapper

@@ -75,8 +75,9 @@ def test_truncated_single_file_names_the_file(saved: Path, tmp_path: Path) -> No
     folder = _copy(saved, tmp_path / "q")
     data = (folder / WEIGHTS).read_bytes()
     (folder / WEIGHTS).write_bytes(data[: len(data) - 1000])
-    with pytest.raises((OSError, CheckpointError), match=WEIGHTS):
+    with pytest.raises(CheckpointError, match=rf"{WEIGHTS}: .*it is truncated") as caught:
         UNet2DModel.from_pretrained(folder)
+    assert isinstance(caught.value.__cause__, OSError)  # diffusers' own error stays chained
 
 
 def test_truncated_shard_is_reported_before_loading(saved: Path, tmp_path: Path) -> None:
@@ -240,8 +241,11 @@ def test_negative_group_scales_are_refused(tmp_path: Path) -> None:
          r"stores conv_in quantized, but the config leaves them in float"),
         (lambda c: c["quantization_config"].update(modules_to_not_convert=["*"]), CheckpointError,
          r"does not match the stored tensors"),
-        (lambda c: c.update(quantization_config=None), ValueError, r"conv_in.weight expected shape"),  # diffusers'
-        (lambda c: c.pop("quantization_config"), ValueError, r"conv_in.weight expected shape"),  # own float path
+        (lambda c: c.update(quantization_config=None), CheckpointError, r"quantization_config is None, but the "
+         r"weights next to it are OTQ-quantized"),
+        (lambda c: c.pop("quantization_config"), CheckpointError, r"quantization_config is 'absent'"),
+        (lambda c: c.update(quantization_config=[]), CheckpointError, r"quantization_config is \[\]"),
+        (lambda c: c["quantization_config"].update(bits=99), CheckpointError, r"not a valid OTQConfig: bits=99"),
     ],
 )  # fmt: skip
 def test_config_edits_fail_loudly_instead_of_giving_nan(saved: Path, tmp_path: Path, edit, error, match) -> None:  # noqa: ANN001
@@ -251,3 +255,46 @@ def test_config_edits_fail_loudly_instead_of_giving_nan(saved: Path, tmp_path: P
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(error, match=match):
         UNet2DModel.from_pretrained(folder)
+
+
+_QUANTIZE_AND_SAVE = """
+import sys, torch
+import diffusers_otq
+from diffusers import UNet2DModel
+from diffusers_otq import OTQConfig
+torch.set_num_threads(int(sys.argv[3]))
+model = UNet2DModel.from_pretrained(sys.argv[1], quantization_config=OTQConfig(bits=3, granularity="group", group_size=8))
+model.save_pretrained(sys.argv[2], max_shard_size="40KB")
+"""
+
+
+def test_the_same_model_quantized_twice_gives_byte_identical_files(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    outputs = []
+    for run, threads in ((0, 1), (1, 2)):  # other processes (hash-map seeds), source paths and thread counts
+        source = tmp_path / f"float-{run}"
+        tiny_unet().save_pretrained(source)
+        outputs.append(tmp_path / f"q-{run}")
+        subprocess.run([sys.executable, "-c", _QUANTIZE_AND_SAVE, str(source), str(outputs[-1]), str(threads)],
+                       check=True, capture_output=True)  # fmt: skip
+    files = sorted(p.name for p in outputs[0].iterdir())
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1  # sharded: several headers to order
+    assert files == sorted(p.name for p in outputs[1].iterdir())
+    for name in files:
+        assert (outputs[0] / name).read_bytes() == (outputs[1] / name).read_bytes(), name
+    assert "_name_or_path" not in json.loads((outputs[0] / "config.json").read_text())
+
+
+def test_sorting_header_metadata_keeps_every_tensor_and_offset(saved: Path, tmp_path: Path) -> None:
+    from diffusers_otq.checkpoint import sort_header_metadata
+
+    path = _copy(saved, tmp_path / "c") / WEIGHTS
+    _rewrite(path, lambda tensors, metadata: metadata.update({"zz_note": "1", "aa_note": "2"}))
+    before = load_file(path)
+    assert sort_header_metadata(path)
+    header = read_safetensors_header(path)
+    assert list(header.metadata) == sorted(header.metadata)
+    after = load_file(path)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -19,7 +19,7 @@ from diffusers_otq.cli import main
 from diffusers_otq.layers import OTQLayerMixin
 
 from .test_pipeline import conditional_unet, make_pipeline
-from .tiny_models import tiny_sd3_transformer
+from .tiny_models import tiny_sd3_transformer, tiny_unet
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +227,16 @@ def test_quantize_refuses_to_overwrite_its_source_or_a_non_model_class(
         assert main(["quantize", str(folder), str(out)]) == 2
         assert "would overwrite the float model" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_quantize_refuses_weights_that_do_not_fit_the_config_class(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tiny_unet().save_pretrained(tmp_path / "unet")
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    config["_class_name"] = "UNet2DConditionModel"  # builds, but these weights are not its weights
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    assert main(["quantize", str(tmp_path / "unet"), str(tmp_path / "out"), "--bits", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "the weights do not fit UNet2DConditionModel" in err and "unexpected keys" in err
+    assert not (tmp_path / "out").exists()

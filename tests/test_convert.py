@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusers_otq import OTQConv2d, OTQLinear, dequantize_model, quantize_model
+from diffusers_otq import OTQConfig, OTQConv2d, OTQLinear, dequantize_model, quantize_model
 from diffusers_otq.convert import matches_module_name
 from diffusers_otq.layers import OTQLayerMixin
 
@@ -141,3 +141,28 @@ def test_a_bare_layer_is_refused_with_the_way_to_quantize_it() -> None:
     for layer, hint in ((nn.Linear(16, 16), "OTQLinear.from_module"), (nn.Conv2d(2, 4, 3), "OTQConv2d.from_module")):
         with pytest.raises(TypeError, match=rf"bare {type(layer).__name__}.*{hint}"):
             quantize_model(layer, bits=3)
+
+
+def test_a_hundred_thousand_patterns_are_indexed_not_scanned() -> None:
+    from diffusers_otq.convert import ModulePatterns
+
+    names = [f"blocks.{i}.attn.to_q" for i in range(50)] + ["proj_out", "blocks.7.ff.net.2"]
+    patterns = [f"nomatch_{i}" for i in range(100_000)] + ["blocks.7", "proj_out", "*.to_q"]
+    compiled = ModulePatterns(patterns)
+    assert len(compiled.plain) == 100_002 and compiled.globs == ["*.to_q"]
+    for name in names:  # the index answers exactly as the rule does on the short list of the matching patterns
+        assert compiled.matches(name) == matches_module_name(name, ["blocks.7", "proj_out", "*.to_q"])
+    model = nn.Sequential(*(nn.Linear(4, 4) for _ in range(3)))
+    quantize_model(model, OTQConfig(bits=2, modules_to_not_convert=[f"x{i}" for i in range(100_000)] + ["1"]),
+                   progress=False)  # fmt: skip
+    assert [type(m).__name__ for m in model] == ["OTQLinear", "Linear", "OTQLinear"]
+
+
+def test_an_override_pattern_that_matches_nothing_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    config = OTQConfig(bits=2, module_overrides={"attn_typo": {"bits": 4}, "1": {"bits": 3}})
+    with caplog.at_level(logging.WARNING, logger="diffusers_otq.config"):
+        quantize_model(model, config, progress=False)
+    warned = [r.getMessage() for r in caplog.records if "module_overrides" in r.getMessage()]
+    assert len(warned) == 1 and "'attn_typo'" in warned[0] and "'1'" not in warned[0]
+    assert model[1].bits == 3

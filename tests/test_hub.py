@@ -136,3 +136,15 @@ def test_flow_match_pipeline_push_to_hub_writes_pipeline_card(hub: FakeHub, tmp_
         and 'FlowMatchPipeline.from_pretrained("me/fm-otq3")' in body
     )
     assert '"transformer"' in body  # the per-component quantization config
+
+
+def test_a_hostile_repo_id_stays_a_string_literal_in_the_card(tmp_path: Path) -> None:
+    import ast
+
+    from diffusers_otq.hub import _usage
+
+    repo_id = 'x"); import os; os.system("echo owned'
+    code = _usage(tiny_unet(), repo_id)
+    calls = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)]
+    assert len(calls) == 1 and calls[0].args[0].value == repo_id  # one call, the id as its only (string) argument
+    assert not any(isinstance(node, ast.Import) and node.names[0].name == "os" for node in ast.walk(ast.parse(code)))

@@ -183,12 +183,34 @@ def test_non_finite_weights_name_the_layer(bad: float) -> None:
         quantize_tensor(weight, name="down.conv")
 
 
-def test_float16_codebook_overflow_is_an_error_not_inf() -> None:
-    weight = torch.randn(4, 64) * 1e6
-    with pytest.raises(ValueError, match="codebook_dtype=torch.float32"):
-        quantize_tensor(weight, bits=2)
-    q = quantize_tensor(weight, bits=2, codebook_dtype=torch.float32)
-    assert torch.isfinite(q.dequantize()).all()
+@pytest.mark.parametrize("scale", [1e6, 1e30, 1e-8, 1e-40])
+def test_rows_beyond_float16_get_float32_codebooks_or_an_error_when_float16_is_asked(scale: float) -> None:
+    weight = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * scale
+    weight[0] = torch.randn(64) * 0.02  # an ordinary row next to the extreme ones
+    q = quantize_tensor(weight, bits=3)
+    assert q.codebook.dtype == torch.float32
+    error = (q.dequantize(torch.float64) - weight.double())[1:].square().sum() / weight.double()[1:].square().sum()
+    assert error < 0.05  # the 3-bit fit of a Gaussian row, not a collapsed or overflowed one
+    with pytest.raises(ValueError, match=r"codebook_dtype=torch\.float32"):
+        quantize_tensor(weight, bits=3, codebook_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+@pytest.mark.parametrize("scale", [1e30, 1e19, 1e-30, 1e-40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_extreme_magnitudes_fit_as_well_as_ordinary_ones(granularity: str, scale: float, dtype: torch.dtype) -> None:
+    if dtype == torch.bfloat16 and scale < 1e-38:
+        pytest.skip("1e-40 is below bfloat16's normal range")
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 128, generator=generator)
+    group_size = 32 if granularity == "group" else None
+    errors = {}
+    for s in (1.0, scale):
+        weight = (base * s).to(dtype)
+        q = quantize_tensor(weight, 3, "ot-vp", granularity, group_size)
+        reference = weight.double()
+        errors[s] = float((q.dequantize(torch.float64) - reference).square().sum() / reference.square().sum())
+    assert errors[scale] < 1.05 * errors[1.0] + 1e-3, errors
 
 
 _LAYOUT_CASES = [
@@ -306,3 +328,10 @@ def test_same_bits_for_any_thread_count_and_chunking(
     for other in results[1:]:
         assert torch.equal(other.packed, results[0].packed)
         assert torch.equal(other.codebook, results[0].codebook)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_float8_weights_are_refused_with_the_conversion_to_do(dtype: torch.dtype) -> None:
+    weight = torch.randn(8, 16).to(dtype)
+    with pytest.raises(TypeError, match=r"already quantized.*weight\.to\(torch\.bfloat16\)"):
+        quantize_tensor(weight, 3, name="proj")

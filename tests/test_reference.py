@@ -55,3 +55,9 @@ def test_bundled_model_card_reports_the_measured_quality(name: str) -> None:
     assert metrics["class_accuracy"] >= 0.8 and f"**{metrics['class_accuracy']:.1%}**" in card
     assert f"**{metrics['fid_test']:.2f}**" in card and metrics["fid_samples"] >= 2000
     assert (Path(resolve_reference(name)) / "README.md").read_text() == card
+
+
+@pytest.mark.parametrize("name", ["otq/..", "otq/../..", "otq/../../etc", "otq/digits-unet/../.."])
+def test_short_names_cannot_reach_outside_the_bundled_folder(name: str) -> None:
+    with pytest.raises(ValueError, match="not a bundled reference pipeline"):
+        resolve_reference(name)

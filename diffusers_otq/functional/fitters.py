@@ -233,4 +233,20 @@ def fit_codebook(
         fitter = FITTERS[method]
     except KeyError:
         raise ValueError(f"method={method!r} is unknown; expected one of {list(METHODS)}.") from None
-    return fitter(values, num_levels, weights)
+    # Every fitter is equivariant to scaling a row, and scaling by a power of two is exact in floating point, so
+    # rows (and weights) are brought to absmax in [0.5, 1) first: the same bits for ordinary rows, and rows at
+    # 1e30 or 1e-40 no longer overflow or underflow the squares inside the fits.
+    values, row_scale = _power_of_two_normalised(values)
+    if weights is not None:
+        weights, _ = _power_of_two_normalised(weights)
+    fit = fitter(values, num_levels, weights)
+    return CodebookFit(torch.ldexp(fit.codebook, row_scale.to(fit.codebook.device)), fit.codes)
+
+
+def _power_of_two_normalised(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values * 2**-e, e)`` with ``e`` (R, 1) int32 chosen per row so that the row's absmax lies in [0.5, 1)
+    (``e = 0`` for all-zero rows); exact, as only exponents change."""
+    _, exponent = torch.frexp(values.abs().amax(dim=1, keepdim=True))
+    if not bool(exponent.any()):
+        return values, exponent
+    return torch.ldexp(values, -exponent), exponent

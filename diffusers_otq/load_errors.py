@@ -1,0 +1,81 @@
+"""The cause of a failed ``from_pretrained`` on a local OTQ checkpoint folder, as a :class:`CheckpointError`.
+
+diffusers reads a single-file checkpoint (its default below 10 GB) before any quantizer hook runs, and for an
+unreadable file it raises only ``OSError: Unable to load weights from checkpoint file``; a ``quantization_config``
+that is not a dict fails inside diffusers with an ``AttributeError``. Registration wraps
+``ModelMixin.from_pretrained`` so that such a failure on a local folder is examined here: when the folder's files
+or config explain it, the user gets a :class:`CheckpointError` naming the file and the cause (truncated at byte N
+of M, header not JSON, a config that does not describe the OTQ weights next to it, ...), chained to diffusers'
+error; otherwise diffusers' error is re-raised unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .checkpoint import FORMAT_VERSION_KEY, CheckpointError, read_safetensors_header
+from .config import OTQMethod
+
+
+__all__ = ["explain_load_failure"]
+
+_UNREADABLE = "Unable to load weights from checkpoint file"
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    seen = set()
+    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def explain_load_failure(
+    pretrained: str | os.PathLike | None, subfolder: str | None, error: BaseException
+) -> CheckpointError | None:
+    """A :class:`CheckpointError` that explains ``error`` from the files of a local checkpoint folder, or None.
+
+    Args:
+        pretrained: what was passed to ``from_pretrained`` (only local folders are examined).
+        subfolder: its ``subfolder`` argument.
+        error: the exception diffusers raised.
+
+    Returns:
+        The first cause found: a damaged safetensors file (by :func:`read_safetensors_header`), a config.json
+        whose ``quantization_config`` does not describe the OTQ weights stored next to it, or an unreadable file
+        diffusers reported without a cause (the root exception is quoted); None when nothing explains it.
+    """
+    if pretrained is None or not os.path.isdir(pretrained):
+        return None
+    folder = Path(pretrained) / (subfolder or "")
+    if not folder.is_dir():
+        return None
+    headers = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            headers.append(read_safetensors_header(path))
+        except CheckpointError as damaged:
+            return damaged
+    versions = sorted({h.metadata[FORMAT_VERSION_KEY] for h in headers if FORMAT_VERSION_KEY in h.metadata})
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None  # diffusers' own error names a missing or malformed config.json
+    if versions and isinstance(config, dict):
+        stored = config.get("quantization_config", "absent")
+        if not isinstance(stored, dict) or stored.get("quant_method") != OTQMethod.OTQ.value:
+            return CheckpointError(
+                f"{folder / 'config.json'}: quantization_config is {stored!r:.120}, but the weights next to it are "
+                f"OTQ-quantized (otq_format_version {', '.join(versions)}), so they cannot be loaded as described: "
+                "config.json was edited or belongs to another checkpoint. Restore the config saved with the weights "
+                "(its quantization_config has quant_method 'otq'), or re-save the model."
+            )
+    if isinstance(error, OSError) and _UNREADABLE in str(error):
+        cause = _root_cause(error)
+        return CheckpointError(
+            f"{folder}: a weights file could not be read ({type(cause).__name__}: {str(cause)[:200]}); the file is "
+            "damaged. Re-download or re-save the checkpoint."
+        )
+    return None
