@@ -29,6 +29,12 @@ from tests.test_fuzzing import CASES, _probe, _saved  # noqa: E402
 
 
 logger = logging.getLogger("fuzz_checkpoints")
+IDENTICAL_NOTE = (
+    "An identical outcome is a mutation that changed nothing the model reads: an edit to the same value (a 1-D shape "
+    "rewritten as itself, a character replaced by itself), a swap of two equal tensors (two all-ones norm weights), "
+    "a metadata key diffusers-otq does not read (diffusers' 'format'), a config field set to the value it had or "
+    "to its default, or a sharded index entry diffusers does not need (it reads every shard)."
+)
 
 
 def main() -> int:
@@ -48,6 +54,8 @@ def main() -> int:
         "Classes: identical = loaded, outputs equal to the original's bit for bit; refused = CheckpointError with "
         "the cause; silent = loaded with different outputs (a failure); raw = any other exception (a failure). "
         "Models: the tests' tiny UNet2DModel and SD3Transformer2DModel at 3 bits (tests/test_fuzzing.py).",
+        "",
+        IDENTICAL_NOTE,
     ]
     failures = 0
     for case in args.cases:

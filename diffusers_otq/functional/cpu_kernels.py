@@ -13,6 +13,10 @@ Two kernels read the packed bit stream (layout in :mod:`.packing`: blocks of 8 c
 
 Both decode whole blocks of 8 codes with compile-time shifts (one kernel instance per bit width).
 
+``linear`` multiplies tile by tile with those decoders (see :mod:`.dequant_ops`). ``dp_cuts`` is the exact
+micro-bin DP of :func:`~.lloyd_max.lloyd_max_codebook`'s initialisation (rows in parallel, no (R, M, M) tensors),
+with the PyTorch version's float32 arithmetic and tie-breaking, so both give the same bits.
+
 ``codebook`` and ``scales`` are float32 (``scales`` empty without group granularity); ``x`` and the GEMV output
 are float32. The extension is built once per machine into torch's extension cache (about a minute with one
 core); when it cannot be built or loaded, :func:`load` returns None, the reason is logged once, and callers use
@@ -37,6 +41,8 @@ _SOURCE = r"""
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
 #include <cstring>
+#include <limits>
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -216,7 +222,74 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor codebo
   return y;
 }
 
+// The exact K-cell DP over micro-bin edges of lloyd_max._dp_codebook, one row per task, float32 arithmetic in
+// the same order as the PyTorch version (so the same bits): cost[i][j] = max(0, (wxx[j]-wxx[i]) - (wx[j]-wx[i])^2
+// / max(w[j]-w[i], tiny)) for i < j (inf otherwise), D_1 = cost[0], D_k[j] = min_i D_{k-1}[i] + cost[i][j] with
+// the first minimal i, backtracked to K+1 edge indices.
+torch::Tensor dp_cuts(torch::Tensor cum_w, torch::Tensor cum_wx, torch::Tensor cum_wxx, int64_t levels) {
+  TORCH_CHECK(cum_w.scalar_type() == torch::kFloat && cum_w.is_contiguous() && cum_w.dim() == 2,
+              "cumulative sums must be contiguous float32 (R, M+1)");
+  TORCH_CHECK(cum_wx.sizes() == cum_w.sizes() && cum_wxx.sizes() == cum_w.sizes() && cum_wx.is_contiguous() &&
+              cum_wxx.is_contiguous() && cum_wx.scalar_type() == torch::kFloat &&
+              cum_wxx.scalar_type() == torch::kFloat, "cumulative sums must share shape and dtype");
+  TORCH_CHECK(levels >= 1, "levels must be >= 1");
+  const int64_t rows = cum_w.size(0), m1 = cum_w.size(1);
+  auto out = torch::empty({rows, levels + 1}, cum_w.options().dtype(torch::kLong));
+  const float* W = cum_w.data_ptr<float>();
+  const float* WX = cum_wx.data_ptr<float>();
+  const float* WXX = cum_wxx.data_ptr<float>();
+  int64_t* O = out.data_ptr<int64_t>();
+  const float tiny = std::numeric_limits<float>::min();
+  const float inf = std::numeric_limits<float>::infinity();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> cost(m1 * m1), best(m1), next(m1);
+    std::vector<int64_t> arg(std::max<int64_t>(levels - 1, 1) * m1);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* w = W + r * m1;
+      const float* wx = WX + r * m1;
+      const float* wxx = WXX + r * m1;
+      for (int64_t i = 0; i < m1; ++i) {
+        float* c = cost.data() + i * m1;
+        for (int64_t j = 0; j < m1; ++j) {
+          float sw = w[j] - w[i];
+          sw = sw < tiny ? tiny : sw;
+          const float d = wx[j] - wx[i];
+          float e = (wxx[j] - wxx[i]) - (d * d) / sw;
+          e = e < 0.0f ? 0.0f : e;
+          c[j] = i >= j ? inf : e;
+        }
+      }
+      std::copy(cost.begin(), cost.begin() + m1, best.begin());
+      for (int64_t k = 1; k < levels; ++k) {
+        int64_t* a = arg.data() + (k - 1) * m1;
+        for (int64_t j = 0; j < m1; ++j) {
+          next[j] = best[0] + cost[j];
+          a[j] = 0;
+        }
+        for (int64_t i = 1; i < m1; ++i) {
+          const float b = best[i];
+          const float* c = cost.data() + i * m1;
+          for (int64_t j = 0; j < m1; ++j) {
+            const float v = b + c[j];
+            if (v < next[j]) {  // strictly smaller: the first minimal i is kept, as torch.min
+              next[j] = v;
+              a[j] = i;
+            }
+          }
+        }
+        std::swap(best, next);
+      }
+      int64_t* o = O + r * (levels + 1);
+      o[levels] = m1 - 1;
+      for (int64_t k = levels - 1; k >= 1; --k) o[k] = arg[(k - 1) * m1 + o[k + 1]];
+      o[0] = 0;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dp_cuts", &dp_cuts, "exact K-cell DP over micro-bin cumulative sums -> (R, K+1) edge indices");
   m.def("linear", &linear, "x (T, n) @ W^T -> (T, rows), W dequantized tile by tile into a reused scratch");
   m.def("dequantize", &dequantize, "packed codes -> weight (rows, n)");
   m.def("gemv", &gemv, "x (T, n) @ dequantized weight^T -> (T, rows), never building the weight");
@@ -246,9 +319,9 @@ def load() -> ModuleType | None:
                 from torch.utils.cpp_extension import load_inline
 
                 module = load_inline(
-                    name="diffusers_otq_cpu_v6",
+                    name="diffusers_otq_cpu_v7",
                     cpp_sources=[_SOURCE],
-                    extra_cflags=["-O3"],
+                    extra_cflags=["-O3", "-ffp-contract=off"],  # no FMA: the same bits as PyTorch
                     verbose=False,
                 )
                 logger.info("OTQ CPU kernels loaded (fused dequantization and lookup-table GEMV).")

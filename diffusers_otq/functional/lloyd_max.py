@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from .cpu_kernels import load
+
 
 __all__ = ["lloyd_max_codebook", "accumulation_dtype"]
 
@@ -98,8 +100,9 @@ def _dp_codebook(
 ) -> torch.Tensor:
     """Exact K-cell optimum over partitions that cut only at the given micro-bin edges.
 
-    ``D_k[j] = min_{i<j} D_{k-1}[i] + SSE(micro-bins i..j-1)`` with SSE from the prefix sums, computed for all
-    rows at once (a (R, M+1, M+1) cost tensor), then backtracked to cell edges.
+    ``D_k[j] = min_{i<j} D_{k-1}[i] + SSE(micro-bins i..j-1)`` with SSE from the prefix sums, then backtracked to
+    cell edges: on the CPU by the C++ kernel (:mod:`.cpu_kernels`, rows in parallel), elsewhere or without it for
+    all rows at once with a (R, M+1, M+1) cost tensor (:func:`_dp_cut_index`); both give the same bits.
 
     Args:
         prefix_w, prefix_wx, prefix_wxx: (R, n+1) prefix sums of w, w*x and w*x^2 (``prefix_w`` None: unit weights).
@@ -120,6 +123,23 @@ def _dp_codebook(
     cum_wxx = (cum_wxx - 2 * mean * cum_wx + mean.square() * cum_w).to(torch.float32)
     cum_wx = (cum_wx - mean * cum_w).to(torch.float32)
     cum_w = cum_w.to(torch.float32)
+    kernels = load() if cum_w.device.type == "cpu" else None
+    if kernels is not None:  # the same DP in C++, the same bits
+        cut_index = kernels.dp_cuts(cum_w.contiguous(), cum_wx.contiguous(), cum_wxx.contiguous(), num_levels)
+    else:
+        cut_index = _dp_cut_index(cum_w, cum_wx, cum_wxx, num_levels)
+    bounds = edges.gather(1, cut_index)  # (R, K+1) sorted positions
+    mass, sum_wx = _cell_stats(prefix_w, prefix_wx, bounds)
+    means = sum_wx / mass.clamp_min(torch.finfo(mass.dtype).tiny)
+    # A cell made only of empty micro-bins has no mean; reuse the heaviest cell's atom so the codebook stays
+    # inside the data range (Lloyd's split repair revives it if that lowers the error).
+    heaviest = means.gather(1, mass.argmax(dim=1, keepdim=True))
+    return torch.where(mass > 0, means, heaviest).sort(dim=1).values
+
+
+def _dp_cut_index(cum_w: torch.Tensor, cum_wx: torch.Tensor, cum_wxx: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """The micro-bin DP in PyTorch: (R, M+1) float32 centred cumulative sums -> (R, K+1) indices into the edges."""
+    rows, m_plus_1 = cum_w.shape
     # cost[r, i, j] = SSE of micro-bins i..j-1 = sum wx^2 - (sum wx)^2 / sum w, for i < j.
     seg_w = cum_w[:, None, :] - cum_w[:, :, None]  # (R, M+1, M+1)
     cost = (cum_wx[:, None, :] - cum_wx[:, :, None]).square_().div_(seg_w.clamp_min_(torch.finfo(torch.float32).tiny))
@@ -138,13 +158,7 @@ def _dp_codebook(
     for arg in reversed(argmins):
         cuts.append(arg.gather(1, cuts[-1]))
     cuts.append(torch.zeros(rows, 1, dtype=torch.int64, device=cost.device))
-    bounds = edges.gather(1, torch.cat(cuts[::-1], dim=1))  # (R, K+1) sorted positions
-    mass, sum_wx = _cell_stats(prefix_w, prefix_wx, bounds)
-    means = sum_wx / mass.clamp_min(torch.finfo(mass.dtype).tiny)
-    # A cell made only of empty micro-bins has no mean; reuse the heaviest cell's atom so the codebook stays
-    # inside the data range (Lloyd's split repair revives it if that lowers the error).
-    heaviest = means.gather(1, mass.argmax(dim=1, keepdim=True))
-    return torch.where(mass > 0, means, heaviest).sort(dim=1).values
+    return torch.cat(cuts[::-1], dim=1)
 
 
 def _companding_codebook(sorted_values: torch.Tensor, edges: torch.Tensor, num_levels: int) -> torch.Tensor:

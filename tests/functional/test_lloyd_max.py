@@ -275,3 +275,24 @@ def test_activation_weights_within_half_a_percent_of_the_weighted_dp(n: int, k: 
         optimum = dp_optimal_mse(rows[r], k, weights[r])
         got = codebook_mse(rows[r], codebook[r], weights[r])
         assert got <= optimum * 1.005, f"row {r}: weighted MSE {got:.6g} vs weighted DP optimum {optimum:.6g}"
+
+
+@pytest.mark.parametrize("k", [2, 4, 8, 16], ids=lambda k: f"K{k}")
+def test_the_cpu_dp_kernel_gives_the_same_bits_as_pytorch(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
+    from diffusers_otq.functional import lloyd_max
+    from diffusers_otq.functional.cpu_kernels import load
+
+    if load() is None:
+        pytest.skip("the CPU extension cannot be built here")
+    torch.manual_seed(k)
+    rows = torch.cat([
+        torch.randn(6, 1500),
+        torch.randn(6, 1500).round(),  # repeated values: empty micro-bins and tied DP costs
+        torch.distributions.StudentT(2.0).sample((6, 1500)),
+    ]).sort(dim=1).values  # fmt: skip
+    weights = torch.rand(18, 1500)
+    weights[:, ::4] = 0.0
+    with_kernel = [lloyd_max_codebook(rows, k), lloyd_max_codebook(rows, k, weights)]
+    monkeypatch.setattr(lloyd_max, "load", lambda: None)  # the PyTorch DP
+    without = [lloyd_max_codebook(rows, k), lloyd_max_codebook(rows, k, weights)]
+    assert all(torch.equal(a, b) for a, b in zip(with_kernel, without, strict=True))
