@@ -243,7 +243,7 @@ torch::Tensor dp_cuts(torch::Tensor cum_w, torch::Tensor cum_wx, torch::Tensor c
   const float inf = std::numeric_limits<float>::infinity();
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> cost(m1 * m1), best(m1), next(m1);
-    std::vector<int64_t> arg(std::max<int64_t>(levels - 1, 1) * m1);
+    std::vector<int32_t> arg(std::max<int64_t>(levels - 1, 1) * m1);
     for (int64_t r = r0; r < r1; ++r) {
       const float* w = W + r * m1;
       const float* wx = WX + r * m1;
@@ -261,20 +261,20 @@ torch::Tensor dp_cuts(torch::Tensor cum_w, torch::Tensor cum_wx, torch::Tensor c
       }
       std::copy(cost.begin(), cost.begin() + m1, best.begin());
       for (int64_t k = 1; k < levels; ++k) {
-        int64_t* a = arg.data() + (k - 1) * m1;
+        int32_t* a = arg.data() + (k - 1) * m1;
+        float* nx = next.data();
         for (int64_t j = 0; j < m1; ++j) {
-          next[j] = best[0] + cost[j];
+          nx[j] = best[0] + cost[j];
           a[j] = 0;
         }
-        for (int64_t i = 1; i < m1; ++i) {
+        for (int32_t i = 1; i < static_cast<int32_t>(m1); ++i) {
           const float b = best[i];
           const float* c = cost.data() + i * m1;
-          for (int64_t j = 0; j < m1; ++j) {
+          for (int64_t j = 0; j < m1; ++j) {  // branch-free (vectorised): float and int32 lanes of equal width
             const float v = b + c[j];
-            if (v < next[j]) {  // strictly smaller: the first minimal i is kept, as torch.min
-              next[j] = v;
-              a[j] = i;
-            }
+            const bool smaller = v < nx[j];  // strictly: the first minimal i is kept, as torch.min
+            nx[j] = smaller ? v : nx[j];
+            a[j] = smaller ? i : a[j];
           }
         }
         std::swap(best, next);
@@ -319,7 +319,7 @@ def load() -> ModuleType | None:
                 from torch.utils.cpp_extension import load_inline
 
                 module = load_inline(
-                    name="diffusers_otq_cpu_v7",
+                    name="diffusers_otq_cpu_v8",
                     cpp_sources=[_SOURCE],
                     extra_cflags=["-O3", "-ffp-contract=off"],  # no FMA: the same bits as PyTorch
                     verbose=False,
