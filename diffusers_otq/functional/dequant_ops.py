@@ -36,8 +36,10 @@ __all__ = [
     "tiled_linear",
 ]
 
-LINEAR_TILE_ROWS = 128
-"""Rows of the weight :func:`tiled_linear` dequantizes at a time (its scratch: ``128 * n`` values, reused)."""
+LINEAR_TILE_ROWS = {torch.float32: 128, torch.float64: 128, torch.float16: 512, torch.bfloat16: 512}
+"""Rows of the weight :func:`tiled_linear` dequantizes at a time, per compute dtype (its scratch: ``rows * n``
+values, reused). 16-bit GEMMs are about 3x faster here, so their tiles are longer to amortise each call's
+overhead (measured on 3072x3072 at 64 tokens, bf16: 1.92x nn.Linear with 128 rows, 1.41x with 512)."""
 
 
 def reference_dequantize(
@@ -129,7 +131,7 @@ def tiled_linear(
         return triton_linear(x, packed, codebook, scales, bias, rows, n, bits)
     if fast_path_available(packed.device):
         return load().linear(x.contiguous(), packed.contiguous(), codebook.contiguous(), scales.contiguous(),
-                             bias.contiguous(), rows, n, bits, LINEAR_TILE_ROWS)  # fmt: skip
+                             bias.contiguous(), rows, n, bits, LINEAR_TILE_ROWS[x.dtype])  # fmt: skip
     weight = reference_dequantize(packed, codebook, scales, rows, n, bits, x.dtype)
     return torch.nn.functional.linear(x, weight, bias if bias.numel() else None)
 
