@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from .checkpoint import FORMAT_VERSION_KEY, CheckpointError, read_safetensors_header
@@ -32,6 +33,12 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def _unreadable_file(error: BaseException) -> str | None:
+    """The safetensors file named by diffusers' "Unable to load weights from checkpoint file for '<path>'"."""
+    match = re.search(_UNREADABLE + r" for '([^']+\.safetensors)'", str(error))
+    return match.group(1) if match and os.path.isfile(match.group(1)) else None
+
+
 def explain_load_failure(
     pretrained: str | os.PathLike | None, subfolder: str | None, error: BaseException
 ) -> CheckpointError | None:
@@ -43,10 +50,17 @@ def explain_load_failure(
         error: the exception diffusers raised.
 
     Returns:
-        The first cause found: a damaged safetensors file (by :func:`read_safetensors_header`), a config.json
+        The first cause found: the damaged safetensors file diffusers names in its error (any source, Hub
+        snapshots included) or any damaged file of a local folder (by :func:`read_safetensors_header`), a config.json
         whose ``quantization_config`` does not describe the OTQ weights stored next to it, or an unreadable file
         diffusers reported without a cause (the root exception is quoted); None when nothing explains it.
     """
+    unreadable = _unreadable_file(error)
+    if unreadable is not None:  # any source, a Hub snapshot included: diffusers names the file it could not read
+        try:
+            read_safetensors_header(unreadable)
+        except CheckpointError as damaged:
+            return damaged
     if pretrained is None or not os.path.isdir(pretrained):
         return None
     folder = Path(pretrained) / (subfolder or "")

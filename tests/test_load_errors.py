@@ -44,3 +44,12 @@ def test_an_unreadable_file_diffusers_reports_without_cause_gets_the_root_cause(
     wrapped.__context__.__context__ = cause
     explained = explain_load_failure(tmp_path, None, wrapped)
     assert isinstance(explained, CheckpointError) and "RuntimeError: HeaderTooLarge" in str(explained)
+
+
+def test_the_file_diffusers_names_is_examined_wherever_it_lives(tmp_path: Path) -> None:
+    tiny_unet().save_pretrained(tmp_path / "snapshot")  # e.g. a Hub cache snapshot, loaded by repo id
+    path = tmp_path / "snapshot" / WEIGHTS
+    path.write_bytes(path.read_bytes()[:-100])
+    error = OSError(f"Unable to load weights from checkpoint file for '{path}' at '{path}'. ")
+    explained = explain_load_failure("someone/some-repo", None, error)
+    assert isinstance(explained, CheckpointError) and "100 missing" in str(explained)
