@@ -54,7 +54,7 @@ def _kernel():  # noqa: ANN202 - the jitted Triton function (its type lives in t
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        total_bytes = (N * K * BITS + 7) // 8
+        total_bytes = (N.to(tl.int64) * K * BITS + 7) // 8  # int64: rows * n * bits passes 2**31 on big layers
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.full, not tl.zeros: a builtin in the interpreter too
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
