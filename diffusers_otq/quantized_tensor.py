@@ -325,6 +325,16 @@ def _nearest_codes(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     return torch.searchsorted(midpoints, values)
 
 
+def _row_chunks(values: torch.Tensor) -> tuple[range, int, int]:
+    """``(chunk starts, rows per chunk, worker threads)`` for row-wise work on ``values`` (R, n): chunks of about
+    ``_ELEMENTS_PER_CHUNK`` values on one thread, smaller ones (``_ROWS_ELEMENTS_PER_TASK``) when several threads
+    share the rows."""
+    rows, n = values.shape
+    workers = fit_workers(values.device)
+    chunk = max(1, (_ROWS_ELEMENTS_PER_TASK if workers > 1 else _ELEMENTS_PER_CHUNK) // n)
+    return range(0, rows, chunk), chunk, workers
+
+
 def _fit_rows(
     values: torch.Tensor,
     bits: int,
@@ -342,8 +352,7 @@ def _fit_rows(
     rows, n = values.shape
     levels = 1 << bits
     codes = torch.empty(rows, n, dtype=torch.uint8, device=values.device)
-    workers = fit_workers(values.device)
-    chunk = max(1, (_ROWS_ELEMENTS_PER_TASK if workers > 1 else _ELEMENTS_PER_CHUNK) // n)
+    starts, chunk, workers = _row_chunks(values)
 
     def fit_chunk(start: int) -> torch.Tensor:
         x = values[start : start + chunk]
@@ -368,8 +377,7 @@ def _fit_rows(
         codes[start : start + chunk] = chunk_codes  # disjoint rows per task
         return stored
 
-    tasks = [partial(fit_chunk, start) for start in range(0, rows, chunk)]
-    return torch.cat(run_tasks(tasks, workers)), codes
+    return torch.cat(run_tasks([partial(fit_chunk, start) for start in starts], workers)), codes
 
 
 def _fit_shared(
@@ -395,13 +403,12 @@ def _fit_shared(
     sample_weights = None if flat_weights is None else flat_weights[:, ::stride].contiguous()
     codebook, _ = _fit_rows(flat[:, ::stride].contiguous(), bits, "ot", sample_weights, storage_dtype, what)
     codes = torch.empty(values.shape, dtype=torch.uint8, device=values.device)
-    workers = fit_workers(values.device)
-    chunk = max(1, (_ROWS_ELEMENTS_PER_TASK if workers > 1 else _ELEMENTS_PER_CHUNK) // values.shape[1])
+    starts, chunk, workers = _row_chunks(values)
 
     def assign(start: int) -> None:
         codes[start : start + chunk] = _nearest_codes(values[start : start + chunk], codebook)  # disjoint rows
 
-    run_tasks([partial(assign, start) for start in range(0, values.shape[0], chunk)], workers)
+    run_tasks([partial(assign, start) for start in starts], workers)
     if method == "ot-vp":
         codebook = stretch_to_variance(values, codebook.float(), codes, weights).to(storage_dtype)
     return codebook, codes
