@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.tiny_model
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from diffusers_otq.fuzzing import count_table, run_campaign  # noqa: E402
-from tests.test_fuzzing import CASES, _probe, _saved  # noqa: E402
+from tests.test_fuzzing import CASES, make_probe, saved_checkpoint  # noqa: E402
 
 
 logger = logging.getLogger("fuzz_checkpoints")
@@ -62,8 +62,8 @@ def main() -> int:
         build, cls, make_inputs, save_kwargs, _ = CASES[case]
         with tempfile.TemporaryDirectory() as tmp:
             diffusers_logging.set_verbosity_error()
-            source = _saved(Path(tmp), build, cls, save_kwargs)
-            probe = _probe(cls, make_inputs(), source)
+            source = saved_checkpoint(Path(tmp), build, cls, save_kwargs)
+            probe = make_probe(cls, make_inputs(), source)
             names = [name for name, _ in build().named_modules() if name]
             logging.disable(logging.WARNING)
             start = time.perf_counter()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ CASES = {  # name -> (model builder, model class, inputs builder, save_pretraine
 
 
 @pytest.fixture(autouse=True)
-def _quiet_loading() -> None:
+def _quiet_loading() -> Iterator[None]:
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     logging.disable(logging.WARNING)
@@ -38,7 +38,8 @@ def _quiet_loading() -> None:
     diffusers_logging.set_verbosity(level)
 
 
-def _saved(tmp_path: Path, build: Callable, cls: type, save_kwargs: dict) -> Path:
+def saved_checkpoint(tmp_path: Path, build: Callable, cls: type, save_kwargs: dict) -> Path:
+    """``build()`` saved in float, quantized on load at 3 bits and saved again under ``tmp_path / "quantized"``."""
     build().save_pretrained(tmp_path / "float")
     cls.from_pretrained(tmp_path / "float", quantization_config=OTQConfig(bits=3)).save_pretrained(
         tmp_path / "quantized", **save_kwargs
@@ -46,7 +47,9 @@ def _saved(tmp_path: Path, build: Callable, cls: type, save_kwargs: dict) -> Pat
     return tmp_path / "quantized"
 
 
-def _probe(cls: type, inputs: dict, source: Path) -> Probe:
+def make_probe(cls: type, inputs: dict, source: Path) -> Probe:
+    """Load with ``cls.from_pretrained`` and run ``inputs``; the expected output is that of ``source``."""
+
     def run(model: torch.nn.Module) -> torch.Tensor:
         return model(**inputs, return_dict=False)[0]
 
@@ -65,8 +68,8 @@ def _failures(outcomes: list[Outcome]) -> str:
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_mutation_loads_identically_or_is_refused(tmp_path: Path, case: str) -> None:
     build, cls, make_inputs, save_kwargs, count = CASES[case]
-    source = _saved(tmp_path, build, cls, save_kwargs)
-    probe = _probe(cls, make_inputs(), source)
+    source = saved_checkpoint(tmp_path, build, cls, save_kwargs)
+    probe = make_probe(cls, make_inputs(), source)
     names = [name for name, _ in build().named_modules() if name]
     outcomes = run_campaign(source, probe, count, seed=sorted(CASES).index(case), module_names=names, workdir=tmp_path)
     assert len(outcomes) == count
@@ -76,7 +79,7 @@ def test_every_mutation_loads_identically_or_is_refused(tmp_path: Path, case: st
 
 
 def test_mutations_are_reproducible_and_really_change_the_files(tmp_path: Path) -> None:
-    source = _saved(tmp_path, tiny_unet, UNet2DModel, {})
+    source = saved_checkpoint(tmp_path, tiny_unet, UNet2DModel, {})
     names = [name for name, _ in tiny_unet().named_modules() if name]
     original = {p.name: p.read_bytes() for p in source.iterdir()}
     for kind in MUTATIONS:
