@@ -15,6 +15,7 @@ Two loading paths, chosen by diffusers from the checkpoint's ``config.json``:
 from __future__ import annotations
 
 import logging
+import os
 import types
 from functools import partial
 from typing import Any
@@ -59,6 +60,10 @@ _FIX_MISMATCH = (
 )
 
 
+ALLOW_UNCHECKED_ENV = "DIFFUSERS_OTQ_ALLOW_UNCHECKED"
+"""Set to 1 to load checkpoint files whose headers carry no OTQ checksums (explicit opt-out, with a warning)."""
+
+
 class OTQQuantizer(DiffusersQuantizer):
     """Quantizes ``nn.Linear``/``nn.Conv2d`` weights to packed OT codebooks inside ``ModelMixin.from_pretrained``."""
 
@@ -82,6 +87,7 @@ class OTQQuantizer(DiffusersQuantizer):
         self._loaded_keys: list[str] = []
         self._files: list[str] = []
         self._file_of: dict[str, str] = {}  # stored key -> the file that holds it
+        self._unchecked: set[str] = set()  # keys of unsigned files loaded under DIFFUSERS_OTQ_ALLOW_UNCHECKED=1
 
     # ------------------------------------------------------------------------------------------- environment
 
@@ -133,13 +139,19 @@ class OTQQuantizer(DiffusersQuantizer):
                     f"to {FORMAT_VERSION}; upgrade it: pip install -U diffusers-otq."
                 )
             headers.append(header)
-        for header in headers:
-            if FORMAT_VERSION_KEY not in header.metadata or CHECKSUMS_KEY not in header.metadata:
-                raise CheckpointError(
-                    f"{header.path}: the header has no {FORMAT_VERSION_KEY!r}/{CHECKSUMS_KEY!r} entries, which every "
-                    "file diffusers-otq saves carries: the metadata was removed or the file was not written by "
-                    "diffusers-otq, so its integrity cannot be checked. Re-download or re-save the checkpoint."
-                )
+        unsigned = [h.path for h in headers if FORMAT_VERSION_KEY not in h.metadata or CHECKSUMS_KEY not in h.metadata]
+        if unsigned and os.environ.get(ALLOW_UNCHECKED_ENV, "") in ("", "0"):
+            raise CheckpointError(
+                f"{unsigned[0]}: the header has no {FORMAT_VERSION_KEY!r}/{CHECKSUMS_KEY!r} entries, which every "
+                "file diffusers-otq saves carries: the metadata was removed or the file was not written by "
+                "diffusers-otq, so its integrity cannot be checked. Re-download or re-save the checkpoint (or, "
+                f"for a file you trust, set {ALLOW_UNCHECKED_ENV}=1 to load it unverified)."
+            )
+        if unsigned:
+            logger.warning("%s=1: loading %s without integrity checks (no OTQ checksums in the header).",
+                           ALLOW_UNCHECKED_ENV, ", ".join(unsigned))  # fmt: skip
+        self._unchecked = {_current_key(k) for h in headers if h.path in unsigned for k in h.tensors}
+        headers = [h for h in headers if h.path not in unsigned]
         versions = {int(h.metadata[FORMAT_VERSION_KEY]) for h in headers}
         self._typed = bool(headers) and min(versions) >= 3  # every tensor, dtype and shape included
         self._files = [h.path for h in headers]
@@ -156,6 +168,8 @@ class OTQQuantizer(DiffusersQuantizer):
         state_dict = {_current_key(key): value for key, value in state_dict.items()}
         if self._typed:  # format >= 3: every tensor as stored (before any dtype cast), dtype and shape included
             for key, value in state_dict.items():
+                if key in self._unchecked:  # the user's explicit opt-out for an unsigned file
+                    continue
                 expected = self._checksums.get(key)
                 if expected is None:
                     raise CheckpointError(

@@ -197,6 +197,24 @@ def test_removed_checksum_metadata_is_refused(saved: Path, tmp_path: Path) -> No
         UNet2DModel.from_pretrained(folder)
 
 
+def test_unsigned_files_load_only_with_the_explicit_opt_out(
+    saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from .tiny_models import unet_inputs
+
+    folder = _copy(saved, tmp_path / "q")
+    _rewrite(folder / WEIGHTS, lambda tensors, metadata: metadata.clear())
+    with pytest.raises(CheckpointError, match="set DIFFUSERS_OTQ_ALLOW_UNCHECKED=1"):
+        UNet2DModel.from_pretrained(folder)
+    monkeypatch.setenv("DIFFUSERS_OTQ_ALLOW_UNCHECKED", "1")
+    with caplog.at_level("WARNING", logger="diffusers_otq.quantizer"):
+        model = UNet2DModel.from_pretrained(folder)
+    assert "without integrity checks" in caplog.text and WEIGHTS in caplog.text
+    with torch.no_grad():
+        expected = UNet2DModel.from_pretrained(saved)(**unet_inputs()).sample
+        assert torch.equal(model(**unet_inputs()).sample, expected)
+
+
 def test_wrong_codebook_dtype(saved: Path, tmp_path: Path) -> None:
     folder = _copy(saved, tmp_path / "q")
 
