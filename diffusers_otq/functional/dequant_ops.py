@@ -71,10 +71,22 @@ def fast_path_available(device: torch.device) -> bool:
     return load() is not None
 
 
+_fused_linear_decisions: dict[tuple[str, int | None], bool] = {}
+
+
 def fused_linear_available(device: torch.device) -> bool:
     """Whether :func:`tiled_linear` runs a fused kernel on ``device``: Triton on a GPU
-    (:func:`~.triton_kernels.triton_available`) or the CPU extension (:func:`fast_path_available`)."""
-    return triton_available(device) or fast_path_available(device)
+    (:func:`~.triton_kernels.triton_available`) or the CPU extension (:func:`fast_path_available`).
+
+    Decided once per device in eager mode and remembered, so ``torch.compile`` only reads a dict; a device first
+    seen while tracing gets the CPU answer of :func:`fast_path_available` (a GPU: the traceable reference path)."""
+    key = (device.type, device.index)
+    if key in _fused_linear_decisions:
+        return _fused_linear_decisions[key]
+    if torch.compiler.is_compiling():
+        return fast_path_available(device)
+    decision = _fused_linear_decisions[key] = triton_available(device) or fast_path_available(device)
+    return decision
 
 
 @torch.library.custom_op("diffusers_otq::dequantize_rows", mutates_args=())
