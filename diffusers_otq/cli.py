@@ -30,10 +30,11 @@ from . import __version__
 from .calibration import CalibrationConfig, CalibrationStatistics, quantize_model, quantize_pipeline
 from .config import OTQConfig
 from .convert import LayerReport
-from .image_metrics import psnr, ssim
+from .evaluation.classifier import reference_classifier
+from .evaluation.image_metrics import psnr, ssim
 from .options import DEFAULT_METHOD, GRANULARITIES, METHODS
 from .pipeline import FlowMatchPipeline
-from .reference import reference_classifier, reference_models, resolve_reference
+from .reference import reference_models, resolve_reference
 
 
 logger = logging.getLogger("diffusers_otq.cli")

@@ -1,7 +1,6 @@
 """Model cards and Hub uploads for OTQ-quantized models and pipelines.
 
-The card is rendered from ``model_cards/otq_quantized.md`` (shipped inside the package as
-``diffusers_otq/model_cards``) with YAML metadata (``library_name: diffusers``, ``base_model``, tags
+The card is rendered from ``diffusers_otq/model_cards/otq_quantized.md`` (package data) with YAML metadata (``library_name: diffusers``, ``base_model``, tags
 ``quantized``, ``otq``, ``flow-matching``, ``<b>-bit``), the quantization config, the measured bits per weight,
 the size on disk against the 16-bit size, and loading code that starts with ``import diffusers_otq``.
 
@@ -37,13 +36,11 @@ __all__ = ["attach_model_card", "detach_model_card", "model_card", "push_to_hub"
 logger = logging.getLogger(__name__)
 
 TEMPLATE_NAME = "otq_quantized.md"
-_REPO_ROOT_CARDS = Path(__file__).resolve().parent.parent / "model_cards"
 
 
 def _template_path() -> Path:
-    """The card template: packaged data when installed, the repository's ``model_cards/`` in a checkout."""
-    packaged = Path(__file__).resolve().parent / "model_cards" / TEMPLATE_NAME
-    return packaged if packaged.is_file() else _REPO_ROOT_CARDS / TEMPLATE_NAME
+    """The card template, package data (``diffusers_otq/model_cards/``)."""
+    return Path(__file__).resolve().parent / "model_cards" / TEMPLATE_NAME
 
 
 def _human_bytes(n: float) -> str:

@@ -1,7 +1,6 @@
 """The bundled reference flow-matching pipelines, loadable by short name after a plain ``pip install``.
 
-They live in the repository's ``pipelines/`` folder, which is shipped inside the package as
-``diffusers_otq/reference_pipelines`` (see pyproject.toml). Each is a complete diffusers pipeline folder
+They live in ``diffusers_otq/reference_pipelines/``, package data (see pyproject.toml). Each is a complete diffusers pipeline folder
 (``model_index.json``, ``transformer/``, ``scheduler/``) with fp16 weights, a ``README.md`` model card and a
 ``reference.json`` (dataset, classes, training and measured quality). ``classifiers/<dataset>/`` holds the
 classifier that scores class accuracy of samples (safetensors + JSON).
@@ -13,19 +12,15 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
-
-__all__ = ["PREFIX", "reference_classifier", "reference_info", "reference_models", "resolve_reference"]
+__all__ = ["INFO_NAME", "PREFIX", "reference_info", "reference_models", "resolve_reference"]
 
 PREFIX = "otq/"
-_REPO_ROOT_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
 
 def _root() -> Path:
-    """Installed package data (``diffusers_otq/reference_pipelines``), or ``pipelines/`` in a source checkout."""
-    packaged = Path(__file__).resolve().parent / "reference_pipelines"
-    return packaged if packaged.is_dir() else _REPO_ROOT_PIPELINES
+    """The bundled pipelines: package data, ``diffusers_otq/reference_pipelines/``."""
+    return Path(__file__).resolve().parent / "reference_pipelines"
 
 
 def reference_models() -> list[str]:
@@ -64,12 +59,19 @@ def reference_info(source: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def reference_classifier(source: str | os.PathLike) -> torch.nn.Module | None:
-    """The classifier of the pipeline's dataset (``classifiers/<dataset>/`` next to it), in eval mode, or None."""
-    from .classifier import load_classifier
+def __getattr__(name: str) -> object:
+    """``reference_classifier`` moved to :mod:`diffusers_otq.evaluation.classifier` (it scores samples, which is
+    evaluation); the old name keeps working with a ``DeprecationWarning``."""
+    if name == "reference_classifier":
+        import warnings
 
-    info = reference_info(source)
-    if info is None:
-        return None
-    folder = Path(resolve_reference(source)).parent / "classifiers" / info["dataset"]
-    return load_classifier(folder).eval() if folder.is_dir() else None
+        from .evaluation.classifier import reference_classifier
+
+        warnings.warn(
+            "diffusers_otq.reference.reference_classifier moved to diffusers_otq.evaluation.classifier; "
+            "import it from there.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return reference_classifier
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

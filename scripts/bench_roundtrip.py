@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import diffusers_otq  # noqa: E402,F401
 from diffusers_otq import OTQConfig  # noqa: E402
-from tests.tiny_models import (  # noqa: E402
+from diffusers_otq.testing.tiny_models import (  # noqa: E402
     flux_inputs,
     sd3_inputs,
     tiny_flux_transformer,
@@ -128,7 +128,7 @@ def main() -> None:
     if args.output:
         args.output.write_text(
             f"# Save / fresh-process reload round trip\n\nCommand: `python scripts/bench_roundtrip.py "
-            f"{' '.join(sys.argv[1:])}`\n\nTiny models from tests/tiny_models.py; sizes are all safetensors files "
+            f"{' '.join(sys.argv[1:])}`\n\nTiny models from diffusers_otq/testing/tiny_models.py; sizes are all safetensors files "
             f"of the folder (tiny models carry large unquantized buffers such as SD3's positional embedding, so "
             f"whole-file ratios understate the per-layer ratio; see results/bench_load.md for a larger model).\n\n"
             f"{table}\n"

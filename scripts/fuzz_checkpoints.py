@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Long seeded fuzzing campaigns on saved OTQ checkpoints (see diffusers_otq.fuzzing for the mutation kinds).
+"""Long seeded fuzzing campaigns on saved OTQ checkpoints (see diffusers_otq.testing.fuzzing for the mutation kinds).
 
 Every damaged checkpoint must either load with outputs identical to the original's or raise CheckpointError;
 "silent" (loaded, different outputs) and "raw" (any other exception) are failures, listed in the report.
@@ -18,14 +18,10 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.tiny_models: the models the tests use
-
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
-
-from diffusers_otq.fuzzing import count_table, run_campaign  # noqa: E402
-from tests.test_fuzzing import CASES, make_probe, saved_checkpoint  # noqa: E402
+from diffusers_otq.testing.fuzz_cases import CASES, make_probe, saved_checkpoint
+from diffusers_otq.testing.fuzzing import count_table, run_campaign
 
 
 logger = logging.getLogger("fuzz_checkpoints")
@@ -53,18 +49,18 @@ def main() -> int:
         "",
         "Classes: identical = loaded, outputs equal to the original's bit for bit; refused = CheckpointError with "
         "the cause; silent = loaded with different outputs (a failure); raw = any other exception (a failure). "
-        "Models: the tests' tiny UNet2DModel and SD3Transformer2DModel at 3 bits (tests/test_fuzzing.py).",
+        "Models: the tests' tiny UNet2DModel and SD3Transformer2DModel at 3 bits (diffusers_otq/testing/fuzz_cases.py).",
         "",
         IDENTICAL_NOTE,
     ]
     failures = 0
     for case in args.cases:
-        build, cls, make_inputs, save_kwargs, _ = CASES[case]
+        fuzz_case = CASES[case]
         with tempfile.TemporaryDirectory() as tmp:
             diffusers_logging.set_verbosity_error()
-            source = saved_checkpoint(Path(tmp), build, cls, save_kwargs)
-            probe = make_probe(cls, make_inputs(), source)
-            names = [name for name, _ in build().named_modules() if name]
+            source = saved_checkpoint(Path(tmp), fuzz_case)
+            probe = make_probe(fuzz_case, source)
+            names = [name for name, _ in fuzz_case.build().named_modules() if name]
             logging.disable(logging.WARNING)
             start = time.perf_counter()
             outcomes = run_campaign(source, probe, args.mutations, args.seed, names, Path(tmp))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the :class:`~diffusers_otq.classifier.FashionClassifier` used to score generated samples.
+"""Train the :class:`~diffusers_otq.evaluation.classifier.FashionClassifier` used to score generated samples.
 
 Trains on the train split with augmentation (random shifts by up to 2 pixels and, for Fashion-MNIST, horizontal
 flips), AdamW with a one-cycle learning rate, and reports accuracy on the test split. Writes ``model.safetensors``
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffusers_otq.classifier import FashionClassifier, save_classifier
-from diffusers_otq.datasets import DATASETS, dataset_info, load_dataset
+from diffusers_otq.evaluation.classifier import FashionClassifier, save_classifier
+from diffusers_otq.evaluation.datasets import DATASETS, dataset_info, load_dataset
 
 
 logger = logging.getLogger("train_classifier")

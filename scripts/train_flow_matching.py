@@ -69,7 +69,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffusers_otq.datasets import DATASETS, dataset_info, load_dataset
+from diffusers_otq.evaluation.datasets import DATASETS, dataset_info, load_dataset
 
 
 logger = logging.getLogger("train_flow_matching")

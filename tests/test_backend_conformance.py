@@ -17,8 +17,7 @@ from diffusers import UNet2DModel
 
 from diffusers_otq import OTQConfig, quantize_model
 from diffusers_otq.layers import OTQLayerMixin
-
-from .tiny_models import tiny_unet
+from diffusers_otq.testing.tiny_models import tiny_unet
 
 
 BEHAVIOURS: dict[str, str] = {

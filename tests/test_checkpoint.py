@@ -19,8 +19,7 @@ from diffusers_otq.checkpoint import (
     read_safetensors_header,
     typed_checksum,
 )
-
-from .tiny_models import tiny_unet
+from diffusers_otq.testing.tiny_models import tiny_unet
 
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -200,7 +199,7 @@ def test_removed_checksum_metadata_is_refused(saved: Path, tmp_path: Path) -> No
 def test_unsigned_files_load_only_with_the_explicit_opt_out(
     saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from .tiny_models import unet_inputs
+    from diffusers_otq.testing.tiny_models import unet_inputs
 
     folder = _copy(saved, tmp_path / "q")
     _rewrite(folder / WEIGHTS, lambda tensors, metadata: metadata.clear())

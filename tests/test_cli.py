@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from diffusers_otq import METHODS, FlowMatchPipeline
-from diffusers_otq.classifier import FashionClassifier, save_classifier
 from diffusers_otq.cli import main
+from diffusers_otq.evaluation.classifier import FashionClassifier, save_classifier
 from diffusers_otq.layers import OTQLayerMixin
+from diffusers_otq.testing.tiny_models import tiny_sd3_transformer, tiny_unet
 
 from .test_pipeline import conditional_unet, make_pipeline
-from .tiny_models import tiny_sd3_transformer, tiny_unet
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from torch import nn
 from diffusers_otq import OTQConfig, OTQConv2d, OTQLinear, dequantize_model, quantize_model
 from diffusers_otq.convert import matches_module_name
 from diffusers_otq.layers import OTQLayerMixin
-
-from .tiny_models import tiny_unet
+from diffusers_otq.testing.tiny_models import tiny_unet
 
 
 def _float_layers(model: nn.Module) -> list[str]:

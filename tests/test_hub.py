@@ -16,8 +16,7 @@ from huggingface_hub import ModelCard
 import diffusers_otq
 from diffusers_otq import OTQConfig, quantize_model
 from diffusers_otq.hub import write_model_card
-
-from .tiny_models import tiny_unet
+from diffusers_otq.testing.tiny_models import tiny_unet
 
 
 class FakeHub:

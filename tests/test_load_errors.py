@@ -9,8 +9,7 @@ from diffusers import UNet2DModel
 
 from diffusers_otq.checkpoint import CheckpointError
 from diffusers_otq.load_errors import explain_load_failure
-
-from .tiny_models import tiny_unet
+from diffusers_otq.testing.tiny_models import tiny_unet
 
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"

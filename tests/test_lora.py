@@ -14,9 +14,7 @@ from peft.utils import get_peft_model_state_dict
 
 from diffusers_otq import OTQConfig, dequantize_model, quantize_model
 from diffusers_otq.layers import OTQLayerMixin
-from diffusers_otq.weight_view import QuantizedWeightWriteError
-
-from .tiny_models import (
+from diffusers_otq.testing.tiny_models import (
     flux_inputs,
     sd3_inputs,
     tiny_flux_pipeline,
@@ -26,6 +24,7 @@ from .tiny_models import (
     tiny_unet,
     unet_inputs,
 )
+from diffusers_otq.weight_view import QuantizedWeightWriteError
 
 
 MODELS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], dict], list[str]]] = {

@@ -23,8 +23,7 @@ from PIL import Image
 from diffusers_otq import FlowMatchPipeline, OTQConfig
 from diffusers_otq import reference as reference_module
 from diffusers_otq.layers import OTQLayerMixin
-
-from .tiny_models import tiny_dit, tiny_unet
+from diffusers_otq.testing.tiny_models import tiny_dit, tiny_unet
 
 
 SCHEDULERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}

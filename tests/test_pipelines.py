@@ -11,8 +11,7 @@ from torch import nn
 
 from diffusers_otq import OTQConfig
 from diffusers_otq.layers import OTQLayerMixin
-
-from .tiny_models import PIPELINE_CALL, tiny_flux_pipeline, tiny_sd3_pipeline
+from diffusers_otq.testing.tiny_models import PIPELINE_CALL, tiny_flux_pipeline, tiny_sd3_pipeline
 
 
 PIPELINES = {"sd3": (StableDiffusion3Pipeline, tiny_sd3_pipeline), "flux": (FluxPipeline, tiny_flux_pipeline)}

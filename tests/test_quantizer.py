@@ -19,8 +19,7 @@ from torch import nn
 from diffusers_otq import OTQConfig, OTQConv2d, OTQLinear, quantize_model
 from diffusers_otq.checkpoint import read_safetensors_header
 from diffusers_otq.layers import OTQLayerMixin
-
-from .tiny_models import (
+from diffusers_otq.testing.tiny_models import (
     flux_inputs,
     sd3_inputs,
     tiny_flux_transformer,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffusers_otq import FlowMatchPipeline, OTQConfig, reference_models
-from diffusers_otq.reference import reference_classifier, reference_info, resolve_reference
+from diffusers_otq.evaluation.classifier import reference_classifier
+from diffusers_otq.reference import reference_info, resolve_reference
 
 
 BUNDLED = reference_models()
@@ -51,7 +52,9 @@ def test_bundled_dit_quantizes_its_linear_layers_on_load() -> None:
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_model_card_reports_the_measured_quality(name: str) -> None:
     metrics = reference_info(name)["metrics"]
-    card = (Path(__file__).resolve().parent.parent / "model_cards" / f"{name.split('/')[-1]}.md").read_text()
+    card = (
+        Path(__file__).resolve().parent.parent / "diffusers_otq" / "model_cards" / f"{name.split('/')[-1]}.md"
+    ).read_text()
     assert metrics["class_accuracy"] >= 0.8 and f"**{metrics['class_accuracy']:.1%}**" in card
     assert f"**{metrics['fid_test']:.2f}**" in card and metrics["fid_samples"] >= 2000
     assert (Path(resolve_reference(name)) / "README.md").read_text() == card

@@ -13,8 +13,7 @@ from diffusers.quantizers import auto as diffusers_auto
 from transformers.quantizers import auto as transformers_auto
 
 from diffusers_otq import OTQConfig, OTQQuantizer, register
-
-from .tiny_models import tiny_unet
+from diffusers_otq.testing.tiny_models import tiny_unet
 
 
 def test_registered_with_diffusers_and_transformers_idempotently() -> None:

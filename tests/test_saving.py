@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .tiny_models import tiny_unet
+from diffusers_otq.testing.tiny_models import tiny_unet
 
 
 _QUANTIZE_AND_SAVE = """

@@ -21,8 +21,7 @@ from diffusers_otq.fitting import fit_data_free
 from diffusers_otq.layers import OTQLayerMixin
 from diffusers_otq.options import LayerSpec
 from diffusers_otq.structure import InputRotation, LowRankBranch
-
-from .tiny_models import sd3_inputs, tiny_sd3_transformer, tiny_unet, unet_inputs
+from diffusers_otq.testing.tiny_models import sd3_inputs, tiny_sd3_transformer, tiny_unet, unet_inputs
 
 
 def _layer(module: nn.Module, spec: LayerSpec) -> OTQLayerMixin:

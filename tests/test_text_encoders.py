@@ -19,8 +19,7 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from diffusers_otq import OTQConfig, quantize_model
 from diffusers_otq.layers import OTQLayerMixin
-
-from .tiny_models import PIPELINE_CALL, _clip_config, _t5, tiny_flux_pipeline, tiny_sd3_pipeline
+from diffusers_otq.testing.tiny_models import PIPELINE_CALL, _clip_config, _t5, tiny_flux_pipeline, tiny_sd3_pipeline
 
 
 ENCODERS = {"t5": (_t5, T5EncoderModel, 32), "clip": (lambda: CLIPTextModel(_clip_config()), CLIPTextModel, 1000)}

@@ -2,7 +2,7 @@
 
 A reference pipeline folder holds ``reference.json`` (dataset, classes, training, ``metrics`` of the
 full-precision model, and after an evaluation run ``quantized``: one entry per quantizer) and a ``README.md``
-card rendered from ``model_cards/reference_model.md``. :func:`quantized_summary` condenses evaluation rows into
+card rendered from ``diffusers_otq/model_cards/reference_model.md``. :func:`quantized_summary` condenses evaluation rows into
 the ``quantized`` entries; :func:`render_reference_card` writes the card from ``reference.json`` alone, so
 re-measuring the full-precision model keeps the quantized table and vice versa.
 """
@@ -127,8 +127,8 @@ def render_reference_card(folder: Path, template: Path, cards_dir: Path | None =
 
     Args:
         folder: a reference pipeline folder (``model_index.json``, ``reference.json``, weights).
-        template: the Jinja card template (``model_cards/reference_model.md``).
-        cards_dir: where a copy named ``<folder name>.md`` goes too (the repository's ``model_cards/``).
+        template: the Jinja card template (``diffusers_otq/model_cards/reference_model.md``).
+        cards_dir: where a copy named ``<folder name>.md`` goes too (``diffusers_otq/model_cards/``).
 
     Returns:
         The rendered card.

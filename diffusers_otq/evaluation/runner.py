@@ -38,8 +38,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..calibration import CalibrationConfig, CalibrationStatistics, TeacherCalls
-from ..image_metrics import ssim
 from .config import EvalConfig, Unit
+from .image_metrics import ssim
 from .peers import PeerUnavailable
 from .probes import bottleneck_features, feature_agreement, pca_statistics, velocity_outputs
 from .variants import CALIBRATED, family_of, quantize_variant
@@ -156,7 +156,7 @@ class Evaluator:
 
     def inception(self):
         if self._inception is None:
-            from ..fid import InceptionFeatures
+            from .fid import InceptionFeatures
 
             self._inception = InceptionFeatures(batch_size=50)
         return self._inception
@@ -167,7 +167,7 @@ class Evaluator:
 
     def _probe_images(self, model: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's probe inputs in [0, 1]: the first test images, and a seed-0 random subset for latents."""
-        from ..datasets import load_dataset
+        from .datasets import load_dataset
 
         images, _ = load_dataset(self._dataset(model), "test")
         images = images / 2 + 0.5
@@ -311,7 +311,7 @@ class Evaluator:
     # ------------------------------------------------------------------------------------------ metrics
 
     def _class_accuracy(self, model: str, images: torch.Tensor) -> float:
-        from ..reference import reference_classifier
+        from .classifier import reference_classifier
 
         classifier = reference_classifier(model)
         classes = self.pipeline(model).num_classes
@@ -323,14 +323,14 @@ class Evaluator:
         return (predicted == labels).double().mean().item()
 
     def _test_statistics(self, model: str) -> tuple[np.ndarray, np.ndarray]:
-        from ..fid import dataset_statistics
+        from .fid import dataset_statistics
 
         return dataset_statistics(
             self._dataset(model), self.stats_cache, self.inception(), self.config.sizes.fid_test_images
         )
 
     def _fid(self, model: str, features: np.ndarray, reference: np.ndarray | None) -> dict:
-        from ..fid import feature_statistics, frechet_distance
+        from .fid import feature_statistics, frechet_distance
 
         mu, sigma = feature_statistics(features)
         mu_test, sigma_test = self._test_statistics(model)

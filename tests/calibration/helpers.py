@@ -8,7 +8,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffusers_otq import CalibrationConfig, FlowMatchPipeline
-from tests.tiny_models import tiny_dit, tiny_unet
+from diffusers_otq.testing.tiny_models import tiny_dit, tiny_unet
 
 
 def unet_pipeline(seed: int = 0) -> FlowMatchPipeline:

@@ -11,8 +11,8 @@ from torch import nn
 
 from diffusers_otq import CalibrationError, OTQConfig, calibrate, quantize_model
 from diffusers_otq.calibration.sampling import selected_layers
+from diffusers_otq.testing.tiny_models import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_unet
 from tests.calibration.helpers import dit_pipeline, quick, unet_pipeline
-from tests.tiny_models import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_unet
 
 
 def test_velocity_sensitivity_records_probes_from_an_extra_batch() -> None:

@@ -16,7 +16,7 @@ from diffusers_otq.evaluation.probes import (
     pca_statistics,
     velocity_outputs,
 )
-from tests.tiny_models import tiny_dit, tiny_unet
+from diffusers_otq.testing.tiny_models import tiny_dit, tiny_unet
 
 
 def _images(n: int = 12) -> torch.Tensor:

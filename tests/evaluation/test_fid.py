@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_otq.fid import InceptionFeatures, dataset_statistics, feature_statistics, frechet_distance
+from diffusers_otq.evaluation.fid import InceptionFeatures, dataset_statistics, feature_statistics, frechet_distance
 
 
 def test_frechet_distance_of_diagonal_gaussians_has_a_closed_form():

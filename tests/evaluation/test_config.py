@@ -12,7 +12,7 @@ from diffusers_otq.evaluation.store import row_key
 from diffusers_otq.evaluation.variants import Variant
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _config(**block) -> dict:

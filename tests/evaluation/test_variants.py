@@ -12,7 +12,7 @@ from diffusers_otq import CalibrationConfig
 from diffusers_otq.evaluation.rows import ABLATION_METHODS
 from diffusers_otq.evaluation.variants import CALIBRATED, Variant, family_of, quantize_variant
 from diffusers_otq.layers import OTQLayerMixin
-from tests.tiny_models import tiny_unet, unet_inputs
+from diffusers_otq.testing.tiny_models import tiny_unet, unet_inputs
 
 
 def _float_weights(model):

@@ -1,4 +1,4 @@
-"""Tests for :mod:`diffusers_otq.datasets`: shapes, ranges, label counts, and clear errors for missing/corrupt files."""
+"""Tests for :mod:`diffusers_otq.evaluation.datasets`: shapes, ranges, label counts, and clear errors for missing/corrupt files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_otq.datasets import (
+from diffusers_otq.evaluation.datasets import (
     DATASETS,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,

@@ -13,8 +13,8 @@ from diffusers_otq.evaluation.cards import quantized_summary, render_reference_c
 from diffusers_otq.reference import resolve_reference
 
 
-REPO = Path(__file__).resolve().parent.parent
-TEMPLATE = REPO / "model_cards" / "reference_model.md"
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO / "diffusers_otq" / "model_cards" / "reference_model.md"
 MODEL = "otq/fashion-mnist-unet"
 
 

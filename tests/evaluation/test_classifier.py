@@ -1,4 +1,4 @@
-"""Tests for :mod:`diffusers_otq.classifier`: forward shapes and the safetensors + JSON save/load roundtrip."""
+"""Tests for :mod:`diffusers_otq.evaluation.classifier`: forward shapes and the safetensors + JSON save/load roundtrip."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_otq.classifier import CONFIG_NAME, WEIGHTS_NAME, FashionClassifier, load_classifier, save_classifier
+from diffusers_otq.evaluation.classifier import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    FashionClassifier,
+    load_classifier,
+    save_classifier,
+)
 
 
 @pytest.mark.parametrize("image_size, num_stages", [(28, 3), (8, 2)], ids=["fashion-mnist", "digits"])
