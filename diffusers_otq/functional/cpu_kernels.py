@@ -18,9 +18,10 @@ micro-bin DP of :func:`~.lloyd_max.lloyd_max_codebook`'s initialisation (rows in
 with the PyTorch version's float32 arithmetic and tie-breaking, so both give the same bits.
 
 ``codebook`` and ``scales`` are float32 (``scales`` empty without group granularity); ``x`` and the GEMV output
-are float32. The extension is built once per machine into torch's extension cache (about a minute with one
-core); when it cannot be built or loaded, :func:`load` returns None, the reason is logged once, and callers use
-the pure-PyTorch reference path.
+are float32. The extension is built on first use, once per machine and Python/torch version, into
+:func:`build_directory` (about a minute; one ``WARNING`` says so while it builds); the build is locked, bounded
+and recovers from builds that were killed (:mod:`.kernel_build`). When it cannot be built or loaded in time,
+:func:`load` returns None, the reason is logged once, and callers use the pure-PyTorch reference path.
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 from types import ModuleType
 
+from . import kernel_build
+from .kernel_build import KernelBuildError, build_timeout, load_extension
 
-__all__ = ["load", "loaded"]
+
+__all__ = ["build_directory", "load", "loaded"]
 
 logger = logging.getLogger(__name__)
 
@@ -297,14 +302,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 _DISABLE_ENV = "DIFFUSERS_OTQ_NO_CPU_KERNELS"
+_NAME = "diffusers_otq_cpu"
+_CFLAGS = ("-O3", "-ffp-contract=off")  # no FMA: the same bits as PyTorch
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
+
+
+def build_directory() -> Path:
+    """Where the kernels are (or will be) built for this Python and torch: see
+    :func:`~.kernel_build.build_directory`. Deleting it forces a rebuild on the next first use."""
+    return kernel_build.build_directory(_NAME, _SOURCE, _CFLAGS)
 
 
 def load() -> ModuleType | None:
     """The compiled kernels, built on first call; None (reason logged once) when they cannot be used.
 
-    Set ``DIFFUSERS_OTQ_NO_CPU_KERNELS=1`` to use the reference path only.
+    Set ``DIFFUSERS_OTQ_NO_CPU_KERNELS=1`` to use the reference path only, and
+    ``DIFFUSERS_OTQ_KERNEL_BUILD_TIMEOUT`` to bound the first use (waiting for another process's build plus
+    building, default 600 s).
+
+    Raises:
+        ValueError: ``DIFFUSERS_OTQ_KERNEL_BUILD_TIMEOUT`` is not a positive number of seconds.
     """
     if "module" in _state:  # every forward asks: no lock once decided
         return _state["module"]
@@ -315,20 +333,17 @@ def load() -> ModuleType | None:
         if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
             logger.info("OTQ CPU kernels disabled by %s; using the PyTorch reference dequantization.", _DISABLE_ENV)
         else:
+            timeout = build_timeout()
             try:
-                from torch.utils.cpp_extension import load_inline
-
-                module = load_inline(
-                    name="diffusers_otq_cpu_v8",
-                    cpp_sources=[_SOURCE],
-                    extra_cflags=["-O3", "-ffp-contract=off"],  # no FMA: the same bits as PyTorch
-                    verbose=False,
-                )
+                module = load_extension(_NAME, _SOURCE, _CFLAGS, what="OTQ CPU kernels", timeout=timeout)
                 logger.info("OTQ CPU kernels loaded (fused dequantization and lookup-table GEMV).")
-            except Exception as err:  # noqa: BLE001 - any build/load failure means: use the reference path
+            except KernelBuildError as err:  # the message says why, where and what to do
                 logger.warning(
-                    "OTQ CPU kernels could not be built or loaded (%s: %s); using the slower PyTorch reference "
-                    "dequantization. A C++ compiler and Python headers enable them.",
+                    "OTQ CPU kernels unavailable: %s. Using the slower PyTorch reference dequantization.", err
+                )
+            except Exception as err:  # noqa: BLE001 - any other load failure means: use the reference path
+                logger.warning(
+                    "OTQ CPU kernels could not be loaded (%s: %s); using the slower PyTorch reference dequantization.",
                     type(err).__name__,
                     str(err).splitlines()[0] if str(err) else "",
                 )

@@ -12,6 +12,10 @@
 * :func:`lut_gemv` -> ``(T, rows)``: ``x W^T`` for a few tokens without building ``W`` (CPU kernel), float32;
   it sums in another order than a matmul, so it agrees with ``x @ dequantize_rows(...).T`` to float tolerance.
 
+Before a fused kernel first serves a (kernel, device, dtype) combination it is checked against this module's
+reference on a few small layers (:mod:`.kernel_check`, milliseconds); a kernel that disagrees logs one warning and
+that combination takes the reference path for the rest of the process.
+
 Both ops take the codebook and the decoded group scales (:func:`~.scales.decode_group_scales`) as float32 and an
 empty ``scales`` tensor without groups. They have no autograd formula: callers that need gradients through the
 codebook or scales (refinement) use :func:`reference_dequantize`, which is differentiable.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .cpu_kernels import load, loaded
+from .kernel_check import CheckLayer, kernel_verified
 from .packing import unpack_codes
 from .triton_kernels import triton_available, triton_linear
 
@@ -89,6 +94,49 @@ def fused_linear_available(device: torch.device) -> bool:
     return decision
 
 
+_CHECK_TILE_ROWS = 32  # the self-test's 70-row layers then span three tiles, the last one partial
+
+
+def _check_inputs(layer: CheckLayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations (3 tokens) and a bias (odd bit widths; empty otherwise) for a self-test layer."""
+    generator = torch.Generator().manual_seed(layer.bits)
+    x = torch.randn(3, layer.n, generator=generator).to(layer.packed.device, dtype)
+    bias = torch.randn(layer.rows, generator=generator).to(layer.packed.device, dtype)
+    return x, bias if layer.bits % 2 else bias[:0]
+
+
+def _exact_linear(layer: CheckLayer, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` on the reference weight in float64, from operands rounded to ``x``'s dtype as the kernels get
+    them: the exact result the kernels approximate."""
+    weight = reference_dequantize(layer.packed, layer.codebook, layer.scales, layer.rows, layer.n, layer.bits, x.dtype)
+    bias = bias.double() if bias.numel() else None
+    return torch.nn.functional.linear(x.double(), weight.double(), bias)
+
+
+def _compare_cpu_dequantize(layer: CheckLayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (layer.packed, layer.codebook, layer.scales, layer.rows, layer.n, layer.bits, dtype)
+    return load().dequantize(*args), reference_dequantize(*args)
+
+
+def _compare_cpu_linear(layer: CheckLayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    x, bias = _check_inputs(layer, dtype)
+    out = load().linear(x, layer.packed, layer.codebook, layer.scales, bias, layer.rows, layer.n, layer.bits,
+                        _CHECK_TILE_ROWS)  # fmt: skip
+    return out, _exact_linear(layer, x, bias)
+
+
+def _compare_cpu_gemv(layer: CheckLayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    x, _ = _check_inputs(layer, torch.float32)
+    out = load().gemv(x, layer.packed, layer.codebook, layer.scales, layer.rows, layer.n, layer.bits)
+    return out, _exact_linear(layer, x, x.new_empty(0))
+
+
+def _compare_triton_linear(layer: CheckLayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    x, bias = _check_inputs(layer, dtype)
+    out = triton_linear(x, layer.packed, layer.codebook, layer.scales, bias, layer.rows, layer.n, layer.bits)
+    return out, _exact_linear(layer, x, bias)
+
+
 @torch.library.custom_op("diffusers_otq::dequantize_rows", mutates_args=())
 def dequantize_rows(
     packed: torch.Tensor,
@@ -100,7 +148,10 @@ def dequantize_rows(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The ``(rows, n)`` weight in ``dtype`` (see module doc); ``codebook``/``scales`` float32."""
-    if fast_path_available(packed.device):
+    device = packed.device
+    if fast_path_available(device) and kernel_verified(
+        "cpu_kernels.dequantize", device, dtype, _compare_cpu_dequantize
+    ):
         return load().dequantize(packed.contiguous(), codebook.contiguous(), scales.contiguous(), rows, n, bits, dtype)
     return reference_dequantize(packed, codebook, scales, rows, n, bits, dtype)
 
@@ -116,7 +167,8 @@ def lut_gemv(
 ) -> torch.Tensor:
     """``x (T, n) @ W^T -> (T, rows)`` in float32 without building ``W`` on the CPU (see module doc)."""
     x = x.to(torch.float32).contiguous()
-    if fast_path_available(packed.device):
+    device = packed.device
+    if fast_path_available(device) and kernel_verified("cpu_kernels.gemv", device, torch.float32, _compare_cpu_gemv):
         return load().gemv(x, packed.contiguous(), codebook.contiguous(), scales.contiguous(), rows, n, bits)
     return x @ reference_dequantize(packed, codebook, scales, rows, n, bits, torch.float32).T
 
@@ -139,9 +191,10 @@ def tiled_linear(
 ) -> torch.Tensor:
     """``x (T, n) @ W^T + bias -> (T, rows)`` in ``x``'s dtype (``bias`` empty: none), ``W`` dequantized tile by tile
     (see module doc); equal to ``F.linear(x, W, bias)``."""
-    if triton_available(packed.device):
+    device = packed.device
+    if triton_available(device) and kernel_verified("triton_kernels.linear", device, x.dtype, _compare_triton_linear):
         return triton_linear(x, packed, codebook, scales, bias, rows, n, bits)
-    if fast_path_available(packed.device):
+    if fast_path_available(device) and kernel_verified("cpu_kernels.linear", device, x.dtype, _compare_cpu_linear):
         return load().linear(x.contiguous(), packed.contiguous(), codebook.contiguous(), scales.contiguous(),
                              bias.contiguous(), rows, n, bits, LINEAR_TILE_ROWS[x.dtype])  # fmt: skip
     weight = reference_dequantize(packed, codebook, scales, rows, n, bits, x.dtype)

@@ -3,8 +3,6 @@ every bit width, granularity and dtype, ragged shapes, and the layer dispatch. S
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,18 +16,6 @@ from diffusers_otq.functional.triton_kernels import triton_available, triton_lin
 pytest.importorskip("triton")
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the output scale
-
-
-@pytest.fixture
-def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Triton's interpreter for CPU tensors (the kernel is jitted on first use, after the variable is set)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("DIFFUSERS_OTQ_NO_TRITON", raising=False)
-    triton_kernels._kernel.cache_clear()
-    triton_kernels._triton_importable.cache_clear()
-    yield
-    triton_kernels._kernel.cache_clear()
-    triton_kernels._triton_importable.cache_clear()
 
 
 def _kernel_args(q, out_features: int, in_features: int) -> tuple:  # noqa: ANN001 - a QuantizedTensor
