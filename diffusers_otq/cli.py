@@ -1,6 +1,6 @@
 """The ``diffusers-otq`` command: ``demo``, ``quantize`` and ``generate``.
 
-diffusers-otq demo                                   # bundled model, ot at 2/3/4 bits vs the paper's baselines
+diffusers-otq demo                                   # the bundled models: ours (data-free, calibrated) vs peers
 diffusers-otq quantize otq/fashion-mnist-unet out/ --bits 3
 diffusers-otq quantize otq/fashion-mnist-dit out/ --bits-per-weight 2.5 --calibrate   # calibrated, mixed precision
 diffusers-otq quantize otq/fashion-mnist-dit out/ --bits 2 --calibrate --refine-steps 300  # + refinement
@@ -12,7 +12,6 @@ diffusers-otq generate out/ --num-images 20 --class-labels 0 1 2 --output sample
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,8 +30,9 @@ from . import __version__
 from .calibration import CalibrationConfig, CalibrationStatistics, quantize_model, quantize_pipeline
 from .config import OTQConfig
 from .convert import LayerReport
-from .evaluation.classifier import reference_classifier
-from .evaluation.image_metrics import psnr, ssim
+from .evaluation.demo import DEMO_MODELS, DEMO_PEERS, DemoSettings, demo_model, demo_table, model_label
+from .evaluation.peers import PEER_FORMATS
+from .evaluation.plots import DemoPoint, plot_demo
 from .options import DEFAULT_METHOD, GRANULARITIES, METHODS
 from .pipeline import FlowMatchPipeline
 from .reference import reference_models, resolve_reference
@@ -40,7 +41,6 @@ from .reference import reference_models, resolve_reference
 logger = logging.getLogger("diffusers_otq.cli")
 
 DEFAULT_MODEL = "otq/fashion-mnist-unet"
-PAPER_BASELINES = ("ot-equal-mass", "uniform", "piecewise", "log2")
 
 
 class CLIError(Exception):
@@ -63,10 +63,6 @@ def _writable_dir(path: Path) -> Path:
     return path
 
 
-def _state_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
-
 def _folder_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*.safetensors"))
 
@@ -80,16 +76,10 @@ def _grid(rows: list[tuple[str, list[Image.Image]]], scale: int = 3) -> Image.Im
     draw = ImageDraw.Draw(grid)
     for r, (label, images) in enumerate(rows):
         y = r * (cell_h + pad)
-        draw.text((4, y + cell_h // 2 - 6), label, fill="black")
+        draw.text((4, y + cell_h // 2 - 6 * (label.count("\n") + 1)), label, fill="black")
         for c, image in enumerate(images):
             grid.paste(image.convert("RGB").resize((cell_w, cell_h), Image.NEAREST), (label_w + c * (cell_w + pad), y))
     return grid
-
-
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _load_pipeline(source: str, **kwargs: Any) -> FlowMatchPipeline:
@@ -104,84 +94,110 @@ def _load_pipeline(source: str, **kwargs: Any) -> FlowMatchPipeline:
 # ---------------------------------------------------------------------------------------------------- demo
 
 
-def _demo_labels(pipe: FlowMatchPipeline, count: int) -> list[int] | None:
-    classes = pipe.num_classes
-    return [i % classes for i in range(count)] if classes else None
+def _demo_settings(args: argparse.Namespace) -> DemoSettings:
+    base = DemoSettings.full() if args.full else DemoSettings()
+    chosen = {
+        "num_images": args.num_images,
+        "steps": args.steps,
+        "refine_steps": args.refine_steps,
+        "calibration_samples": args.calibration_samples,
+        "budgets": None if args.budgets is None else tuple(args.budgets),
+        "peers": None if args.peers is None else tuple(args.peers),
+        "seed": args.seed,
+    }
+    for name in ("num_images", "steps", "calibration_samples"):
+        if chosen[name] is not None and chosen[name] < 1:
+            raise CLIError(f"--{name.replace('_', '-')} {chosen[name]} must be >= 1.")
+    if chosen["refine_steps"] is not None and chosen["refine_steps"] < 0:
+        raise CLIError(f"--refine-steps {chosen['refine_steps']} must be >= 0.")
+    if any(b <= 0 or b > 16 for b in chosen["budgets"] or ()):
+        raise CLIError(f"--budgets {list(chosen['budgets'])} must be bits/weight in (0, 16], e.g. 2 2.5 3 4.")
+    unknown = sorted(set(chosen["peers"] or ()) - set(PEER_FORMATS))
+    if unknown:
+        raise CLIError(f"--peers {unknown} are not peer formats; choose from {sorted(PEER_FORMATS)}.")
+    return replace(base, **{k: v for k, v in chosen.items() if v is not None})
+
+
+def _to_pil(images: torch.Tensor, count: int) -> list[Image.Image]:
+    return FlowMatchPipeline.numpy_to_pil(images[:count].permute(0, 2, 3, 1).numpy())
 
 
 def run_demo(args: argparse.Namespace) -> str:
-    """Quantize the bundled model with ot and the paper's baselines, sample the same seeds, compare."""
+    """The bundled models quantized the recommended way, the data-free default and the peers; grid, plot, table."""
+    settings = _demo_settings(args)
+    for model in args.models:
+        try:
+            resolve_reference(model)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
     output = _writable_dir(Path(args.output))
-    pipe = _load_pipeline(args.model, dtype=torch.float32)
-    labels = _demo_labels(pipe, args.num_images)
-    classifier = reference_classifier(args.model)
-    float_transformer = pipe.transformer
-    call = {
-        "batch_size": args.num_images,
-        "class_labels": labels,
-        "guidance_scale": args.guidance_scale,
-        "num_inference_steps": args.steps,
-        "output_type": "pt",
-    }
-
-    def sample(transformer: torch.nn.Module) -> torch.Tensor:
-        variant = FlowMatchPipeline(transformer=transformer, scheduler=pipe.scheduler)
-        variant.set_progress_bar_config(disable=True)
-        return variant(generator=torch.Generator().manual_seed(args.seed), **call).images
-
-    def accuracy(images: torch.Tensor) -> str:
-        if classifier is None or labels is None:
-            return "n/a"
-        with torch.no_grad():
-            predicted = classifier(images * 2 - 1).argmax(dim=1)
-        return f"{(predicted == torch.tensor(labels)).float().mean().item():.0%}"
-
     start = time.perf_counter()
-    reference = sample(float_transformer)
-    float_bytes = _state_bytes(float_transformer)
-    rows = [("float32", "32.000", f"{float_bytes / 1e6:.2f}", "inf", "1.0000", accuracy(reference), "", "")]
-    grid_rows = [
-        ("float32", FlowMatchPipeline.numpy_to_pil(reference.permute(0, 2, 3, 1).numpy())[: args.grid_columns])
-    ]
-    for bits in args.bits:
-        for method in args.methods:
-            transformer = copy.deepcopy(float_transformer)
-            tic = time.perf_counter()
-            reports = quantize_model(transformer, OTQConfig(bits=bits, method=method), progress=False)
-            seconds = time.perf_counter() - tic
-            images = sample(transformer)
-            quantized = [m for m in transformer.modules() if hasattr(m, "quantized_weight")]
-            bpw = sum(m.nbytes for m in quantized) * 8 / sum(m.weight_shape.numel() for m in quantized)
-            name = f"{method} {bits}-bit"
-            rows.append(
-                (
-                    name,
-                    f"{bpw:.3f}",
-                    f"{_state_bytes(transformer) / 1e6:.2f}",
-                    f"{psnr(images, reference).mean().item():.2f}",
-                    f"{ssim(images, reference).mean().item():.4f}",
-                    accuracy(images),
-                    f"{_mean_w2(reports):.2e}",
-                    f"{seconds:.1f}",
-                )
+    rows, records, panels = [], {}, {}
+    for model in args.models:
+        model_rows, records[model] = demo_model(model, settings, cache=output / "cache")
+        rows += model_rows
+        name = model_label(model)
+        grid = [
+            (f"{r.variant}\n{r.bits_per_weight:.2f} b/w", _to_pil(r.images, args.grid_columns)) for r in model_rows
+        ]
+        _grid(grid).save(output / f"demo_grid_{name}.png")
+        panels[name] = [
+            DemoPoint(
+                series={
+                    "data-free": "OTQ data-free (ot-vp, per channel)",
+                    "best": "OTQ calibrated + budget + refined",
+                }.get(r.kind, r.variant.split()[0]),
+                label=r.variant.split(" ", 1)[-1] if r.kind == "peer" else "",
+                bits_per_weight=r.bits_per_weight,
+                psnr=r.psnr,
+                line=r.kind in ("data-free", "best"),
             )
-            grid_rows.append(
-                (name, FlowMatchPipeline.numpy_to_pil(images.permute(0, 2, 3, 1).numpy())[: args.grid_columns])
-            )
-            logger.info("%s: done", name)
-    header = ("variant", "bits/weight", "transformer MB", "PSNR dB", "SSIM", "class acc.", "mean W2", "quantize s")
-    table = _markdown_table(header, rows)
-    grid_path = output / "demo_grid.png"
-    _grid(grid_rows).save(grid_path)
+            for r in model_rows
+            if r.kind != "float"
+        ]
+    seconds = time.perf_counter() - start
+    plotted = plot_demo(panels, output / "demo_rd.png")
+    notes = _demo_notes(settings, records, seconds, args.full)
+    table = demo_table(rows)
+    images = [f"demo_grid_{model_label(m)}.png" for m in args.models] + (["demo_rd.png"] if plotted else [])
     (output / "demo_table.md").write_text(
-        f"# diffusers-otq demo\n\nModel `{args.model}`, {args.num_images} samples, {args.steps} Euler steps, "
-        f"guidance {args.guidance_scale}, seed {args.seed}. PSNR/SSIM against the float32 model's samples from the "
-        f"same noise; class accuracy by the bundled classifier.\n\n{table}\n"
+        "# diffusers-otq demo\n\n"
+        + "\n".join(notes)
+        + f"\n\n{table}\n\n"
+        + "\n".join(f"![{i}]({i})" for i in images)
+        + "\n"
     )
-    return (
-        f"{table}\n\nSamples: {args.num_images} from the same noise per variant (seed {args.seed}), {args.steps} steps; "
-        f"PSNR/SSIM vs the float32 samples. Grid: {grid_path}. Took {time.perf_counter() - start:.0f} s."
-    )
+    return f"{table}\n\n" + "\n".join(notes) + f"\n\nWrote {', '.join(images)} and demo_table.md to {output}."
+
+
+def _demo_notes(settings: DemoSettings, records: dict[str, dict], seconds: float, full: bool) -> list[str]:
+    s = settings
+    lines = [
+        f"{s.num_images} samples per variant from the same noise (seed {s.seed}), {s.steps} Euler steps, guidance "
+        f"{s.guidance_scale:g}; PSNR/SSIM against the float32 samples; class agreement = samples the bundled "
+        "classifier puts in the class of the float32 sample from the same noise; class acc. = against the labels.",
+        f"**OTQ B b/w** = calibrated on {s.calibration_samples} of the model's own samples, per-layer bits under the "
+        f"budget B (every stored bit counted), refined {s.refine_steps} steps on {s.refine_samples} trajectories. "
+        "Peers: their own formats on the same Linear/Conv2d weights; weights a format cannot store count at 16 bits.",
+    ]
+    shortened = s.shortened()
+    if shortened and not full:
+        lines.append(f"Shortened for a quick run: {'; '.join(shortened)}. `diffusers-otq demo --full` runs it all.")
+    for model, record in records.items():
+        parts = [
+            f"{key.removesuffix('_s')} {record[key]:.0f} s"
+            for key in ("calibrate_s", "teacher_s", "candidates_s")
+            if key in record
+        ]
+        if parts:
+            lines.append(f"{model_label(model)}: shared one-off work (not in quantize s): {', '.join(parts)}.")
+        if record.get("peers_missing"):
+            missing = " ".join(record["peers_missing"])
+            lines.append(
+                f"Peers not installed, left out: {missing} (`pip install {missing}` or `diffusers-otq[demo]`)."
+            )
+    lines.append(f"Took {seconds:.0f} s with {torch.get_num_threads()} torch threads.")
+    return lines
 
 
 def _mean_w2(reports: list[LayerReport]) -> float:
@@ -467,18 +483,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="quantize a bundled model with ot and the paper's baselines; grid + table")
-    demo.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"bundled name or pipeline folder (default {DEFAULT_MODEL})"
+    demo = sub.add_parser(
+        "demo",
+        help="the bundled models: float, data-free, calibrated + budget + refined, and the peers; grid, plot, table",
     )
-    demo.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    demo.add_argument("--methods", nargs="+", default=["ot", "ot-vp", *PAPER_BASELINES], choices=METHODS)
-    demo.add_argument("--num-images", type=int, default=20)
-    demo.add_argument("--grid-columns", type=int, default=10)
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--guidance-scale", type=float, default=2.0)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--output", default="otq-demo", help="folder for demo_grid.png and demo_table.md")
+    demo.add_argument("--models", nargs="+", default=list(DEMO_MODELS), help="bundled names or pipeline folders")
+    demo.add_argument("--full", action="store_true", help="the complete version (more samples, 300 refinement steps)")
+    demo.add_argument("--budgets", type=float, nargs="+", default=None, help="bits/weight budgets (default 2 2.5 3 4)")
+    demo.add_argument("--refine-steps", type=int, default=None, help="refinement steps per budget")
+    demo.add_argument("--calibration-samples", type=int, default=None, help="samples of the calibration run")
+    demo.add_argument("--peers", nargs="*", default=None, help=f"peer formats (default {' '.join(DEMO_PEERS)})")
+    demo.add_argument("--num-images", type=int, default=None)
+    demo.add_argument("--grid-columns", type=int, default=8)
+    demo.add_argument("--steps", type=int, default=None)
+    demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument("--output", default="otq-demo", help="folder for the grids, demo_rd.png and demo_table.md")
     demo.set_defaults(run=run_demo)
 
     quantize = sub.add_parser("quantize", help="quantize a diffusers model or pipeline folder and save it")

@@ -34,16 +34,29 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "tiny"
 
 
-def test_demo_writes_grid_and_table(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = ["demo", "--model", str(bundle), "--bits", "2", "3", "--methods", "ot", "uniform", "--num-images", "4"]
-    assert main([*args, "--steps", "2", "--output", str(tmp_path)]) == 0
+def test_demo_writes_grids_plot_and_table(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["demo", "--models", str(bundle), "--budgets", "2.5", "3", "--refine-steps", "2", "--peers", "hqq-3"]
+    args += ["--calibration-samples", "4", "--num-images", "4", "--steps", "2", "--output", str(tmp_path)]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    for variant in ("float32", "ot 2-bit", "uniform 2-bit", "ot 3-bit", "uniform 3-bit"):
-        assert f"| {variant} |" in out
-    assert "class acc." in out and "%" in out.split("| ot 3-bit |")[1].splitlines()[0]
-    grid = Image.open(tmp_path / "demo_grid.png")
-    assert grid.height >= 5 * 8 * 3  # five rows of 8x8 images scaled 3x
-    assert "| ot 2-bit |" in (tmp_path / "demo_table.md").read_text()
+    rows = {line.split(" | ")[1].strip("* "): line for line in out.splitlines() if line.startswith("| tiny |")}
+    expected = ["float32", "data-free ot-vp 2-bit", "data-free ot-vp 3-bit", "data-free ot-vp 4-bit", "OTQ 2.5 b/w",
+                "OTQ 3 b/w", "HQQ 3-bit g64"]  # fmt: skip
+    assert list(rows) == expected
+    for budget in ("2.5", "3"):  # the budget is met, every stored bit counted
+        assert float(rows[f"OTQ {budget} b/w"].split(" | ")[2]) <= float(budget)
+    assert "%" in rows["OTQ 3 b/w"]  # class agreement and accuracy from the bundled classifier
+    assert "Shortened for a quick run: compared samples 4 (full: 64)" in out
+    table = (tmp_path / "demo_table.md").read_text()
+    assert "| tiny | **OTQ 2.5 b/w** |" in table and "![demo_rd.png](demo_rd.png)" in table
+    grid = Image.open(tmp_path / "demo_grid_tiny.png")
+    assert grid.height >= 7 * 8 * 3  # seven rows of 8x8 images scaled 3x
+    assert Image.open(tmp_path / "demo_rd.png").width > 400
+    cached = list((tmp_path / "cache").glob("*-statistics.safetensors"))
+    assert len(cached) == 1  # a second run reuses the calibration statistics
+    before = cached[0].stat().st_mtime_ns
+    assert main([*args[:-2], "--peers", "--output", str(tmp_path)]) == 0
+    assert cached[0].stat().st_mtime_ns == before
 
 
 def test_quantize_pipeline_and_reload(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -132,9 +145,12 @@ def test_generate_writes_pngs(bundle: Path, tmp_path: Path) -> None:
     "argv,message",
     [
         (
-            ["demo", "--model", "otq/does-not-exist"],
+            ["demo", "--models", "otq/does-not-exist"],
             r"'otq/does-not-exist' is not a bundled reference pipeline; available",
         ),
+        (["demo", "--peers", "hqq-7"], r"--peers \['hqq-7'\] are not peer formats; choose from"),
+        (["demo", "--budgets", "0"], r"--budgets \[0.0\] must be bits/weight in \(0, 16\]"),
+        (["demo", "--num-images", "0"], r"--num-images 0 must be >= 1"),
         (["generate", "{bundle}", "--class-labels", "12", "--steps", "2"], r"class_labels \[12\] are out of range"),
         (["generate", "{bundle}", "--steps", "0"], r"--steps 0 must be >= 1"),
         (["generate", "{bundle}", "--class-labels", "-1"], r"--class-labels \[-1\] must be class indices >= 0"),

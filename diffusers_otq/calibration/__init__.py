@@ -8,7 +8,7 @@ the quantized layers against the full-precision model's velocity, codes frozen. 
 (``moments``, ``error_feedback``, ``allocation``); everything produces the ordinary packed format.
 """
 
-from .allocation import BitsPlan, LayerChoice, plan_bits
+from .allocation import BitsPlan, CandidateTable, LayerChoice, measure_candidates, plan_bits
 from .api import calibrate, quantize_model, quantize_pipeline
 from .config import CalibrationConfig, CalibrationError
 from .probes import ProbeInputs
@@ -19,6 +19,7 @@ from .statistics import CalibrationStatistics, LayerStatistics
 __all__ = [
     "BitsPlan",
     "CalibrationConfig",
+    "CandidateTable",
     "CalibrationError",
     "CalibrationStatistics",
     "LayerChoice",
@@ -27,6 +28,7 @@ __all__ = [
     "RefineReport",
     "TeacherCalls",
     "calibrate",
+    "measure_candidates",
     "plan_bits",
     "quantize_model",
     "quantize_pipeline",

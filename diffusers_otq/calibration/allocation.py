@@ -41,7 +41,7 @@ from .probes import eval_mode, model_output, velocity_error
 from .statistics import CalibrationStatistics, LayerStatistics
 
 
-__all__ = ["BitsPlan", "LayerChoice", "candidate_specs", "plan_bits"]
+__all__ = ["BitsPlan", "CandidateTable", "LayerChoice", "candidate_specs", "measure_candidates", "plan_bits"]
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +221,90 @@ class _ErrorMeter:
         return max(0.0, self._energy(delta)) / self.reference if self.reference > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class CandidateTable:
+    """Every candidate setting of every layer with its exact size and predicted distortion: what a bits budget is
+    allocated from. Measuring it is the expensive part (each candidate is fitted once); :meth:`allocate` then
+    solves the knapsack for any budget in milliseconds, so one table serves many budgets.
+
+    Attributes:
+        layers: the planned layers, in model order.
+        options: per layer, its candidate :class:`~diffusers_otq.LayerSpec` settings.
+        sizes: per layer and candidate, the stored bytes (codes, codebooks, scales, low-rank factors).
+        errors: per layer and candidate, the relative output error ``e_l(s)``.
+        distortions: per layer and candidate, ``a_l e_l(s)`` (the quantity the knapsack minimises).
+        fixed: per layer, whether the user's ``module_overrides`` pin it (one candidate).
+        sensitivity: ``"velocity"``, ``"output"`` (calibration statistics) or ``"weights"`` (data-free).
+    """
+
+    layers: tuple[PlannedLayer, ...]
+    options: tuple[tuple[LayerSpec, ...], ...]
+    sizes: tuple[tuple[int, ...], ...]
+    errors: tuple[tuple[float, ...], ...]
+    distortions: tuple[tuple[float, ...], ...]
+    fixed: tuple[bool, ...]
+    sensitivity: str
+
+    @property
+    def numel(self) -> int:
+        """Weights of the allocated layers."""
+        return sum(layer.module.weight.numel() for layer in self.layers)
+
+    def allocate(self, bits_per_weight: float) -> BitsPlan:
+        """The settings with the least summed distortion whose stored bytes fit ``bits_per_weight``.
+
+        Raises:
+            ValueError: the budget is below what the cheapest settings reach (the message names the minimum).
+        """
+        numel = self.numel
+        budget_bytes = int(bits_per_weight * numel / 8)
+        floor = sum(min(s) for s in self.sizes)
+        if budget_bytes < floor:
+            raise ValueError(
+                f"bits_per_weight={bits_per_weight} is below what this model can reach: the cheapest setting of "
+                f"every layer (1-bit codes plus their codebooks, or 2-bit codes and scales) takes "
+                f"{floor * 8 / numel:.3f} bits/weight over its {numel:,} quantized weights. Raise bits_per_weight to "
+                f"at least {math.ceil(floor * 800 / numel) / 100:.2f}, or keep small layers in float "
+                "(modules_to_not_convert)."
+            )
+        solution = allocate([list(s) for s in self.sizes], [list(d) for d in self.distortions], budget_bytes)
+        choices = tuple(
+            LayerChoice(
+                name=layer.name,
+                spec=specs[i],
+                numel=layer.module.weight.numel(),
+                nbytes=size[i],
+                relative_error=errs[i],
+                distortion=dist[i],
+                fixed=pinned,
+            )
+            for layer, specs, size, errs, dist, pinned, i in zip(
+                self.layers, self.options, self.sizes, self.errors, self.distortions, self.fixed, solution.choices,
+                strict=True,
+            )
+        )  # fmt: skip
+        result = BitsPlan(bits_per_weight, choices, self.sensitivity)
+        logger.info("OTQ bits plan:\n%s", result.table())
+        return result
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a table measured on another model (its layers by name and shape).
+
+        Raises:
+            ValueError: a layer of the table is missing from ``model`` or has another weight shape.
+        """
+        modules = dict(model.named_modules())
+        for layer in self.layers:
+            module = modules.get(layer.name)
+            weight = getattr(module, "weight", None)
+            if weight is None or tuple(weight.shape) != tuple(layer.module.weight.shape):
+                raise ValueError(
+                    f"the candidate table was measured on another model: its layer {layer.name!r} "
+                    f"{tuple(layer.module.weight.shape)} is {'missing' if weight is None else tuple(weight.shape)} "
+                    f"in {type(model).__name__}. Measure the candidates of this model (measure_candidates)."
+                )
+
+
 def plan_bits(
     model: nn.Module,
     config: OTQConfig,
@@ -230,6 +314,9 @@ def plan_bits(
     progress: bool = True,
 ) -> BitsPlan:
     """Choose per-layer settings that meet ``config.bits_per_weight`` with the least predicted distortion.
+
+    ``measure_candidates(...).allocate(config.bits_per_weight)``; measure once and allocate several budgets when
+    you need more than one.
 
     Args:
         model: the float model (its selected Linear/Conv2d layers are read, not changed).
@@ -248,17 +335,47 @@ def plan_bits(
     """
     if config.bits_per_weight is None:
         raise ValueError("plan_bits needs OTQConfig(bits_per_weight=...), e.g. bits_per_weight=2.5.")
+    return measure_candidates(model, config, statistics, calibration, progress=progress).allocate(
+        config.bits_per_weight
+    )
+
+
+def measure_candidates(
+    model: nn.Module,
+    config: OTQConfig,
+    statistics: CalibrationStatistics | None = None,
+    calibration: CalibrationConfig | None = None,
+    *,
+    progress: bool = True,
+) -> CandidateTable:
+    """Fit every candidate setting of every layer ``config`` selects once and measure its error (module doc).
+
+    Args:
+        model: the float model (read, not changed).
+        config: its method, codebook dtype and scope apply to every candidate, ``group_size`` (default 64) to the
+            group candidates; layers its ``module_overrides`` match keep those settings. ``bits_per_weight`` is
+            not read.
+        statistics: calibration statistics (output errors); None: data-free (relative weight errors).
+        calibration: damping and sensitivity settings (defaults when None).
+        progress: show a progress bar over the layers.
+
+    Returns:
+        The :class:`CandidateTable`; ``table.allocate(budget)`` gives the :class:`BitsPlan` of any budget.
+
+    Raises:
+        ValueError: the config selects no layer.
+    """
     with eval_mode(model), torch.no_grad():
-        return _plan_bits(model, config, statistics, calibration or CalibrationConfig(), progress)
+        return _measure_candidates(model, config, statistics, calibration or CalibrationConfig(), progress)
 
 
-def _plan_bits(
+def _measure_candidates(
     model: nn.Module,
     config: OTQConfig,
     statistics: CalibrationStatistics | None,
     calibration: CalibrationConfig,
     progress: bool,
-) -> BitsPlan:
+) -> CandidateTable:
     skip = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     unresolved = OTQConfig.from_dict({**config.to_dict(), "bits_per_weight": None})
     plan = _unique(plan_layers(model, partial(unresolved.layer_spec, skip=skip), warn=False))
@@ -269,10 +386,10 @@ def _plan_bits(
     use_velocity = calibration.sensitivity == "velocity" and probes is not None and len(probes) > 0
     reference = [model_output(model, a, k).detach() for a, k in probes.calls] if use_velocity else None
 
-    sizes: list[list[int]] = []
-    errors: list[list[float]] = []
-    options: list[list[LayerSpec]] = []
-    factors: list[float] = []
+    sizes: list[tuple[int, ...]] = []
+    errors: list[tuple[float, ...]] = []
+    options: list[tuple[LayerSpec, ...]] = []
+    distortions: list[tuple[float, ...]] = []
     fixed: list[bool] = []
     overrides = list(config.module_overrides or {})
     for layer in tqdm(plan, desc="OTQ sensitivity", unit="layer", disable=not progress):
@@ -302,42 +419,15 @@ def _plan_bits(
             )
             if probe is not None:
                 factor = _velocity_factor(model, layer, fits[probe], layer_errors[probe], probes, reference)
-        options.append(specs)
-        sizes.append(layer_sizes)
-        errors.append(layer_errors)
-        factors.append(factor)
+        options.append(tuple(specs))
+        sizes.append(tuple(layer_sizes))
+        errors.append(tuple(layer_errors))
+        distortions.append(tuple(factor * e for e in layer_errors))
         fixed.append(pinned)
-
-    numel = sum(layer.module.weight.numel() for layer in plan)
-    budget_bytes = int(config.bits_per_weight * numel / 8)
-    floor = sum(min(s) for s in sizes)
-    if budget_bytes < floor:
-        raise ValueError(
-            f"bits_per_weight={config.bits_per_weight} is below what this model can reach: the cheapest setting of "
-            f"every layer (1-bit codes plus their codebooks, or 2-bit codes and scales) takes {floor * 8 / numel:.3f} "
-            f"bits/weight over its {numel:,} quantized weights. Raise bits_per_weight to at least "
-            f"{math.ceil(floor * 800 / numel) / 100:.2f}, or keep small layers in float (modules_to_not_convert)."
-        )
-    distortions = [[f * e for e in errs] for f, errs in zip(factors, errors, strict=True)]
-    solution = allocate(sizes, distortions, budget_bytes)
-    choices = tuple(
-        LayerChoice(
-            name=layer.name,
-            spec=specs[i],
-            numel=layer.module.weight.numel(),
-            nbytes=size[i],
-            relative_error=errs[i],
-            distortion=dist[i],
-            fixed=pinned,
-        )
-        for layer, specs, size, errs, dist, pinned, i in zip(
-            plan, options, sizes, errors, distortions, fixed, solution.choices, strict=True
-        )
-    )
     sensitivity = "velocity" if use_velocity else "output" if statistics is not None else "weights"
-    result = BitsPlan(config.bits_per_weight, choices, sensitivity)
-    logger.info("OTQ bits plan:\n%s", result.table())
-    return result
+    return CandidateTable(
+        tuple(plan), tuple(options), tuple(sizes), tuple(errors), tuple(distortions), tuple(fixed), sensitivity
+    )
 
 
 def _unique(plan: Sequence[PlannedLayer]) -> list[PlannedLayer]:

@@ -17,7 +17,7 @@ from torch import nn
 from ..api import quantize_model as _convert_model
 from ..config import OTQConfig
 from ..convert import LayerReport
-from .allocation import plan_bits
+from .allocation import CandidateTable, plan_bits
 from .config import CalibrationConfig
 from .fit import calibrated_quantizer
 from .refine import RefineReport, TeacherCalls, refine_model, require_teacher
@@ -49,6 +49,7 @@ def quantize_model(
     statistics: CalibrationStatistics | None = None,
     calibration: CalibrationConfig | None = None,
     teacher: TeacherCalls | None = None,
+    candidates: CandidateTable | None = None,
     progress: bool = True,
     compute_metrics: bool = True,
     **config_kwargs: Any,
@@ -70,6 +71,9 @@ def quantize_model(
             when None.
         teacher: the full-precision model's recorded calls and outputs, needed by ``calibration.refine_steps``
             (:func:`quantize_pipeline` records it; or ``TeacherCalls.record(float_model, calls)``).
+        candidates: the candidate settings of this model measured before
+            (:func:`~diffusers_otq.calibration.measure_candidates` with the same statistics): a bits budget is then
+            allocated from them without fitting every candidate again (several budgets, one measurement).
         progress: show progress bars.
         compute_metrics: measure relative MSE and W2 per layer for the reports and log.
 
@@ -78,7 +82,8 @@ def quantize_model(
 
     Raises:
         TypeError: ``config`` is not an OTQConfig, or both ``config`` and keywords were given.
-        ValueError: invalid options; the model is already quantized; a bits budget below what the model can reach.
+        ValueError: invalid options; the model is already quantized; a bits budget below what the model can reach;
+            ``candidates`` measured on another model, or with statistics where none are given (or the reverse).
 
     Example:
         >>> import torch, diffusers_otq
@@ -95,7 +100,11 @@ def quantize_model(
     if statistics is not None:
         provenance["calibration"] = {**statistics.info, **_fit_record(calibration, statistics)}
     if config.bits_per_weight is not None:
-        plan = plan_bits(model, config, statistics, calibration, progress=progress)
+        if candidates is None:
+            plan = plan_bits(model, config, statistics, calibration, progress=progress)
+        else:
+            _check_candidates(candidates, model, statistics)
+            plan = candidates.allocate(config.bits_per_weight)
         config = plan.resolved_config(config, provenance)
     elif provenance:
         config = OTQConfig.from_dict({**config.to_dict(), "provenance": provenance})
@@ -108,6 +117,17 @@ def quantize_model(
         _record_refinement(model, report, calibration)
     logger.info("Quantized %s in %.1f s", type(model).__name__, time.perf_counter() - started)
     return reports
+
+
+def _check_candidates(candidates: CandidateTable, model: nn.Module, statistics: CalibrationStatistics | None) -> None:
+    candidates.check_model(model)
+    if (candidates.sensitivity == "weights") != (statistics is None):
+        measured = "without statistics" if candidates.sensitivity == "weights" else "with calibration statistics"
+        given = "none are given" if statistics is None else "statistics are given"
+        raise ValueError(
+            f"the candidates were measured {measured}, but {given} now; measure them with the statistics this "
+            "call quantizes with (measure_candidates(model, config, statistics))."
+        )
 
 
 def _record_refinement(model: nn.Module, report: RefineReport, calibration: CalibrationConfig) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..functional.moments import ConvGeometry, NonFiniteInput, accumulate_moments, gram_block_sizes
 from ..functional.rotation import rotate_channel_gram, rotate_channel_vector
-from .config import CalibrationError
+from .config import CalibrationConfig, CalibrationError
 from .probes import ProbeInputs
 
 
@@ -224,6 +224,22 @@ class CalibrationStatistics(Mapping[str, LayerStatistics]):
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._layers.values())
+
+    SAMPLING_FIELDS: tuple[str, ...] = (
+        "num_samples",
+        "batch_size",
+        "num_inference_steps",
+        "guidance_scale",
+        "seed",
+        "gram",
+    )
+    """The :meth:`CalibrationConfig.describe` fields that decide what the statistics hold (the fit settings do not)."""
+
+    def collected_with(self, calibration: CalibrationConfig) -> bool:
+        """Whether these statistics were sampled with the settings of ``calibration`` (:data:`SAMPLING_FIELDS`),
+        so a saved copy can stand in for a new collection."""
+        wanted = calibration.describe()
+        return all(self.info.get(name) == wanted[name] for name in self.SAMPLING_FIELDS)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write every accumulator to one safetensors file (JSON header with the layout and ``info``)."""

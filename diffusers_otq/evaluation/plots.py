@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from diffusers_otq.evaluation.rows import (
     FAMILY_ORDER,
@@ -30,7 +30,15 @@ from diffusers_otq.evaluation.rows import (
 )
 
 
-__all__ = ["HEATMAP_BITS", "plot_rate_distortion", "plot_steps", "plot_w2_heatmap", "w2_matrix"]
+__all__ = [
+    "HEATMAP_BITS",
+    "DemoPoint",
+    "plot_demo",
+    "plot_rate_distortion",
+    "plot_steps",
+    "plot_w2_heatmap",
+    "w2_matrix",
+]
 
 HEATMAP_BITS = 3
 
@@ -113,6 +121,63 @@ def plot_rate_distortion(
     axes.set(xlabel="Effective bits/weight", ylabel=metric.label, title=title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the low-bit end is crowded
+    _save(figure, path)
+    return True
+
+
+class DemoPoint(NamedTuple):
+    """One variant of the demo's rate-distortion plot: ``series`` groups points into a line (ours) or a marker
+    series (a peer library); ``label`` annotates peer points."""
+
+    series: str
+    label: str
+    bits_per_weight: float
+    psnr: float
+    line: bool
+
+
+def plot_demo(panels: dict[str, Sequence[DemoPoint]], path: Path) -> bool:
+    """Sample PSNR against bits/weight, one panel per model: lines for our series, open markers per peer library.
+
+    Args:
+        panels: model name -> its points (the float model is left out: its PSNR is infinite).
+        path: the PNG to write.
+
+    Returns:
+        Whether the PNG was written (``False`` without any finite point).
+    """
+    import matplotlib
+
+    panels = {name: [p for p in points if math.isfinite(p.psnr)] for name, points in panels.items()}
+    panels = {name: points for name, points in panels.items() if points}
+    if not panels:
+        return False
+    figure = _new_figure(5.2 * len(panels) + 1.6, 4.2)
+    colours = matplotlib.colormaps["tab10"]
+    series_names = list(dict.fromkeys(p.series for points in panels.values() for p in points))
+    for index, (name, points) in enumerate(panels.items()):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        for number, series in enumerate(series_names):
+            chosen = sorted((p for p in points if p.series == series), key=lambda p: p.bits_per_weight)
+            if not chosen:
+                continue
+            xs, ys = [p.bits_per_weight for p in chosen], [p.psnr for p in chosen]
+            if chosen[0].line:
+                axes.plot(xs, ys, marker="o", color=colours(number % 10), label=series, linewidth=2)
+            else:
+                marker = "sDv^<>pP*X"[number % 10]
+                axes.plot(xs, ys, linestyle="none", marker=marker, fillstyle="none", color="black", label=series)
+                for p in chosen:
+                    axes.annotate(p.label, (p.bits_per_weight, p.psnr), xytext=(3, 3), textcoords="offset points",
+                                  fontsize=6)  # fmt: skip
+        axes.set(xlabel="bits/weight (every stored bit)", ylabel="sample PSNR vs float32 (dB)", title=name)
+        axes.grid(alpha=0.3)
+    handles, labels = figure.axes[-1].get_legend_handles_labels()
+    seen = dict(zip(labels, handles, strict=True))
+    for axes in figure.axes[:-1]:
+        for handle, label in zip(*axes.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    figure.axes[-1].legend(seen.values(), seen.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(figure, path)
     return True
 

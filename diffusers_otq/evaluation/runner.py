@@ -51,10 +51,9 @@ logger = logging.getLogger(__name__)
 _SEED_STRIDE = 1_000_003
 _NEEDS_SAMPLES = ("samples", "fid")
 CALIBRATION_NAME = "calibration.safetensors"
+
+
 # CalibrationConfig.describe() fields that shape the statistics: a cached file with other values is recomputed
-_CALIBRATION_FIELDS = ("num_samples", "batch_size", "num_inference_steps", "guidance_scale", "seed", "gram")
-
-
 def slug(model: str) -> str:
     """File-system name of a model: ``otq/fashion-mnist-unet`` -> ``otq-fashion-mnist-unet``."""
     return model.replace("/", "-").replace("\\", "-").strip("-.")
@@ -218,7 +217,7 @@ class Evaluator:
         calibration = self.config.calibration_config()
         path = self.calibration_path(model)
         statistics = CalibrationStatistics.load(path) if path.is_file() else None
-        if statistics is not None and not _same_settings(statistics, calibration):
+        if statistics is not None and not statistics.collected_with(calibration):
             logger.warning("%s was collected with other calibration settings; collecting it again", path)
             statistics = None
         if statistics is None:
@@ -466,12 +465,6 @@ class Evaluator:
             result["velocity_ssim"] = ssim(velocity, reference["velocity"], padding="zero").mean().item()
             result.update(feature_agreement(reference["latent"], latent))
         return result
-
-
-def _same_settings(statistics: CalibrationStatistics, calibration: CalibrationConfig) -> bool:
-    """Whether ``statistics`` were collected with the sampling settings of ``calibration``."""
-    wanted = calibration.describe()
-    return all(statistics.info.get(name) == wanted[name] for name in _CALIBRATION_FIELDS)
 
 
 def _failed_rows(base: dict, pending: list[tuple[str, int]], status: str, error: str) -> list[dict]:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import CalibrationConfig, CalibrationStatistics, TeacherCalls
+from ..calibration import CalibrationConfig, CalibrationStatistics, CandidateTable, TeacherCalls
 from ..config import OTQConfig
 from ..convert import plan_layers
 from ..functional.fitters import METHODS
@@ -53,6 +53,7 @@ __all__ = [
     "CalibratedFit",
     "Variant",
     "family_of",
+    "otq_config",
     "quantize_variant",
 ]
 
@@ -195,7 +196,7 @@ def _summary(layers: list[dict], stored_bits: float, quantized_numel: int, float
     }
 
 
-def _otq_config(variant: Variant) -> OTQConfig:
+def otq_config(variant: Variant) -> OTQConfig:
     """The ``OTQConfig`` of a deploy-scope variant of ours.
 
     A mixed variant gets ``bits_per_weight`` and a group base granularity: that only carries ``group_size`` into
@@ -249,6 +250,7 @@ def _deploy_ours(
     statistics: CalibrationStatistics | None,
     calibration: CalibrationConfig | None,
     teacher: TeacherCalls | None = None,
+    candidates: CandidateTable | None = None,
 ) -> dict:
     from ..api import quantize_model as quantize_data_free
     from ..calibration import quantize_model
@@ -261,15 +263,15 @@ def _deploy_ours(
         )
     originals = _layer_weights(model)
     float_numel = _float_numel(model) - sum(w.numel() for w in originals.values())
-    config = _otq_config(variant)
+    config = otq_config(variant)
     start = time.perf_counter()
     if variant.calibrated or variant.mixed:
         fit = replace(calibration or CalibrationConfig(), progress=False)
         if variant.calibrated:
             fit = CALIBRATED[variant.method].calibration(fit)
         statistics = statistics if variant.calibrated else None  # a data-free budget allocates without them
-        quantize_model(model, config, statistics=statistics, calibration=fit, teacher=teacher, progress=False,
-                       compute_metrics=False)  # fmt: skip
+        quantize_model(model, config, statistics=statistics, calibration=fit, teacher=teacher, candidates=candidates,
+                       progress=False, compute_metrics=False)  # fmt: skip
     else:
         quantize_data_free(model, config, progress=False, compute_metrics=False)
     seconds = time.perf_counter() - start
@@ -365,6 +367,7 @@ def quantize_variant(
     statistics: CalibrationStatistics | None = None,
     calibration: CalibrationConfig | None = None,
     teacher: TeacherCalls | None = None,
+    candidates: CandidateTable | None = None,
 ) -> dict:
     """Turn the float ``model`` into ``variant`` in place; returns the ``weights`` metrics of the variant.
 
@@ -377,6 +380,8 @@ def quantize_variant(
         calibration: fit settings (damping, refit rounds, sensitivity) a calibrated variant's switches are
             applied to (:meth:`CalibratedFit.calibration`); defaults when None.
         teacher: the full-precision model's recorded calls and outputs, for refined variants (``ot-vp+ref``).
+        candidates: a mixed variant's candidate settings measured once for several budgets
+            (:func:`~diffusers_otq.calibration.measure_candidates` with :func:`otq_config` and the same statistics).
 
     Returns:
         ``bits_per_weight``, ``model_bytes``, ``quantize_s`` (the quantize call, bits allocation included),
@@ -394,4 +399,4 @@ def quantize_variant(
         return _deploy_peer(model, variant)
     if variant.scope == "paper":
         return _paper_scope(model, variant)
-    return _deploy_ours(model, variant, statistics, calibration, teacher)
+    return _deploy_ours(model, variant, statistics, calibration, teacher, candidates)

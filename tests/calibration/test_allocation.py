@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffusers_otq import CalibrationConfig, OTQConfig, calibrate, plan_bits, quantize_model
+from diffusers_otq.calibration import measure_candidates
 from diffusers_otq.calibration.allocation import candidate_specs
 from diffusers_otq.layers import OTQLayerMixin
 from diffusers_otq.options import LayerSpec
@@ -80,6 +81,34 @@ def test_budget_below_the_cheapest_plan_is_refused(calibrated) -> None:
         plan_bits(pipe.transformer, OTQConfig(bits_per_weight=0.5), stats, quick(), progress=False)
     with pytest.raises(ValueError, match="needs OTQConfig\\(bits_per_weight"):
         plan_bits(pipe.transformer, OTQConfig(bits=3), stats, quick(), progress=False)
+
+
+def test_one_candidate_table_serves_every_budget_with_the_same_plans_and_codes(calibrated) -> None:
+    pipe, stats = calibrated
+    table = measure_candidates(pipe.transformer, OTQConfig(bits=3), stats, quick(), progress=False)
+    for budget in (2.2, 3.5):
+        assert table.allocate(budget) == plan_bits(
+            pipe.transformer, OTQConfig(bits_per_weight=budget), stats, quick(), progress=False
+        )
+    models = []
+    for candidates in (None, table):
+        model = type(pipe.transformer).from_config(pipe.transformer.config)
+        model.load_state_dict(pipe.transformer.state_dict())
+        quantize_model(model, OTQConfig(bits_per_weight=2.5), statistics=stats, calibration=quick(),
+                       candidates=candidates, progress=False)  # fmt: skip
+        models.append(model.state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+def test_a_candidate_table_of_another_model_or_other_statistics_is_refused(calibrated) -> None:
+    pipe, stats = calibrated
+    data_free = measure_candidates(pipe.transformer, OTQConfig(bits=3), progress=False)
+    model = type(pipe.transformer).from_config(pipe.transformer.config)
+    with pytest.raises(ValueError, match="measured without statistics, but statistics are given"):
+        quantize_model(model, OTQConfig(bits_per_weight=3.0), statistics=stats, candidates=data_free, progress=False)
+    other = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="measured on another model: its layer .* is missing in Sequential"):
+        quantize_model(other, OTQConfig(bits_per_weight=3.0), candidates=data_free, progress=False)
 
 
 def test_candidates() -> None:
