@@ -30,7 +30,7 @@ from . import __version__
 from .calibration import CalibrationConfig, CalibrationStatistics, quantize_model, quantize_pipeline
 from .config import OTQConfig
 from .convert import LayerReport
-from .evaluation.demo import DEMO_MODELS, DEMO_PEERS, DemoSettings, demo_model, demo_table, model_label
+from .evaluation.demo import DEMO_MODELS, DEMO_PEERS, DemoSettings, demo_models, demo_table, model_label
 from .evaluation.peers import PEER_FORMATS
 from .evaluation.plots import DemoPoint, plot_demo
 from .options import DEFAULT_METHOD, GRANULARITIES, METHODS
@@ -130,11 +130,14 @@ def run_demo(args: argparse.Namespace) -> str:
             resolve_reference(model)
         except ValueError as err:
             raise CLIError(str(err)) from None
+    if args.jobs is not None and args.jobs < 1:
+        raise CLIError(f"--jobs {args.jobs} must be >= 1.")
     output = _writable_dir(Path(args.output))
     start = time.perf_counter()
     rows, records, panels = [], {}, {}
-    for model in args.models:
-        model_rows, records[model] = demo_model(model, settings, cache=output / "cache")
+    jobs = args.jobs if args.jobs is not None else min(len(args.models), os.cpu_count() or 1)
+    results = demo_models(args.models, settings, cache=output / "cache", jobs=jobs)
+    for model, (model_rows, records[model]) in zip(args.models, results, strict=True):
         rows += model_rows
         name = model_label(model)
         grid = [
@@ -196,7 +199,7 @@ def _demo_notes(settings: DemoSettings, records: dict[str, dict], seconds: float
             lines.append(
                 f"Peers not installed, left out: {missing} (`pip install {missing}` or `diffusers-otq[demo]`)."
             )
-    lines.append(f"Took {seconds:.0f} s with {torch.get_num_threads()} torch threads.")
+    lines.append(f"Took {seconds:.0f} s on {os.cpu_count()} CPU cores.")
     return lines
 
 
@@ -493,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--refine-steps", type=int, default=None, help="refinement steps per budget")
     demo.add_argument("--calibration-samples", type=int, default=None, help="samples of the calibration run")
     demo.add_argument("--peers", nargs="*", default=None, help=f"peer formats (default {' '.join(DEMO_PEERS)})")
+    demo.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="models quantized side by side, one process each (default: one per core)",
+    )
     demo.add_argument("--num-images", type=int, default=None)
     demo.add_argument("--grid-columns", type=int, default=8)
     demo.add_argument("--steps", type=int, default=None)

@@ -26,6 +26,7 @@ bias correction uses the whole approximation ``U V + Q``.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -79,6 +80,29 @@ def _row_scales(quantized: QuantizedTensor, rows: int, n: int) -> torch.Tensor |
     return scales[:, :, None].expand(rows, groups, n // groups).reshape(rows, n)
 
 
+_last_operators: tuple[weakref.ref, tuple, tuple[list, list]] | None = None
+"""The last layer's sweep factors and objective Grams: every candidate setting of a layer (the bits allocator fits
+a dozen) sweeps with the same ones, so they are computed once per layer (one entry: memory of one layer)."""
+
+
+def _sweep_operators(
+    stats: LayerStatistics, centered: bool, calibration: CalibrationConfig
+) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], list[list[torch.Tensor]]]:
+    """Per input group: the sweep's ``(order, U)`` factors of each Gram block (:func:`ordered_factors`), and the
+    objective's float32 Gram blocks ``H + weight_ridge * mean(diag H) I`` (the ridge keeps directions ``H`` never
+    excites from absorbing large weight changes)."""
+    global _last_operators
+    key = (centered, calibration.damping, calibration.act_order, calibration.weight_ridge)
+    last = _last_operators
+    if last is not None and last[0]() is stats and last[1] == key:
+        return last[2]
+    grams64 = [stats.gram_blocks(g, centered) for g in range(stats.groups)]
+    factors = [ordered_factors(g, calibration.damping, calibration.act_order) for g in grams64]
+    grams = [[ridge_gram(block, calibration.weight_ridge).to(torch.float32) for block in g] for g in grams64]
+    _last_operators = (weakref.ref(stats), key, (factors, grams))
+    return factors, grams
+
+
 def _error_feedback(
     weight: torch.Tensor,
     start: QuantizedTensor,
@@ -99,11 +123,7 @@ def _error_feedback(
     codebook = start.codebook.to(torch.float32)
     groups = stats.groups
     per_group = rows // groups
-    grams64 = [stats.gram_blocks(g, centered) for g in range(groups)]
-    factors = [ordered_factors(g, calibration.damping, calibration.act_order) for g in grams64]
-    # the objective of the error and the refit: tr(D (H + weight_ridge * mean(diag H) I) D^T), products in
-    # float32 (output_error); the ridge keeps directions H never excites from absorbing large weight changes
-    grams = [[ridge_gram(block, calibration.weight_ridge).to(torch.float32) for block in g] for g in grams64]
+    factors, grams = _sweep_operators(stats, centered, calibration)
     shared = codebook.shape[0] == 1
     refit = refit_codebooks and not (shared and groups > 1)  # one codebook over several input groups: sweep only
 

@@ -24,9 +24,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import multiprocessing
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -96,8 +99,8 @@ class DemoSettings:
     seed: int = 0
     budgets: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
     data_free_bits: tuple[int, ...] = (2, 3, 4)
-    calibration_samples: int = 32
-    refine_steps: int = 60
+    calibration_samples: int = 16
+    refine_steps: int = 40
     refine_samples: int = 8
     peers: tuple[str, ...] = DEMO_PEERS
 
@@ -315,6 +318,39 @@ def demo_model(model: str, settings: DemoSettings, cache: Path | None = None) ->
             denoiser, summary = quantized(Variant(name, "native", peer_format(name).bits))
             rows.append(sampler.row(model, peer_label(name), "peer", denoiser, summary))
     return rows, record
+
+
+def demo_models(
+    models: Sequence[str], settings: DemoSettings, cache: Path | None = None, jobs: int = 1
+) -> list[tuple[list[DemoRow], dict]]:
+    """:func:`demo_model` for each model, ``jobs`` models at a time in worker processes.
+
+    The work of one model (small fits, short Python loops) keeps about one core busy, so on a machine with
+    ``jobs`` cores, ``jobs`` single-threaded processes finish sooner than one process with ``jobs`` threads. The
+    results do not depend on ``jobs``: every model is sampled and fitted the same way either way.
+
+    Args:
+        models: bundled names or pipeline folders.
+        settings: sizes of the run.
+        cache: folder for the calibration statistics.
+        jobs: worker processes (1: in this process, with torch's threads).
+
+    Returns:
+        ``(rows, record)`` per model, in the order of ``models``.
+    """
+    jobs = max(1, min(jobs, len(models)))
+    if jobs == 1:
+        return [demo_model(model, settings, cache) for model in models]
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")  # a forked torch process can deadlock in its thread pools
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(threads, level)) as pool:
+        return list(pool.map(partial(demo_model, settings=settings, cache=cache), models))
+
+
+def _worker_init(threads: int, level: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(message)s")
 
 
 def model_label(model: str) -> str:
