@@ -251,8 +251,8 @@ class OTQQuantizer(DiffusersQuantizer):
             return
         stored = state_dict[param_name]  # as on disk: param_value may have been cast to torch_dtype
         module = model.get_submodule(module_name)
-        self._check_stored(param_name, layer, module._buffers[tensor_name], stored)
-        module._buffers[tensor_name] = stored.to(target_device)
+        self._check_stored(param_name, layer, module.stored_tensors()[tensor_name], stored)
+        module.set_stored(tensor_name, stored.to(target_device))
 
     def _check_stored(self, key: str, layer: PlannedLayer, empty: torch.Tensor, stored: torch.Tensor) -> None:
         tensor_name = key.rpartition(".")[2]
@@ -296,9 +296,8 @@ class OTQQuantizer(DiffusersQuantizer):
                     f"Layer {name!r} was selected for OTQ quantization but its weight never arrived from the "
                     "checkpoint, so it was not quantized; check that the checkpoint is complete."
                 )
-            for buffer_name in QUANTIZED_BUFFERS:
-                buffer = module._buffers.get(buffer_name)
-                if buffer is not None and buffer.device.type == "meta":
+            for buffer_name, buffer in module.stored_tensors().items():
+                if buffer.device.type == "meta":
                     raise CheckpointError(
                         f"Layer {name!r}: {buffer_name!r} is still on the meta device after loading: the checkpoint "
                         f"{self._files or ''} has no '{name}.{buffer_name}' entry (a missing shard, or a checkpoint "
@@ -433,13 +432,14 @@ def checkpoint_metadata(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def _num_parameters(self: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-    """``ModelMixin.num_parameters`` plus every OTQ layer's weight, counted as the float parameters it replaces
-    (as diffusers counts bitsandbytes' packed weights); the codes are never trainable, so ``only_trainable`` counts
-    what diffusers counts."""
+    """``ModelMixin.num_parameters`` with every OTQ layer's packed codes (a uint8 parameter) counted as the float
+    weight they replace (as diffusers counts bitsandbytes' packed weights); the codes are never trainable, so
+    ``only_trainable`` counts what diffusers counts."""
     count = type(self).num_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
     if only_trainable:
         return count
-    return count + sum(m.weight_shape.numel() for m in self.modules() if isinstance(m, OTQLayerMixin))
+    layers = [m for m in self.modules() if isinstance(m, OTQLayerMixin)]
+    return count + sum(m.weight_shape.numel() - m.packed.numel() for m in layers)
 
 
 def _to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:

@@ -103,8 +103,8 @@ class OTQTransformersQuantizer(HfQuantizer):
             return model
         for name in self.plan:
             module = model.get_submodule(name)
-            meta = [n for n in QUANTIZED_BUFFERS if getattr(module, "_buffers", {}).get(n) is not None
-                    and module._buffers[n].device.type == "meta"]  # fmt: skip
+            stored = module.stored_tensors() if isinstance(module, OTQLayerMixin) else {}
+            meta = [n for n, tensor in stored.items() if tensor.device.type == "meta"]
             if not isinstance(module, OTQLayerMixin) or meta:
                 raise CheckpointError(
                     f"Layer {name!r}: {', '.join(meta) or 'its weight'} never arrived from the checkpoint (a missing "
