@@ -20,13 +20,14 @@ import pytest
 import torch
 from accelerate import cpu_offload, disk_offload
 from accelerate.utils import align_module_device, has_offloaded_params
-from accelerate.utils.modeling import get_state_dict_offloaded_model
-from diffusers import DiffusionPipeline
+from accelerate.utils.modeling import compute_module_sizes, get_state_dict_offloaded_model, infer_auto_device_map
+from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.hooks import HookRegistry, apply_group_offloading
 from torch import nn
 
 from diffusers_otq import OTQConfig, quantize_model
 from diffusers_otq.layers import OTQLayerMixin
+from diffusers_otq.offloading import device_in_map
 
 from .tiny_models import (
     PIPELINE_CALL,
@@ -280,3 +281,92 @@ def test_accelerate_offload_hooks_equal_no_offload(name: str, hook: str, tmp_pat
         assert torch.equal(model(**inputs()).sample, expected)
     assert all(m.packed.device.type == "meta" for m in layers)  # offloaded again after the forward
     assert_storage_intact(model, stored, weights)
+
+
+# ------------------------------------------------------------------------ from_pretrained with a device_map
+
+
+MODEL_CLASSES = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}
+
+
+@pytest.fixture(scope="module")
+def saved_transformers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Quantized tiny transformers, saved (the codebooks stored in float16, the bfloat16 load below casts them)."""
+    root = tmp_path_factory.mktemp("saved")
+    for name, (build, _) in TRANSFORMERS.items():
+        model = build()
+        quantize_model(model, OTQConfig(bits=3), progress=False)
+        model.save_pretrained(root / name)
+    return {name: root / name for name in TRANSFORMERS}
+
+
+def _forward(model: nn.Module, name: str) -> torch.Tensor:
+    dtype = model.dtype
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in TRANSFORMERS[name][1]().items()}
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+# Flux's x_embedder has 4 input channels, so codebooks of 4 < 2**3 entries: the load checks its codes on disk. Not
+# SD3's pos_embed: on disk, its non-persistent buffer stays float32 under torch_dtype=bfloat16, quantized or not.
+DISK = ("x_embedder", "transformer_blocks.0", "proj_out")
+
+
+def _explicit_map(model: nn.Module) -> dict[str, str]:
+    """``DISK`` on disk, every other top-level module and block on the CPU (accelerate needs disjoint entries)."""
+    names = []
+    for child, module in model.named_children():
+        names += [f"{child}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [child]
+    return {name: "disk" if name in DISK else "cpu" for name in names}
+
+
+def _auto_map(model: nn.Module) -> dict[str, Any]:
+    """``device_map="auto"`` with a CPU budget half a transformer block short of the whole model."""
+    sizes = compute_module_sizes(model)
+    return {"device_map": "auto", "max_memory": {"cpu": sizes[""] - sizes["transformer_blocks"] // 2}}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["stored", "bf16"])
+@pytest.mark.parametrize("placement", ["explicit", "auto"])
+@pytest.mark.parametrize("name", list(TRANSFORMERS))
+def test_from_pretrained_with_disk_offload_equals_no_offload(
+    name: str, placement: str, dtype: torch.dtype | None, saved_transformers: dict[str, Path], tmp_path: Path
+) -> None:
+    cls, path = MODEL_CLASSES[name], saved_transformers[name]
+    reference = cls.from_pretrained(path, torch_dtype=dtype)
+    kwargs = {"device_map": _explicit_map(reference)} if placement == "explicit" else _auto_map(reference)
+    model = cls.from_pretrained(path, torch_dtype=dtype, offload_folder=tmp_path, **kwargs)
+    assert "disk" in model.hf_device_map.values() and "cpu" in model.hf_device_map.values()
+    if placement == "auto":  # the skeleton was sized as stored: the same map as for the loaded model
+        no_split = reference._no_split_modules
+        expected_map = infer_auto_device_map(
+            reference, max_memory=kwargs["max_memory"], no_split_module_classes=no_split
+        )
+        assert model.hf_device_map == dict(expected_map)
+    offloaded = [m for m in otq_layers(model).values() if has_offloaded_params(m)]
+    assert offloaded and all(m.packed.device.type == "meta" for m in offloaded)
+    expected = _forward(reference, name)
+    assert torch.equal(_forward(model, name), expected)
+    assert torch.equal(_forward(model, name), expected)
+    # bit-identical to the checkpoint: the float16 codebooks did not go through bfloat16 on the way to/from disk
+    assert_storage_intact(model, stored_tensors(reference), dequantized(reference))
+
+
+def test_quantize_on_load_refuses_disk_offload(saved_transformers: dict[str, Path], tmp_path: Path) -> None:
+    float_model = tiny_sd3_transformer()
+    float_model.save_pretrained(tmp_path / "float")
+    refusal = r"sends proj_out, transformer_blocks.0 to 'disk' while quantizing on load"
+    with pytest.raises(ValueError, match=refusal):
+        SD3Transformer2DModel.from_pretrained(
+            tmp_path / "float", quantization_config=OTQConfig(bits=3), device_map=_explicit_map(float_model),
+            offload_folder=tmp_path / "offload",
+        )  # fmt: skip
+
+
+def test_device_in_map_resolves_like_diffusers() -> None:
+    device_map = {"": "cpu", "blocks.0": "disk", "blocks.1.attn": 0}
+    assert device_in_map("blocks.0.attn.to_q.codebook", device_map) == "disk"
+    assert device_in_map("blocks.1.attn.to_q.weight", device_map) == 0
+    assert device_in_map("blocks.10.ff.weight", device_map) == "cpu"  # a prefix of names, not of strings
+    with pytest.raises(ValueError, match=r"device_map gives no device to 'proj_out.weight'"):
+        device_in_map("proj_out.weight", {"blocks": "cpu"})
