@@ -1,9 +1,10 @@
 """Offloading a quantized pipeline or model gives exactly what the same quantized pipeline gives without it.
 
 Every mode diffusers and accelerate offer runs on tiny SD3 and Flux pipelines whose transformer and text encoders
-are OTQ-quantized, with the real hooks, on the CPU: accelerate's hooks take any execution device, so
-``device="cpu"`` runs the same code a GPU would (parameters parked on ``meta`` and materialised per forward),
-only without a copy to another device. The outputs are compared with ``torch.equal``: offloading moves
+are OTQ-quantized, with the real hooks, on the CPU: accelerate's hooks take any execution device, so an execution
+device "cpu" runs the same code a GPU would (parameters parked on ``meta`` or on disk and materialised per
+forward), only without a copy to another device. Where diffusers itself refuses the CPU, a test shows the refusal
+(the same without quantization) and the mode is installed the way diffusers installs it. Streams need CUDA. The outputs are compared with ``torch.equal``: offloading moves
 tensors, it must not change one bit of a result. After the offloaded runs, every stored tensor of every OTQ
 layer (codes, codebooks, scales) is read back through the hooks and must be bit-identical, in its dtype, and
 dequantize to the same weight.
@@ -134,7 +135,8 @@ def enable_sequential_cpu_offload(pipe: DiffusionPipeline, device: str = "cpu") 
 
     Needed on the CPU because diffusers turns ``device="cpu"`` into ``torch.device("cpu:0")``, and accelerate's
     ``set_module_tensor_to_device`` then stores ``Parameter(...).to("cpu:0")``, a plain tensor, in place of a
-    parameter while the first forward onloads it, and fails on it at the next (:func:`test_diffusers_sequential_offload_refuses_cpu`).
+    parameter while the first forward onloads it, and fails on it at the next
+    (:func:`test_diffusers_sequential_offload_refuses_cpu`).
     """
     pipe.remove_all_hooks()
     for name, model in pipe.components.items():
@@ -227,12 +229,24 @@ def test_group_offloading_equals_no_offload(quantized: Quantized, mode: str, tmp
             group.offload_()
 
 
-def test_group_offloading_with_streams_needs_an_accelerator(quantized: Quantized) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("streams are exercised on a CUDA device by the GPU job")
+def test_group_offloading_refuses_streams_onto_the_cpu(quantized: Quantized) -> None:
+    # diffusers' check (hooks/group_offloading.py), quantized or not: streams need an accelerator's backend
     pipe = quantized.fresh()
-    with pytest.raises(ValueError, match="streams"):
+    with pytest.raises(ValueError, match="requires an onload device whose backend implements streams"):
         pipe.transformer.enable_group_offload(onload_device="cpu", offload_type="leaf_level", use_stream=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="use_stream needs a CUDA onload device")
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offloading_with_streams_equals_no_offload(quantized: Quantized, offload_type: str) -> None:
+    expected = generate(quantized.fresh().to("cuda"), quantized.name)
+    pipe = quantized.fresh()
+    options = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+    pipe.enable_group_offload(torch.device("cuda"), offload_type=offload_type, use_stream=True, **options)
+    assert torch.equal(generate(pipe, quantized.name), expected)
+    assert torch.equal(generate(pipe, quantized.name), expected)
+    for comp, module in quantized_components(pipe):  # between forwards: the pinned CPU copies
+        assert_bit_identical(stored_tensors(module), quantized.stored[comp])
 
 
 # ------------------------------------------------------------------------------ accelerate, on a model alone
