@@ -160,8 +160,7 @@ def test_sequential_cpu_offload_equals_no_offload(quantized: Quantized) -> None:
     for comp, module in quantized_components(pipe):
         layers = otq_layers(module).values()
         assert all(has_offloaded_params(m) and m.packed.device.type == "meta" for m in layers), comp
-    assert torch.equal(generate(pipe, quantized.name), quantized.images)
-    assert torch.equal(generate(pipe, quantized.name), quantized.images)  # hooks put back what they took
+    assert torch.equal(generate(pipe, quantized.name), quantized.images)  # every forward onloads from the hooks
     for comp, module in quantized_components(pipe):
         assert_storage_intact(module, quantized.stored[comp], quantized.weights[comp])
 
@@ -170,7 +169,6 @@ def test_model_cpu_offload_equals_no_offload(quantized: Quantized) -> None:
     pipe = quantized.fresh()
     pipe.enable_model_cpu_offload(device="cpu")
     assert hasattr(pipe.transformer, "_hf_hook")
-    assert torch.equal(generate(pipe, quantized.name), quantized.images)
     assert torch.equal(generate(pipe, quantized.name), quantized.images)
     for comp, module in quantized_components(pipe):
         assert_storage_intact(module, quantized.stored[comp], quantized.weights[comp])
@@ -215,7 +213,8 @@ def test_group_offloading_equals_no_offload(quantized: Quantized, mode: str, tmp
                 folder = str(tmp_path / comp)
                 apply_group_offloading(module, torch.device("cpu"), offload_to_disk_path=folder, **options)
     assert torch.equal(generate(pipe, quantized.name), quantized.images)
-    assert torch.equal(generate(pipe, quantized.name), quantized.images)  # the second run reads back the copies
+    if to_disk:  # the first run offloads to the files, the second reads them back
+        assert torch.equal(generate(pipe, quantized.name), quantized.images)
     for comp, module in quantized_components(pipe):
         if comp in exclude:
             continue
