@@ -107,6 +107,7 @@ class OTQQuantizer(DiffusersQuantizer):
         if not self.pre_quantized:
             self.quantization_config.check_resolved()  # a bits budget cannot be allocated one weight at a time
         device_map = kwargs.get("device_map")
+        self._disk_map = None
         if not (isinstance(device_map, dict) and "disk" in device_map.values()):
             return
         if not self.pre_quantized:
