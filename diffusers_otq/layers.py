@@ -1,12 +1,17 @@
 """``OTQLinear`` and ``OTQConv2d``: layers whose weight lives in a :class:`QuantizedTensor`'s packed buffers.
 
-The packed tensors are registered buffers (``weight``: the bit-packed codes, as bitsandbytes stores its packed
-bytes under ``weight``; ``codebook`` and, for group granularity, ``scale_codes``, ``scale_max`` and
-``scale_step``), so ``.to(device)``, ``state_dict()`` and safetensors work unchanged, and tools that look up
-``<module>.weight`` in a state dict (diffusers' LoRA loaders) find the layer. Attribute access ``layer.weight``
-is the dequantized read-only view; ``layer.packed`` is the stored codes. The bias stays a float
-parameter. Two optional pieces of :mod:`diffusers_otq.structure` add buffers of their own: a low-rank branch
-(``lowrank_up``, ``lowrank_down``) and an input rotation (``rotation_signs``). The forward is::
+The bit-packed codes are the layer's ``weight`` *parameter* (uint8, ``requires_grad=False``), as bitsandbytes
+stores its packed bytes in a ``Params4bit`` under ``weight``; the small side tensors are buffers (``codebook``
+and, for group granularity, ``scale_codes``, ``scale_max`` and ``scale_step``). So ``.to(device)``,
+``state_dict()`` and safetensors work unchanged, tools that look up ``<module>.weight`` in a state dict
+(diffusers' LoRA loaders) find the layer, and offloading treats the codes as the weight they are: accelerate's
+hooks (sequential CPU offload, ``device_map`` offload) always offload parameters but keep buffers on the
+execution device unless ``offload_buffers=True``, so the bulk of the layer leaves the accelerator while the
+side tensors stay, like bitsandbytes' quantization state. Attribute access ``layer.weight`` is the dequantized
+read-only view; ``layer.packed`` is the stored codes; :meth:`OTQLayerMixin.stored_tensors` lists every stored
+tensor. The bias stays a float parameter. Two optional pieces of :mod:`diffusers_otq.structure` add buffers of
+their own: a low-rank branch (``lowrank_up``, ``lowrank_down``) and an input rotation (``rotation_signs``).
+The forward is::
 
     x' = rotate(x)                                   # identity without a rotation
     y  = base(x', codes_weight) + up(down(x')) + b   # base: F.linear / F.conv2d; the branch only with rank > 0
@@ -18,10 +23,20 @@ is the *effective* weight in the original input space, ``(Q + U V) R``: what a L
 
 Dtype casts (``model.half()``, ``model.to(torch.bfloat16)``) change the bias and the compute dtype reported by
 ``weight``, never the stored codebooks, scales or factors: re-rounding them would silently change the layer.
+
+``layer.weight`` names two things: the stored codes (in ``_parameters``, what ``named_parameters()`` and
+``state_dict()`` list) and the dequantized view (what attribute access returns, for peft and LoRA loaders).
+Code that manages storage reads a module's tensors back by attribute, ``getattr(module, name)`` for a name from
+``named_parameters()``/``named_buffers()``, and writes what it read (moved) into ``module._parameters``: that is
+what accelerate's ``set_module_tensor_to_device`` does in every offload hook. Handed the float view, it would
+store the dequantized weight in place of the codes. So attribute access returns the stored codes to such code:
+while the codes are on the meta device (a skeleton being loaded, or an offloaded layer between forwards) and to
+callers inside accelerate (:data:`STORAGE_MANAGERS`); everyone else gets the view.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -43,15 +58,27 @@ __all__ = [
     "OTQLayerMixin",
     "OTQLinear",
     "QUANTIZED_BUFFERS",
+    "STORAGE_MANAGERS",
     "STRUCTURE_BUFFERS",
 ]
 
 CODE_BUFFERS: tuple[str, ...] = ("weight", "codebook", "scale_codes", "scale_max", "scale_step")
 STRUCTURE_BUFFERS: tuple[str, ...] = ("lowrank_up", "lowrank_down", "rotation_signs")
 QUANTIZED_BUFFERS: tuple[str, ...] = CODE_BUFFERS + STRUCTURE_BUFFERS
-"""Every stored tensor of an OTQ layer (a layer registers those it uses); the bias is a parameter."""
+"""Every stored tensor of an OTQ layer (a layer registers those it uses): ``weight`` (the codes) is a parameter, the
+others are buffers; the bias is a float parameter besides them."""
+STORAGE_MANAGERS: tuple[str, ...] = ("accelerate.",)
+"""Module-name prefixes of code that reads ``layer.weight`` as the stored tensor (see the module doc)."""
 LEGACY_BUFFER_NAMES: dict[str, str] = {"packed": "weight"}
 """Stored names of format versions 1-2 and their current names (the codes were ``packed`` before version 3)."""
+
+
+def _reads_storage(frame: Any) -> bool:
+    """Whether the code running in ``frame`` manages module storage (:data:`STORAGE_MANAGERS`); never while
+    compiling (storage code does not run inside a compiled graph, and frames are not traceable)."""
+    if torch.compiler.is_compiling():
+        return False
+    return frame.f_globals.get("__name__", "").startswith(STORAGE_MANAGERS)
 
 
 class OTQLayerMixin:
@@ -89,8 +116,7 @@ class OTQLayerMixin:
         self.weight_shape = torch.Size(quantized.shape)
         self.weight_dtype = quantized.dtype
         for key, tensor in quantized.tensors().items():
-            # `weight` is a class property (the dequantized view), so register_buffer would refuse the name
-            self._buffers[LEGACY_BUFFER_NAMES.get(key, key)] = tensor
+            self.set_stored(LEGACY_BUFFER_NAMES.get(key, key), tensor)
         rows, width = self.weight_shape[0], self.weight_shape[1:].numel()
         if lowrank is not None and (lowrank.up.shape[0], lowrank.down.shape[1]) != (rows, width):
             raise ValueError(
@@ -169,8 +195,29 @@ class OTQLayerMixin:
 
     @property
     def packed(self) -> torch.Tensor:
-        """The bit-packed codes (the ``weight`` entry of the state dict)."""
-        return self._buffers["weight"]
+        """The bit-packed codes (the ``weight`` parameter and state-dict entry)."""
+        return self._parameters["weight"]
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor of the layer by name (the codes under ``weight``), bias excluded; no copies."""
+        stored = {"weight": self._parameters["weight"]}
+        stored.update((name, self._buffers[name]) for name in QUANTIZED_BUFFERS if self._buffers.get(name) is not None)
+        return stored
+
+    def set_stored(self, name: str, tensor: torch.Tensor) -> None:
+        """Store ``tensor`` as the layer's ``name`` (one of :data:`QUANTIZED_BUFFERS`), as is (no cast, no copy).
+
+        The codes (``weight``) become a parameter that never requires a gradient, the rest buffers. Registered
+        directly: ``weight`` is a class property (the dequantized view), so ``register_parameter`` would refuse it.
+        """
+        if name not in QUANTIZED_BUFFERS:
+            raise KeyError(f"{type(self).__name__}: {name!r} is not a stored tensor name; expected one of "
+                           f"{list(QUANTIZED_BUFFERS)}.")  # fmt: skip
+        if name == "weight":
+            data = tensor.detach() if isinstance(tensor, nn.Parameter) else tensor
+            self._parameters[name] = nn.Parameter(data, requires_grad=False)
+        else:
+            self._buffers[name] = tensor
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         for old, new in LEGACY_BUFFER_NAMES.items():  # state dicts of format versions 1-2
@@ -230,9 +277,13 @@ class OTQLayerMixin:
     def weight(self) -> torch.Tensor:
         """The effective weight as a read-only view (:class:`~diffusers_otq.weight_view.ReadOnlyWeight`): dequantized
         afresh on every access, not a parameter, and in-place writes (a LoRA fuse) raise. Prefer
-        ``dequantize_weight`` for a plain tensor."""
-        if self.packed.device.type == "meta":  # a skeleton before loading: what the checkpoint's `weight` fills
-            return self.packed
+        ``dequantize_weight`` for a plain tensor.
+
+        The stored codes instead while they are on the meta device and for accelerate's storage code (module doc).
+        """
+        packed = self.packed
+        if packed.device.type == "meta" or _reads_storage(sys._getframe(1)):  # storage code: see the module doc
+            return packed
         return ReadOnlyWeight.wrap(self.dequantize_weight(), f"{type(self).__name__}{tuple(self.weight_shape)}")
 
     @property
@@ -258,13 +309,15 @@ class OTQLayerMixin:
         return input if rotation is None else rotation.rotate(input, dim=channel_dim)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> nn.Module:
-        before = {name: self._buffers[name] for name in QUANTIZED_BUFFERS if self._buffers.get(name) is not None}
+        # `.detach()`: the parameter object survives `_apply` with its `.data` swapped, so keep the old tensor itself
+        before = {name: tensor.detach() for name, tensor in self.stored_tensors().items()}
         probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.packed.device))
         result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        after = self.stored_tensors()
         for name, old in before.items():
-            new = self._buffers[name]
+            new = after[name]
             if new.dtype != old.dtype:  # a dtype cast: keep the stored values, follow only the device
-                self._buffers[name] = old.to(device=new.device)
+                self.set_stored(name, old.to(device=new.device))
         if probe.dtype.is_floating_point:
             self.weight_dtype = probe.dtype
         return result

@@ -10,6 +10,14 @@ Two loading paths, chosen by diffusers from the checkpoint's ``config.json``:
   deterministic), and :meth:`create_quantized_param` validates and places each stored tensor as it is on disk.
   The loader casts floating tensors to ``torch_dtype`` before this hook; the original is read from the
   shard's state dict instead, so codebooks and scales are never re-rounded.
+
+A pre-quantized checkpoint also loads with a ``device_map`` that offloads (``"cpu"`` beside an accelerator, or
+``"disk"``, explicit or from ``device_map="auto"``/``max_memory``). With ``"disk"`` in the map diffusers routes
+the tensors of disk layers to accelerate's offload files, and by default (``offload_state_dict``) those of CPU
+layers through a temporary one, instead of through :meth:`create_quantized_param`, and casts their floats to
+``torch_dtype`` on the way. So :meth:`maybe_update_state_dict` validates them as they arrive, places the side
+tensors (codebooks, scales) of disk layers itself (accelerate's hooks keep buffers on the execution device and
+cannot load them) and keeps the exact side tensors, which replace the cast copies after loading.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from .convert import (
 from .functional.packing import unpack_codes
 from .layers import LEGACY_BUFFER_NAMES, QUANTIZED_BUFFERS, OTQLayerMixin
 from .memory import release_freed_memory
+from .offloading import device_in_map, missing_tensors, offloaded_modules, stored_value
 from .options import CODEBOOK_DTYPES
 
 
@@ -88,6 +97,9 @@ class OTQQuantizer(DiffusersQuantizer):
         self._files: list[str] = []
         self._file_of: dict[str, str] = {}  # stored key -> the file that holds it
         self._unchecked: set[str] = set()  # keys of unsigned files loaded under DIFFUSERS_OTQ_ALLOW_UNCHECKED=1
+        self._model: nn.Module | None = None  # the skeleton being loaded
+        self._disk_map: dict[str, Any] | None = None  # the device_map, when it offloads to disk
+        self._exact: dict[str, torch.Tensor] = {}  # side tensors as stored, for layers loaded through offload files
 
     # ------------------------------------------------------------------------------------------- environment
 
@@ -95,11 +107,18 @@ class OTQQuantizer(DiffusersQuantizer):
         if not self.pre_quantized:
             self.quantization_config.check_resolved()  # a bits budget cannot be allocated one weight at a time
         device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and "disk" in device_map.values():
+        self._disk_map = None
+        if not (isinstance(device_map, dict) and "disk" in device_map.values()):
+            return
+        if not self.pre_quantized:
+            disk = sorted(name or "the whole model" for name, device in device_map.items() if device == "disk")
             raise ValueError(
-                "device_map sends modules to 'disk', but OTQ layers keep packed buffers that cannot be offloaded to "
-                "disk; use a device_map with only GPU/CPU entries (or enable_model_cpu_offload on the pipeline)."
+                f"device_map sends {', '.join(disk[:3])}{' ...' if len(disk) > 3 else ''} to 'disk' while quantizing "
+                "on load: diffusers writes those weights to the offload folder in float before the quantizer sees "
+                "them, so they would never be quantized. Quantize and save first (save_pretrained), then load the "
+                "saved checkpoint with this device_map; or keep the map to GPU/CPU entries."
             )
+        self._disk_map = dict(device_map)
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
         """The load dtype; without one, diffusers' float32 default (so ``_pre_quantization_dtype`` is recorded)."""
@@ -107,9 +126,13 @@ class OTQQuantizer(DiffusersQuantizer):
         return self._torch_dtype
 
     def adjust_target_dtype(self, target_dtype: torch.dtype) -> Any:
-        """Size estimate for ``device_map="auto"``: 4- or 2-bit codes count as accelerate's int4/int2."""
+        """Size estimate for ``device_map="auto"``: while quantizing on load, 4- or 2-bit codes count as
+        accelerate's int4/int2; a pre-quantized skeleton already has the stored layout (integer codes are counted
+        at their size), so only its floats follow the load dtype."""
         from accelerate.utils import CustomDtype
 
+        if self.pre_quantized:
+            return target_dtype
         bits = self.quantization_config.bits
         return CustomDtype.INT2 if bits <= 2 else CustomDtype.INT4 if bits <= 4 else torch.int8
 
@@ -183,7 +206,38 @@ class OTQQuantizer(DiffusersQuantizer):
                         "changed); the file is corrupted. Re-download or re-save it."
                     )
                 self._verified.add(key)
+        if self._disk_map is not None:
+            self._take_offloaded(state_dict)
         return state_dict
+
+    def _take_offloaded(self, state_dict: dict[str, Any]) -> None:
+        """With ``"disk"`` in the device_map (module doc): validate every OTQ tensor, place the side tensors of disk
+        layers and keep all side tensors as stored."""
+        if self._model is None:
+            raise RuntimeError("OTQQuantizer: a state dict arrived before the model skeleton was prepared.")
+        for key, value in state_dict.items():
+            module_name, _, tensor_name = key.rpartition(".")
+            layer = self.plan.get(module_name)
+            if layer is None or tensor_name not in QUANTIZED_BUFFERS:
+                continue
+            module = self._model.get_submodule(module_name)
+            self._check_stored(key, layer, module.stored_tensors()[tensor_name], value)
+            if tensor_name == "weight":  # the codes: integers, never cast, offloaded as they are
+                continue
+            if device_in_map(key, self._disk_map) == "disk":
+                module.set_stored(tensor_name, value.to("cpu"))
+            self._exact[key] = value
+
+    def _restore_exact(self, model: nn.Module) -> None:
+        """Put the side tensors kept by :meth:`_take_offloaded` back in place of the copies loaded through offload
+        files (cast to ``torch_dtype`` and back), on the device those copies are on."""
+        for key, value in self._exact.items():
+            module_name, _, tensor_name = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            current = module.stored_tensors()[tensor_name]
+            if current.device.type != "meta":
+                module.set_stored(tensor_name, value.to(current.device))
+        self._exact = {}
 
     def _files_text(self, key: str | None = None) -> str:
         """The file holding ``key`` when known, else every file of the checkpoint."""
@@ -194,6 +248,7 @@ class OTQQuantizer(DiffusersQuantizer):
     def _process_model_before_weight_loading(
         self, model: nn.Module, device_map: Any = None, keep_in_fp32_modules: list[str] | None = None, **kwargs: Any
     ) -> nn.Module:
+        self._model = model
         skip = (*(keep_in_fp32_modules or ()), *(m for m in self.modules_to_not_convert or () if m))
         self.plan = {
             layer.name: layer
@@ -251,8 +306,8 @@ class OTQQuantizer(DiffusersQuantizer):
             return
         stored = state_dict[param_name]  # as on disk: param_value may have been cast to torch_dtype
         module = model.get_submodule(module_name)
-        self._check_stored(param_name, layer, module._buffers[tensor_name], stored)
-        module._buffers[tensor_name] = stored.to(target_device)
+        self._check_stored(param_name, layer, module.stored_tensors()[tensor_name], stored)
+        module.set_stored(tensor_name, stored.to(target_device))
 
     def _check_stored(self, key: str, layer: PlannedLayer, empty: torch.Tensor, stored: torch.Tensor) -> None:
         tensor_name = key.rpartition(".")[2]
@@ -288,7 +343,10 @@ class OTQQuantizer(DiffusersQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
+            self._restore_exact(model)
             self._check_complete(model)
+        self._model = None
+        held = {name for name, _ in offloaded_modules(model)}
         for name, layer in self.plan.items():
             module = model.get_submodule(name)
             if not isinstance(module, OTQLayerMixin):
@@ -296,9 +354,8 @@ class OTQQuantizer(DiffusersQuantizer):
                     f"Layer {name!r} was selected for OTQ quantization but its weight never arrived from the "
                     "checkpoint, so it was not quantized; check that the checkpoint is complete."
                 )
-            for buffer_name in QUANTIZED_BUFFERS:
-                buffer = module._buffers.get(buffer_name)
-                if buffer is not None and buffer.device.type == "meta":
+            for buffer_name, buffer in module.stored_tensors().items():
+                if buffer.device.type == "meta" and name not in held:  # not offloaded by a hook: never loaded
                     raise CheckpointError(
                         f"Layer {name!r}: {buffer_name!r} is still on the meta device after loading: the checkpoint "
                         f"{self._files or ''} has no '{name}.{buffer_name}' entry (a missing shard, or a checkpoint "
@@ -340,7 +397,7 @@ class OTQQuantizer(DiffusersQuantizer):
                     f"its files: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (removed or renamed); "
                     "the checkpoint is incomplete or corrupted. Re-download or re-save it."
                 )
-        left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+        left = missing_tensors(model)  # offloaded tensors are on meta too, held by accelerate's hooks
         if left:
             raise CheckpointError(
                 f"{self._files_text()}: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''} never arrived from the "
@@ -353,7 +410,8 @@ class OTQQuantizer(DiffusersQuantizer):
         if levels >= 1 << module.bits:
             return
         numel = module.weight_shape.numel()
-        largest = int(unpack_codes(module.packed, module.bits, numel).max()) if numel else 0
+        codes = stored_value(module, "weight")  # an offloaded layer's codes: from its hook's weights map
+        largest = int(unpack_codes(codes, module.bits, numel).max()) if numel else 0
         if largest >= levels:
             raise CheckpointError(
                 f"Layer {name!r}: a stored code is {largest}, but its codebooks have only {levels} entries; "
@@ -433,13 +491,14 @@ def checkpoint_metadata(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def _num_parameters(self: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-    """``ModelMixin.num_parameters`` plus every OTQ layer's weight, counted as the float parameters it replaces
-    (as diffusers counts bitsandbytes' packed weights); the codes are never trainable, so ``only_trainable`` counts
-    what diffusers counts."""
+    """``ModelMixin.num_parameters`` with every OTQ layer's packed codes (a uint8 parameter) counted as the float
+    weight they replace (as diffusers counts bitsandbytes' packed weights); the codes are never trainable, so
+    ``only_trainable`` counts what diffusers counts."""
     count = type(self).num_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
     if only_trainable:
         return count
-    return count + sum(m.weight_shape.numel() for m in self.modules() if isinstance(m, OTQLayerMixin))
+    layers = [m for m in self.modules() if isinstance(m, OTQLayerMixin)]
+    return count + sum(m.weight_shape.numel() - m.packed.numel() for m in layers)
 
 
 def _to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:

@@ -67,7 +67,10 @@ class OTQTransformersQuantizer(HfQuantizer):
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError(
-                f"device_map={device_map} offloads to disk, which OTQ layers do not support; keep them on cpu/GPU."
+                f"device_map={device_map} offloads to disk, which the otq quantizer does not support in transformers' "
+                "loader (the diffusers one does); keep the text encoder's map to cpu/GPU entries and offload it after "
+                "loading: pipe.enable_sequential_cpu_offload(), accelerate.disk_offload(model, folder), or "
+                "enable_group_offload(..., offload_to_disk_path=folder)."
             )
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
@@ -103,8 +106,8 @@ class OTQTransformersQuantizer(HfQuantizer):
             return model
         for name in self.plan:
             module = model.get_submodule(name)
-            meta = [n for n in QUANTIZED_BUFFERS if getattr(module, "_buffers", {}).get(n) is not None
-                    and module._buffers[n].device.type == "meta"]  # fmt: skip
+            stored = module.stored_tensors() if isinstance(module, OTQLayerMixin) else {}
+            meta = [n for n, tensor in stored.items() if tensor.device.type == "meta"]
             if not isinstance(module, OTQLayerMixin) or meta:
                 raise CheckpointError(
                     f"Layer {name!r}: {', '.join(meta) or 'its weight'} never arrived from the checkpoint (a missing "

@@ -33,6 +33,12 @@ BEHAVIOURS: dict[str, str] = {
     "model.to(device) moves packed buffers": "test_quantizer::test_to_device_moves_packed_buffers",
     "torch.compile(fullgraph=True), no graph break": "test_quantizer::test_compile_fullgraph_has_no_graph_breaks",
     "model CPU offload": "test_pipelines::test_model_cpu_offload_moves_packed_buffers",
+    # offloading: outputs equal to no offloading, stored tensors bit-identical afterwards
+    "sequential CPU offload (accelerate cpu_offload per component)": "test_offloading::test_sequential_cpu_offload_equals_no_offload",
+    "enable_model_cpu_offload on SD3 / Flux with quantized text encoders": "test_offloading::test_model_cpu_offload_equals_no_offload",
+    "group offloading, block/leaf level, memory/disk": "test_offloading::test_group_offloading_equals_no_offload",
+    "accelerate cpu_offload / disk_offload, with and without buffers": "test_offloading::test_accelerate_offload_hooks_equal_no_offload",
+    "device_map with disk entries (explicit, auto + max_memory) loads a saved checkpoint": "test_offloading::test_from_pretrained_with_disk_offload_equals_no_offload",
     "PipelineQuantizationConfig(quant_backend='otq')": "test_registration::test_pipeline_quant_backend_form_resolves_to_otq_config",
     "pipeline quantizes the denoiser and reloads": "test_pipelines::test_pipeline_quantizes_only_the_transformer_and_reloads",
     "older checkpoint formats load": "test_structure::test_older_checkpoints_still_load",
@@ -50,7 +56,7 @@ BEHAVIOURS: dict[str, str] = {
     "num_parameters() counts the unquantized parameters": "test_backend_conformance::test_num_parameters_counts_the_float_parameters",
     "is_trainable, _pre_quantization_dtype, memory footprint": "test_backend_conformance::test_quantizer_flags_and_memory_footprint",
     "config prints as 'ClassName {json}'": "test_backend_conformance::test_config_prints_like_diffusers_configs",
-    "a disk entry in device_map is refused clearly": "test_backend_conformance::test_disk_offload_is_refused_clearly",
+    "quantize on load refuses a disk entry in device_map clearly": "test_backend_conformance::test_disk_offload_is_refused_clearly",
 }  # fmt: skip
 
 
@@ -104,5 +110,6 @@ def test_config_prints_like_diffusers_configs(saved: Path) -> None:
 
 
 def test_disk_offload_is_refused_clearly(saved: Path) -> None:
-    with pytest.raises(ValueError, match=r"disk"):
+    # quantizing on load only: diffusers offloads the float weights before the quantizer sees them
+    with pytest.raises(ValueError, match=r"sends the whole model to 'disk' while quantizing on load"):
         UNet2DModel.from_pretrained(saved, quantization_config=OTQConfig(bits=3), device_map={"": "disk"})

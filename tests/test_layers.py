@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_module_tensor_to_device
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -69,18 +70,16 @@ def test_conv_dtypes(dtype: torch.dtype) -> None:
     assert torch.equal(layer(x), F.conv2d(x, layer.dequantize_weight(dtype), conv.bias, 1, 1))
 
 
-def test_buffers_state_dict_and_safetensors_roundtrip(tmp_path) -> None:
+def test_stored_tensors_state_dict_and_safetensors_roundtrip(tmp_path) -> None:
     layer = OTQLinear.from_module(nn.Linear(96, 40), bits=3, granularity="group", group_size=32)
     state = layer.state_dict()
     assert set(state) == {"weight", "codebook", "scale_codes", "scale_max", "scale_step", "bias"}
     assert state["weight"].dtype == torch.uint8 and torch.equal(state["weight"], layer.packed)  # the codes
-    assert {name for name, _ in layer.named_buffers()} == {
-        "weight",
-        "codebook",
-        "scale_codes",
-        "scale_max",
-        "scale_step",
-    }
+    # the codes are the weight parameter (offload hooks move parameters), never trainable; the rest are buffers
+    assert dict(layer.named_parameters()) == {"weight": layer.packed, "bias": layer.bias}
+    assert type(layer.packed) is nn.Parameter and not layer.packed.requires_grad
+    assert {name for name, _ in layer.named_buffers()} == {"codebook", "scale_codes", "scale_max", "scale_step"}
+    assert set(layer.stored_tensors()) == set(state) - {"bias"}
     save_file(state, tmp_path / "layer.safetensors")
     loaded = load_file(tmp_path / "layer.safetensors")
     other = OTQLinear.from_module(nn.Linear(96, 40), bits=3, granularity="group", group_size=32)
@@ -116,8 +115,9 @@ def test_dtype_cast_keeps_packed_data_and_moves_compute_dtype() -> None:
     layer = OTQLinear.from_module(nn.Linear(64, 16), bits=3, granularity="group", group_size=32)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     layer.half()
+    stored = layer.stored_tensors()
     for key in ("weight", "codebook", "scale_codes", "scale_max", "scale_step"):
-        assert torch.equal(layer._buffers[key], before[key]) and layer._buffers[key].dtype == before[key].dtype
+        assert torch.equal(stored[key], before[key]) and stored[key].dtype == before[key].dtype
     assert layer.bias.dtype == torch.float16 and layer.weight.dtype == torch.float16
     layer.to(torch.bfloat16)
     assert layer.weight_dtype == torch.bfloat16 and layer.codebook.dtype == torch.float16
@@ -126,6 +126,7 @@ def test_dtype_cast_keeps_packed_data_and_moves_compute_dtype() -> None:
 def test_to_device(device: str) -> None:
     layer = OTQLinear.from_module(nn.Linear(32, 8), bits=4).to(device)
     assert layer.packed.device.type == device and layer.codebook.device.type == device
+    assert type(layer.packed) is nn.Parameter and layer.packed.dtype == torch.uint8
     x = torch.randn(2, 32, device=device)
     assert torch.equal(layer(x), F.linear(x, layer.dequantize_weight(), layer.bias))
 
@@ -149,3 +150,25 @@ def test_integer_inputs_are_refused_like_nn_linear() -> None:
         linear(torch.ones(2, 16, dtype=torch.int64))
     with pytest.raises(TypeError, match=r"OTQConv2d expects a floating-point input, got dtype torch.int32"):
         conv(torch.ones(1, 2, 5, 5, dtype=torch.int32))
+
+
+def test_accelerate_moves_the_stored_codes_not_the_dequantized_view() -> None:
+    # every accelerate offload hook reads a tensor back with getattr(module, name) and stores it moved: it must get
+    # the codes, while any other caller of `layer.weight` gets the dequantized float view
+    layer = OTQLinear.from_module(nn.Linear(64, 16), bits=3, granularity="group", group_size=32)
+    codes, x = layer.packed.detach().clone(), torch.randn(2, 64)
+    expected = layer(x)
+    assert layer.weight.dtype == torch.float32 and layer.weight.shape == (16, 64)
+    set_module_tensor_to_device(layer, "weight", "meta")  # what an offload hook does after each forward
+    assert layer.packed.device.type == "meta" and layer.packed.dtype == codes.dtype
+    assert layer.packed.shape == codes.shape
+    assert layer.weight is layer.packed  # a skeleton shows its stored tensor, which loaders fill
+    set_module_tensor_to_device(layer, "weight", "cpu", value=codes)  # and before each forward
+    assert type(layer.packed) is nn.Parameter and not layer.packed.requires_grad
+    assert torch.equal(layer.packed, codes) and torch.equal(layer(x), expected)
+
+
+def test_set_stored_refuses_unknown_names() -> None:
+    layer = OTQLinear.from_module(nn.Linear(16, 8), bits=3)
+    with pytest.raises(KeyError, match=r"'bias' is not a stored tensor name; expected one of \['weight'"):
+        layer.set_stored("bias", torch.zeros(8))

@@ -172,7 +172,7 @@ def test_on_disk_size_is_bits_over_16_of_bf16_plus_counted_metadata(tmp_path: Pa
     )
     loaded.save_pretrained(tmp_path / "q")
     layers = _otq_layers(loaded)
-    quantized_keys = {f"{n}.{b}" for n, m in layers.items() for b, _ in m.named_buffers()}
+    quantized_keys = {f"{n}.{b}" for n, m in layers.items() for b in m.stored_tensors()}
     file = tmp_path / "q" / "diffusion_pytorch_model.safetensors"
     header = read_safetensors_header(file)
     data_bytes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.tensors.items()}

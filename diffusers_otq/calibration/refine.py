@@ -154,7 +154,7 @@ def _store(layer: OTQLayerMixin, dtypes: dict[str, torch.dtype]) -> None:
     codebook = layer._buffers["codebook"].to(dtypes["codebook"])
     if bool((codebook[:, 1:] < codebook[:, :-1]).any()):  # refinement moved codewords past each other
         codebook, codes = sort_codebook(codebook, layer.quantized_weight().codes().to(torch.int64))
-        layer._buffers["weight"] = pack_codes(codes.reshape(-1).to(torch.uint8), layer.bits)
+        layer.set_stored("weight", pack_codes(codes.reshape(-1).to(torch.uint8), layer.bits))
     layer._buffers["codebook"] = codebook.contiguous()
     for name in ("scale_max", "lowrank_up", "lowrank_down"):
         if layer._buffers.get(name) is not None:
@@ -225,7 +225,7 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
         )
     dtypes = [{n: layer._buffers[n].dtype for n in _TRAINABLE_BUFFERS if layer._buffers.get(n) is not None}
               for layer in layers]  # fmt: skip
-    stored = [{n: t.clone() for n, t in layer._buffers.items() if t is not None} for layer in layers]
+    stored = [{n: t.detach().clone() for n, t in layer.stored_tensors().items()} for layer in layers]
     stored_bias = [None if layer.bias is None else layer.bias.detach().clone() for layer in layers]
     started = time.perf_counter()
     with eval_mode(model):
@@ -241,8 +241,9 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
         _store(layer, layer_dtypes)
     after = _loss(model, teacher)  # after storage rounding: what the saved model reports
     if after > before:  # storage rounding (or blocks fitted apart) undid the gain: put the unrefined layers back
-        for layer, buffers, bias in zip(layers, stored, stored_bias, strict=True):
-            layer._buffers.update(buffers)
+        for layer, tensors, bias in zip(layers, stored, stored_bias, strict=True):
+            for name, tensor in tensors.items():
+                layer.set_stored(name, tensor)
             if bias is not None:
                 with torch.no_grad():
                     layer.bias.copy_(bias)
