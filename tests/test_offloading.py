@@ -29,8 +29,7 @@ from torch import nn
 from diffusers_otq import OTQConfig, quantize_model
 from diffusers_otq.layers import OTQLayerMixin
 from diffusers_otq.offloading import device_in_map
-
-from .tiny_models import (
+from diffusers_otq.testing.tiny_models import (
     PIPELINE_CALL,
     flux_inputs,
     sd3_inputs,
