@@ -237,7 +237,8 @@ class CalibrationStatistics(Mapping[str, LayerStatistics]):
 
     def collected_with(self, calibration: CalibrationConfig) -> bool:
         """Whether these statistics were sampled with the settings of ``calibration`` (:data:`SAMPLING_FIELDS`),
-        so a saved copy can stand in for a new collection."""
+        so a saved copy can stand in for a new collection. A setting left to the pipeline's default (None) matches
+        nothing: the statistics record the value actually used, which the config does not know."""
         wanted = calibration.describe()
         return all(self.info.get(name) == wanted[name] for name in self.SAMPLING_FIELDS)
 

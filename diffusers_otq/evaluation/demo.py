@@ -100,7 +100,7 @@ class DemoSettings:
     budgets: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
     data_free_bits: tuple[int, ...] = (2, 3, 4)
     calibration_samples: int = 16
-    refine_steps: int = 40
+    refine_steps: int = 20
     refine_samples: int = 8
     peers: tuple[str, ...] = DEMO_PEERS
 
@@ -126,9 +126,12 @@ class DemoSettings:
         ]
 
     def calibration(self) -> CalibrationConfig:
-        """The calibration of the best setting (sampling sizes and refinement)."""
+        """The calibration of the best setting (sampling sizes and refinement); it samples with the solver settings
+        of the compared samples, given explicitly so that cached statistics can be matched to them."""
         return CalibrationConfig(
             num_samples=self.calibration_samples,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance_scale,
             refine_steps=self.refine_steps,
             refine_samples=self.refine_samples,
             progress=False,
