@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,13 +113,16 @@ class CheckpointVerifier:
     """What one pre-quantized load has verified so far, and the checks (see the module docstring).
 
     Attributes:
-        checksums: stored key (current names) -> CRC-32 saved in the headers.
+        checksums: stored key (under the model's names, :meth:`model_key`) -> CRC-32 saved in the headers.
         typed: the checksums cover every tensor with its dtype and shape (format >= 3).
         verified: keys whose checksum matched.
         files: the signed checkpoint files.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rename: Callable[[str], str] | None = None) -> None:
+        """``rename``: maps a stored key (current names) to the model's name for it, where the loader renames
+        (transformers adds or strips the model's ``base_model_prefix``); keys are compared under the model's names."""
+        self._rename = rename
         self.checksums: dict[str, int] = {}
         self.typed = False
         self.verified: set[str] = set()
@@ -127,6 +130,11 @@ class CheckpointVerifier:
         self._all_files: list[str] = []
         self._file_of: dict[str, str] = {}  # stored key -> the file that holds it
         self._unchecked: set[str] = set()  # keys of unsigned files loaded under DIFFUSERS_OTQ_ALLOW_UNCHECKED=1
+
+    def model_key(self, stored_key: str) -> str:
+        """The model's name for a stored key: format 1-2 names made current, then the loader's renaming."""
+        key = current_key(stored_key)
+        return key if self._rename is None else self._rename(key)
 
     # -------------------------------------------------------------------------------------------- headers
 
@@ -172,13 +180,13 @@ class CheckpointVerifier:
         if unsigned:
             logger.warning("%s=1: loading %s without integrity checks (no OTQ checksums in the header).",
                            ALLOW_UNCHECKED_ENV, ", ".join(unsigned))  # fmt: skip
-        self._unchecked = {current_key(k) for h in headers if h.path in unsigned for k in h.tensors}
+        self._unchecked = {self.model_key(k) for h in headers if h.path in unsigned for k in h.tensors}
         signed = [h for h in headers if h.path not in unsigned]
         self.typed = bool(signed) and min(int(h.metadata[FORMAT_VERSION_KEY]) for h in signed) >= 3
         self.files = [h.path for h in signed]
         self._all_files = [h.path for h in headers]
-        self._file_of = {current_key(key): h.path for h in signed for key in h.tensors}
-        self.checksums = {current_key(key): crc for key, crc in collect_checksums(signed).items()}
+        self._file_of = {self.model_key(key): h.path for h in signed for key in h.tensors}
+        self.checksums = {self.model_key(key): crc for key, crc in collect_checksums(signed).items()}
         self.verified = set()
         self._check_config_file(signed)
         return headers
@@ -299,7 +307,7 @@ class CheckpointVerifier:
         for path in self._all_files:
             with safe_open(path, framework="pt") as handle:
                 for stored_key in handle.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
-                    key = current_key(stored_key)
+                    key = self.model_key(stored_key)
                     tensor = handle.get_tensor(stored_key)
                     self.verify_tensor(key, tensor)
                     module_name, _, tensor_name = key.rpartition(".")
@@ -318,22 +326,36 @@ class CheckpointVerifier:
 
     # --------------------------------------------------------------------------------------------- model
 
-    def check_plan(self, plan: Mapping[str, PlannedLayer], stored_keys: Iterable[str], config: OTQConfig) -> None:
-        """The layers config.json selects are exactly those the checkpoint stores quantized (with a codebook)."""
+    def check_plan(
+        self, model: nn.Module, plan: Mapping[str, PlannedLayer], stored_keys: Iterable[str], config: OTQConfig
+    ) -> None:
+        """The layers of ``model`` that config.json selects are exactly those the checkpoint stores quantized (with a
+        codebook). Quantized layers ``model`` does not have are left to the loader (unexpected keys: e.g. a
+        ``CLIPTextModelWithProjection`` checkpoint loaded as ``CLIPTextModel``).
+
+        Raises:
+            CheckpointError: a layer of the model is stored quantized but the config leaves it in float, or the
+                config quantizes a layer the checkpoint stores in float or not at all.
+        """
+        stored_keys = set(stored_keys)
+        modules = {name for name, _ in model.named_modules()}
         stored = {key.rpartition(".")[0] for key in stored_keys if key.endswith(".codebook")}
-        if not stored and not plan:
-            return
-        extra, missing = sorted(stored - set(plan)), sorted(set(plan) - stored)
+        extra, missing = sorted((stored & modules) - set(plan)), sorted(set(plan) - stored)
+        in_float = [name for name in missing if f"{name}.weight" in stored_keys]
+        absent = [name for name in missing if f"{name}.weight" not in stored_keys]
+        findings = [
+            f"the checkpoint stores {', '.join(extra[:5])} quantized, but the config leaves them in float "
+            f"(modules_to_not_convert={config.modules_to_not_convert!r})" if extra else "",
+            f"the config quantizes {', '.join(in_float[:5])}, but the checkpoint stores them in float" if in_float else "",
+            f"the config quantizes {', '.join(absent[:5])}, but the checkpoint does not store them (a missing shard, "
+            "or the weights of another model class)" if absent else "",
+        ]  # fmt: skip
         if extra or missing:
             raise CheckpointError(
                 f"{self.files_text()}: config.json's quantization_config does not match the stored tensors: "
-                + (f"the checkpoint stores {', '.join(extra[:5])} quantized, but the config leaves them in float "
-                   f"(modules_to_not_convert={config.modules_to_not_convert!r})" if extra else "")
-                + ("; " if extra and missing else "")
-                + (f"the config quantizes {', '.join(missing[:5])}, but the checkpoint stores them in float"
-                   if missing else "")
-                + ". config.json was edited or belongs to another checkpoint; restore it or re-save the model."
-            )  # fmt: skip
+                f"{'; '.join(f for f in findings if f)}. config.json was edited or belongs to another checkpoint; "
+                "restore it or re-save the model."
+            )
 
     def check_all_present(self, aliases: Mapping[str, str] | None = None) -> None:
         """Every tensor the checksums list is stored in one of the files, from the headers alone (format >= 3).

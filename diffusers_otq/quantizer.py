@@ -129,7 +129,7 @@ class OTQQuantizer(DiffusersQuantizer):
             )
         if self.pre_quantized:
             if self._loaded_keys:
-                self.verifier.check_plan(self.plan, self._loaded_keys, self.quantization_config)
+                self.verifier.check_plan(model, self.plan, self._loaded_keys, self.quantization_config)
             replace_with_empty_layers(model, list(self.plan.values()), dtype=self._torch_dtype)
         else:
             layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]

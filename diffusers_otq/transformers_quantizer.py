@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -115,11 +116,13 @@ class OTQTransformersQuantizer(HfQuantizer):
         planned = plan_layers(model, partial(config.layer_spec, skip=skip), warn=not self.pre_quantized)
         self.plan = {layer.name: layer for layer in planned}
         if self.pre_quantized:
+            replace_with_empty_layers(model, planned, dtype=_float_dtype(model))
+            self.verifier = CheckpointVerifier(rename=_loader_renaming(model, self))
             tied = getattr(model, "all_tied_weights_keys", None)  # {tied key: the key stored for both}
             headers = self.verifier.read_headers(checkpoint_files or [])
             self.verifier.check_all_present(tied)
-            self.verifier.check_plan(self.plan, [key for h in headers for key in h.tensors], config)
-            replace_with_empty_layers(model, planned, dtype=_float_dtype(model))
+            stored = [self.verifier.model_key(key) for header in headers for key in header.tensors]
+            self.verifier.check_plan(model, self.plan, stored, config)
             self.verifier.verify_files(model, self.plan)
             self.verifier.check_all_verified(tied)
         return model
@@ -135,10 +138,10 @@ class OTQTransformersQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The state dict and the header entries: format version, checksums of every tensor and of the config
-        fields transformers writes next (:func:`saved_config`)."""
+        """The state dict and the header entries: format version, checksums of every tensor as ``save_pretrained``
+        writes it (:func:`_as_written`) and of the config fields it writes next (:func:`saved_config`)."""
         state = model.state_dict()
-        return state, checkpoint_metadata(state, saved_config(model))
+        return state, checkpoint_metadata(_as_written(model, state), saved_config(model))
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True
@@ -160,6 +163,41 @@ def saved_config(model: nn.Module) -> dict[str, Any]:
     config.dtype = str(model.dtype).split(".")[1]
     config.architectures = [type(model).__name__.removeprefix("FSDP")]
     return json.loads(config.to_json_string(use_diff=True))
+
+
+def _as_written(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors ``save_pretrained`` writes for ``state``, under the names it writes them: after the keys the model
+    does not save, tied weights stored once, and the renamings it applied while loading reverted (a CLIP text
+    encoder loaded from ``text_model.*`` keys is saved under them), as transformers does right after asking the
+    quantizer (``remove_tied_weights_from_state_dict``, ``revert_weight_conversion``)."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    ignored = getattr(model, "_keys_to_ignore_on_save", None) or ()
+    state = {key: value for key, value in state.items() if key not in ignored}
+    return revert_weight_conversion(model, remove_tied_weights_from_state_dict(state, model))
+
+
+def _loader_renaming(model: nn.Module, quantizer: HfQuantizer) -> Callable[[str], str]:
+    """transformers' renaming of a checkpoint key to the model's name for it, as its loader does it: the model's
+    conversion mapping (e.g. ``CLIPTextModel`` drops a ``text_model.`` prefix) and its ``base_model_prefix`` added or
+    stripped (``rename_source_key`` in ``convert_and_load_state_dict_in_model``)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    conversions = get_model_conversion_mapping(model, None, quantizer)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    expected = model.state_dict()  # on meta: names only
+    prefix = model.base_model_prefix
+
+    def rename(key: str) -> str:
+        renamed, _ = rename_source_key(key, renamings, converters, prefix, expected)
+        if renamed not in expected and key in expected:  # as transformers: keep a name the model has
+            renamed, _ = rename_source_key(key, [], [], prefix, expected)
+        return renamed
+
+    return rename
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype | None:

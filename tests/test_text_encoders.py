@@ -20,7 +20,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from diffusers.quantizers import PipelineQuantizationConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel, T5EncoderModel
+from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 from diffusers_otq import OTQConfig, quantize_model
 from diffusers_otq.checkpoint import CHECKSUMS_KEY, CheckpointError, read_safetensors_header, typed_checksum
@@ -252,12 +252,15 @@ def test_a_damaged_shard_index_is_explained_and_chained_to_transformers_error(
 
 
 def test_format_3_text_encoder_checkpoints_still_load(saved_encoders: dict[str, Path], tmp_path: Path) -> None:
-    """Format 3: no config checksums; the checksums list T5's tied embed_tokens, which transformers stores once."""
+    """Format 3 as saved before: no config checksums, and the checksums list T5's tied embed_tokens, which
+    transformers stores once (its checksum is that of shared.weight)."""
     folder = _copy(saved_encoders["t5"], tmp_path / "v3")
 
     def format_3(tensors: dict, metadata: dict) -> None:
         metadata["otq_format_version"] = "3"
         del metadata[CONFIG_CHECKSUMS_KEY]
+        checksums = json.loads(metadata[CHECKSUMS_KEY])
+        metadata[CHECKSUMS_KEY] = json.dumps({**checksums, "encoder.embed_tokens.weight": checksums["shared.weight"]})
 
     _rewrite(folder / "model.safetensors", format_3)
     checksums = json.loads(read_safetensors_header(folder / "model.safetensors").metadata[CHECKSUMS_KEY])
@@ -268,3 +271,32 @@ def test_format_3_text_encoder_checkpoints_still_load(saved_encoders: dict[str, 
     assert torch.equal(_encode(T5EncoderModel.from_pretrained(folder), ids), expected)
     _edit_config(folder, lambda c: c.update(layer_norm_epsilon=1e-3))  # nothing to compare config.json with
     assert not torch.equal(_encode(T5EncoderModel.from_pretrained(folder), ids), expected)
+
+
+def test_checksums_follow_the_names_transformers_writes_and_reads(
+    saved_encoders: dict[str, Path], tmp_path: Path
+) -> None:
+    """A CLIP text encoder from the Hub stores ``text_model.*`` keys, which transformers renames on load and back on
+    save; a CLIPTextModelWithProjection checkpoint loads as CLIPTextModel (its projection left out); T5Model would
+    need a decoder that an encoder checkpoint does not have."""
+    tiny_clip_text_model().save_pretrained(tmp_path / "float")
+    float_weights = tmp_path / "float" / "model.safetensors"
+    save_file(
+        {f"text_model.{k}": v for k, v in load_file(float_weights).items()}, float_weights, metadata={"format": "pt"}
+    )
+    quantized = CLIPTextModel.from_pretrained(tmp_path / "float", quantization_config=OTQConfig(bits=3))
+    quantized.save_pretrained(tmp_path / "hub-style")
+    header = read_safetensors_header(tmp_path / "hub-style" / "model.safetensors")
+    assert all(k.startswith("text_model.") for k in header.tensors)
+    assert set(json.loads(header.metadata[CHECKSUMS_KEY])) == set(header.tensors)
+    ids = _ids(1000)
+    assert torch.equal(_encode(CLIPTextModel.from_pretrained(tmp_path / "hub-style"), ids), _encode(quantized, ids))
+
+    CLIPTextModelWithProjection(_clip_config()).save_pretrained(tmp_path / "projection-float")
+    projection = CLIPTextModelWithProjection.from_pretrained(tmp_path / "projection-float",
+                                                             quantization_config=OTQConfig(bits=3))  # fmt: skip
+    projection.save_pretrained(tmp_path / "projection")
+    text_model = CLIPTextModel.from_pretrained(tmp_path / "projection")
+    assert torch.equal(_encode(text_model, ids), _encode(projection, ids))
+    with pytest.raises(CheckpointError, match=r"the config quantizes decoder.block.0.* does not store them"):
+        AutoModel.from_pretrained(saved_encoders["t5"])  # T5Model: the decoder would be left random
