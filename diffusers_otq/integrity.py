@@ -120,15 +120,16 @@ class CheckpointVerifier:
     """
 
     def __init__(self, rename: Callable[[str], str] | None = None) -> None:
-        """``rename``: maps a stored key (current names) to the model's name for it, where the loader renames
-        (transformers adds or strips the model's ``base_model_prefix``); keys are compared under the model's names."""
+        """``rename``: maps a stored key (current names) to the model's name for it, where the loader renames keys
+        (transformers: the model's conversion mapping and ``base_model_prefix``); keys are compared under the
+        model's names, and messages use them."""
         self._rename = rename
         self.checksums: dict[str, int] = {}
         self.typed = False
         self.verified: set[str] = set()
         self.files: list[str] = []
         self._all_files: list[str] = []
-        self._file_of: dict[str, str] = {}  # stored key -> the file that holds it
+        self._file_of: dict[str, str] = {}  # key (model's name) -> the file that holds it
         self._unchecked: set[str] = set()  # keys of unsigned files loaded under DIFFUSERS_OTQ_ALLOW_UNCHECKED=1
 
     def model_key(self, stored_key: str) -> str:

@@ -11,10 +11,14 @@ transformers then looks up under "otq" (registered with ``register_quantizer`` b
   before loading, so the packed codes, codebooks and scales load into them; nothing is re-fitted.
 
 ``save_pretrained`` writes the same packed tensors and safetensors metadata as the diffusers backend: the format
-version, the CRC-32 of every tensor (dtype, shape and bytes) and the checksums of the config.json fields
-(:mod:`diffusers_otq.config_checksums`; transformers' ``dtype`` and ``architectures`` are hashed with the values
-``save_pretrained`` writes next). A pre-quantized checkpoint gets the diffusers backend's checks, from the same
-:class:`~diffusers_otq.integrity.CheckpointVerifier`, before transformers reads any weight:
+version, the CRC-32 of every tensor (dtype, shape and bytes) under the name it is written (tied weights once, the
+renames transformers applied while loading reverted: a CLIP encoder loaded from Hub-style ``text_model.*`` keys is
+saved under them) and the checksums of the config.json fields (:mod:`diffusers_otq.config_checksums`;
+transformers' ``dtype`` and ``architectures`` are hashed with the values ``save_pretrained`` writes next). A
+pre-quantized checkpoint gets the diffusers backend's checks, from the same
+:class:`~diffusers_otq.integrity.CheckpointVerifier`, before transformers reads any weight, with the stored keys
+renamed as transformers' loader renames them (so a ``CLIPTextModelWithProjection`` checkpoint loads as
+``CLIPTextModel``):
 
 * every file's header is validated (truncated, appended to, malformed, unknown format version, checksums removed)
   and config.json is compared field by field with the config saved with the weights;
@@ -108,8 +112,8 @@ class OTQTransformersQuantizer(HfQuantizer):
         checkpoint_files: list[str] | None = None,
         **kwargs: Any,
     ) -> nn.Module:
-        """Plan the OTQ layers; for a pre-quantized checkpoint, verify every file and tensor (module docstring)
-        and swap the planned layers for empty OTQ layers."""
+        """Plan the OTQ layers; for a pre-quantized checkpoint, swap the planned layers for empty OTQ layers and
+        verify every file and tensor against them (module docstring)."""
         config = self.quantization_config
         keep = list(keep_in_fp32_modules or getattr(model, "_keep_in_fp32_modules", None) or [])
         skip = (*keep, *(m for m in config.modules_to_not_convert or () if m))
