@@ -5,8 +5,10 @@ A saved quantized model carries, in every safetensors header, ``otq_format_versi
 codes, codebooks, scales, and the float biases, norms and embeddings too) and each checksum covers the tensor's
 dtype and shape as well as its bytes (:func:`typed_checksum`), so a header relabel (F16 -> BF16), a swap or a
 renamed key is caught like a flipped bit. Versions 1-2 listed only the packed tensors, by raw bytes
-(:func:`tensor_checksum`). On load the headers are read first (no tensor data), so a truncated or foreign file
-is reported by name before anything is loaded, and each tensor is verified as it arrives.
+(:func:`tensor_checksum`). From format version 4 the headers also carry checksums of the config.json fields
+(:mod:`diffusers_otq.config_checksums`). On load the headers are read first (no tensor data), so a truncated or
+foreign file is reported by name before anything is loaded, and each tensor is verified as it arrives.
+A sharded checkpoint's index is checked by :func:`read_shard_index`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ __all__ = [
     "FORMAT_VERSION_KEY",
     "CheckpointError",
     "SafetensorsHeader",
+    "checksum_map",
     "checksums_metadata",
     "collect_checksums",
     "sort_header_metadata",
     "read_safetensors_header",
+    "read_shard_index",
     "tensor_checksum",
     "typed_checksum",
 ]
@@ -182,6 +186,26 @@ def checksums_metadata(tensors: Mapping[str, torch.Tensor]) -> str:
     return json.dumps({key: typed_checksum(t) for key, t in tensors.items()}, sort_keys=True)
 
 
+def checksum_map(header: SafetensorsHeader, key: str = CHECKSUMS_KEY) -> dict[str, int] | None:
+    """The JSON map ``{name: crc32}`` stored under ``key`` in the header's metadata; None when there is none.
+
+    Raises:
+        CheckpointError: the entry is not a JSON map of int checksums.
+    """
+    text = header.metadata.get(key)
+    if text is None:
+        return None
+    try:
+        entries = json.loads(text).items()
+        if not all(isinstance(v, int) and not isinstance(v, bool) for _, v in entries):
+            raise ValueError("every checksum must be an int")
+    except (ValueError, AttributeError, TypeError) as err:
+        raise CheckpointError(
+            f"{header.path}: the {key!r} header entry is not a JSON map of checksums ({err}); re-save the checkpoint."
+        ) from None
+    return {str(k): v for k, v in entries}
+
+
 def collect_checksums(headers: Iterable[SafetensorsHeader]) -> dict[str, int]:
     """Merge the ``otq_checksums`` maps of several shard headers (each shard carries the full map).
 
@@ -191,19 +215,9 @@ def collect_checksums(headers: Iterable[SafetensorsHeader]) -> dict[str, int]:
     """
     merged: dict[str, int] = {}
     for header in headers:
-        text = header.metadata.get(CHECKSUMS_KEY)
-        if text is None:
+        own = checksum_map(header)
+        if own is None:
             continue
-        try:
-            entries = json.loads(text).items()
-            if not all(isinstance(v, int) and not isinstance(v, bool) for _, v in entries):
-                raise ValueError("every checksum must be an int")
-        except (ValueError, AttributeError, TypeError) as err:
-            raise CheckpointError(
-                f"{header.path}: the {CHECKSUMS_KEY!r} header entry is not a JSON map of checksums ({err}); "
-                "re-save the checkpoint."
-            ) from None
-        own = {str(k): v for k, v in entries}
         clash = next((k for k, v in own.items() if merged.get(k, v) != v), None)
         if clash is not None:
             raise CheckpointError(
@@ -220,6 +234,56 @@ def collect_checksums(headers: Iterable[SafetensorsHeader]) -> dict[str, int]:
             )
         merged.update(own)
     return merged
+
+
+def read_shard_index(path: str | os.PathLike) -> dict[str, str]:
+    """Read and validate the index of a sharded checkpoint (``*.safetensors.index.json``).
+
+    diffusers and transformers parse it before any quantizer hook runs and fail with a bare ``JSONDecodeError``,
+    ``KeyError`` or ``AttributeError`` when it is damaged; this names the cause.
+
+    Returns:
+        Its ``weight_map`` (tensor name -> shard file name).
+
+    Raises:
+        CheckpointError: the index is not JSON (truncated), not an object, has no ``metadata`` object, has no
+            ``weight_map`` mapping tensor names to file names (or an empty one), or names a shard that is not next
+            to it.
+    """
+    path = os.fspath(path)
+    fix = "Re-download or re-save the checkpoint (the index lists which shard holds each tensor)."
+    try:
+        with open(path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: the shard index is not valid JSON ({err}); it is truncated or edited. {fix}"
+        ) from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{path}: the shard index is a JSON {type(index).__name__}, not an object. {fix}")
+    weight_map = index.get("weight_map")
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
+    ):
+        raise CheckpointError(
+            f"{path}: the shard index's weight_map is {json.dumps(weight_map)[:100]}, not a non-empty map of tensor "
+            f"names to shard file names. {fix}"
+        )
+    if not isinstance(index.get("metadata"), dict):
+        raise CheckpointError(
+            f"{path}: the shard index's metadata is {json.dumps(index.get('metadata'))[:100]}, not an object (diffusers "
+            f"and transformers read it; it was removed or edited). {fix}"
+        )
+    folder = os.path.dirname(path)
+    absent = sorted(name for name in set(weight_map.values()) if not os.path.isfile(os.path.join(folder, name)))
+    if absent:
+        raise CheckpointError(
+            f"{path}: the shard index names {', '.join(absent[:3])}, which is not in {folder}; the index was edited "
+            f"or a shard is missing. {fix}"
+        )
+    return weight_map
 
 
 def sort_header_metadata(path: str | os.PathLike) -> bool:

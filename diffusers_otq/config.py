@@ -10,7 +10,7 @@ It is saved as ``quantization_config`` in each quantized model's ``config.json``
 >>> print(repr(OTQConfig(bits=2)))  # as diffusers prints its configs: class name and the JSON of what differs
 OTQConfig {
   "bits": 2,
-  "format_version": 3,
+  "format_version": 4,
   "quant_method": "otq"
 }
 <BLANKLINE>
@@ -49,13 +49,15 @@ except ImportError:  # pragma: no cover - transformers is a dependency of this p
 
 __all__ = ["FORMAT_VERSION", "OTQConfig", "OTQMethod"]
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Version of the packed checkpoint layout (see :mod:`diffusers_otq.quantized_tensor`); bumped on any change.
 
 1: codes, codebooks, group scales. 2: adds the optional low-rank branch (``lowrank_up``, ``lowrank_down``) and
 input rotation (``rotation_signs``) of :mod:`diffusers_otq.structure`. 3: the packed codes are stored as
-``<layer>.weight`` (was ``<layer>.packed``), where diffusers' LoRA loaders look for a layer's weight. Version-1
-and -2 checkpoints load unchanged (their ``packed`` entries are read as ``weight``)."""
+``<layer>.weight`` (was ``<layer>.packed``), where diffusers' LoRA loaders look for a layer's weight, and the header
+checksums cover every tensor with its dtype and shape. 4: the headers also carry the checksums of the config.json
+fields (:mod:`diffusers_otq.config_checksums`), compared with config.json on load. Checkpoints of versions 1-3 load
+unchanged (their ``packed`` entries are read as ``weight``; they have no config checksums to compare)."""
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in CODEBOOK_DTYPES}
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}

@@ -1,12 +1,16 @@
 """The cause of a failed ``from_pretrained`` on a local OTQ checkpoint folder, as a :class:`CheckpointError`.
 
-diffusers reads a single-file checkpoint (its default below 10 GB) before any quantizer hook runs, and for an
-unreadable file it raises only ``OSError: Unable to load weights from checkpoint file``; a ``quantization_config``
-that is not a dict fails inside diffusers with an ``AttributeError``. Registration wraps
-``ModelMixin.from_pretrained`` so that such a failure on a local folder is examined here: when the folder's files
-or config explain it, the user gets a :class:`CheckpointError` naming the file and the cause (truncated at byte N
-of M, header not JSON, a config that does not describe the OTQ weights next to it, ...), chained to diffusers'
-error; otherwise diffusers' error is re-raised unchanged.
+diffusers and transformers do some reading before any quantizer hook runs, and fail there with the bare error of
+whatever they were doing: diffusers reads a single-file checkpoint (its default below 10 GB) first and for an
+unreadable file raises only ``OSError: Unable to load weights from checkpoint file``; both parse a sharded
+checkpoint's index (``JSONDecodeError``, ``KeyError: 'metadata'``, ``AttributeError`` when it is damaged) and build
+the model from config.json (an edited field can fail anywhere in the model's constructor); a
+``quantization_config`` that is not a dict fails with an ``AttributeError``. Registration wraps both libraries'
+``from_pretrained`` so that such a failure is examined here: when the folder's files or config explain it, the user
+gets a :class:`CheckpointError` naming the file and the cause (truncated at byte N of M, header not JSON, shard
+index not JSON, config.json fields that differ from the config saved with the weights, a config that does not
+describe the OTQ weights next to it, ...), chained to the library's error; otherwise that error is re-raised
+unchanged.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import os
 import re
 from pathlib import Path
 
-from .checkpoint import FORMAT_VERSION_KEY, CheckpointError, read_safetensors_header
+from .checkpoint import FORMAT_VERSION_KEY, CheckpointError, read_safetensors_header, read_shard_index
 from .config import OTQMethod
+from .config_checksums import check_config, saved_config_checksums
 
 
 __all__ = ["explain_load_failure"]
@@ -51,9 +56,11 @@ def explain_load_failure(
 
     Returns:
         The first cause found: the damaged safetensors file diffusers names in its error (any source, Hub
-        snapshots included) or any damaged file of a local folder (by :func:`read_safetensors_header`), a config.json
-        whose ``quantization_config`` does not describe the OTQ weights stored next to it, or an unreadable file
-        diffusers reported without a cause (the root exception is quoted); None when nothing explains it.
+        snapshots included) or any damaged file of a local folder (by :func:`read_safetensors_header`), a damaged
+        shard index (by :func:`read_shard_index`), config.json fields that differ from the config checksums saved
+        in the weights' headers, a config.json whose ``quantization_config`` does not describe the OTQ weights
+        stored next to it, or an unreadable file diffusers reported without a cause (the root exception is quoted);
+        None when nothing explains it.
     """
     unreadable = _unreadable_file(error)
     if unreadable is not None:  # any source, a Hub snapshot included: diffusers names the file it could not read
@@ -72,11 +79,23 @@ def explain_load_failure(
             headers.append(read_safetensors_header(path))
         except CheckpointError as damaged:
             return damaged
+    for path in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            read_shard_index(path)
+        except CheckpointError as damaged:
+            return damaged
     versions = sorted({h.metadata[FORMAT_VERSION_KEY] for h in headers if FORMAT_VERSION_KEY in h.metadata})
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        config = None  # diffusers' own error names a missing or malformed config.json
+        config = None  # the library's own error names a missing or malformed config.json
+    if isinstance(config, dict):
+        try:
+            saved = saved_config_checksums(headers)
+            if saved is not None:
+                check_config(config, saved, str(folder / "config.json"))
+        except CheckpointError as edited:
+            return edited
     if versions and isinstance(config, dict):
         stored = config.get("quantization_config", "absent")
         if not isinstance(stored, dict) or stored.get("quant_method") != OTQMethod.OTQ.value:

@@ -292,13 +292,12 @@ def check_weight(weight: object, what: str) -> torch.Tensor:
     return weight
 
 
-def _check_float16_range(rows: torch.Tensor, requested: torch.dtype | None, what: str) -> torch.dtype:
-    """float16 when every row's absmax lies in float16's normal range (or is 0), else float32 for a default
-    (``requested`` None) codebook dtype; an explicit float16 that cannot hold the rows is an error.
+def _check_float16_range(peak: torch.Tensor, requested: torch.dtype | None, what: str) -> torch.dtype:
+    """float16 when every row's absmax (``peak``) lies in float16's normal range (or is 0), else float32 for a
+    default (``requested`` None) codebook dtype; an explicit float16 that cannot hold the rows is an error.
 
     Above 65504 float16 overflows to Inf; below 2**-14 (6.1e-05) it is subnormal and a row of ~1e-8 rounds to 0.
     """
-    peak = rows.abs().amax(dim=1)
     nonzero = peak[peak > 0]
     if nonzero.numel() == 0:
         return torch.float16
@@ -313,6 +312,30 @@ def _check_float16_range(rows: torch.Tensor, requested: torch.dtype | None, what
         f"{what} has rows with absmax from {low:.4g} to {high:.4g}, which float16 codebooks cannot hold (overflow "
         f"above {_FLOAT16_MAX}, precision lost below {_FLOAT16_TINY:.3g}); pass codebook_dtype=torch.float32 (or "
         "leave codebook_dtype unset to choose it automatically)."
+    )
+
+
+def _check_storable(peak: torch.Tensor, storage: torch.dtype, weight_dtype: torch.dtype, what: str) -> None:
+    """Refuse rows whose absmax (``peak``) ``storage`` cannot hold: above its largest value (the codebook or the
+    float32 group scales would be Inf), or nonzero below its smallest normal value when the weight's own dtype holds
+    such values as normal numbers (only float64 weights: they would lose their precision or round to 0).
+
+    OTQ stores codebooks in float16, bfloat16 or float32 and group scales in float32, so a float64 weight beyond
+    float32's range (about 1e-38 to 3.4e38) cannot be stored; float16 is handled by :func:`_check_float16_range`.
+    """
+    nonzero = peak[peak > 0]
+    if nonzero.numel() == 0:
+        return
+    limits, own = torch.finfo(storage), torch.finfo(weight_dtype)
+    low, high = float(nonzero.min()), float(nonzero.max())
+    if high <= limits.max and (low >= limits.tiny or own.tiny >= limits.tiny):
+        return
+    raise ValueError(
+        f"{what} has rows with absmax from {low:.4g} to {high:.4g} ({weight_dtype}), beyond what its {storage} "
+        f"codebooks or scales can hold (overflow to Inf above {limits.max:.4g}, precision lost below "
+        f"{limits.tiny:.4g}); OTQ stores codebooks in float16, bfloat16 or float32 (float64 is not supported). "
+        "Rescale the weight into float32's range (a power of two, compensated where the model uses the output), or "
+        "leave this layer in float (modules_to_not_convert)."
     )
 
 
@@ -490,7 +513,9 @@ def quantize_tensor(
     Raises:
         TypeError: ``weight`` is not a floating tensor, or ``bits`` is not an int.
         ValueError: bad bits/method/granularity/group_size/codebook options; 0-d, empty, meta or non-finite weight;
-            rows or codewords outside the range of an explicitly requested float16 codebook.
+            rows or codewords outside the range of an explicitly requested float16 codebook; float64 rows beyond
+            what float32 (and bfloat16) codebooks and float32 group scales can hold (absmax above ~3.4e38 or
+            below ~1.2e-38).
     """
     what = _describe(name)
     check_bits(bits)
@@ -509,6 +534,11 @@ def quantize_tensor(
 
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     x = weight.detach().reshape(rows, n).to(work_dtype)
+    row_peak = x.abs().amax(dim=1)
+    storage_dtype = resolve_codebook_dtype(codebook_dtype, weight.dtype, granularity)
+    if storage_dtype == torch.float16 and granularity != "group":  # group codebooks hold values in [-1, 1]
+        storage_dtype = _check_float16_range(row_peak, codebook_dtype, what)
+    _check_storable(row_peak, torch.float32 if granularity == "group" else storage_dtype, weight.dtype, what)
     scales: GroupScales | None = None
     weights = None
     if granularity == "group":
@@ -526,9 +556,6 @@ def quantize_tensor(
     if relative_importance is not None:
         relative_importance = relative_importance.to(work_dtype).expand(rows, n)
         weights = relative_importance if weights is None else weights * relative_importance
-    storage_dtype = resolve_codebook_dtype(codebook_dtype, weight.dtype, granularity)
-    if storage_dtype == torch.float16 and granularity != "group":  # group codebooks hold values in [-1, 1]
-        storage_dtype = _check_float16_range(x, codebook_dtype, what)
 
     if granularity == "group" and codebook_scope == "tensor":
         codebook, codes = _fit_shared(x, bits, method, weights, storage_dtype, what)

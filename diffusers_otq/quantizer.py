@@ -22,9 +22,11 @@ cannot load them) and keeps the exact side tensors, which replace the cast copie
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -33,17 +35,7 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.quantizers.base import DiffusersQuantizer
 from torch import nn
 
-from .checkpoint import (
-    CHECKSUMS_KEY,
-    FORMAT_VERSION_KEY,
-    CheckpointError,
-    checksums_metadata,
-    collect_checksums,
-    read_safetensors_header,
-    tensor_checksum,
-    typed_checksum,
-)
-from .config import FORMAT_VERSION, OTQConfig
+from .config import OTQConfig
 from .convert import (
     PlannedLayer,
     dequantize_model,
@@ -52,25 +44,15 @@ from .convert import (
     replace_with_empty_layers,
     set_submodule,
 )
-from .functional.packing import unpack_codes
-from .layers import LEGACY_BUFFER_NAMES, QUANTIZED_BUFFERS, OTQLayerMixin
+from .integrity import ALLOW_UNCHECKED_ENV, CheckpointVerifier, checkpoint_metadata, current_key
+from .layers import QUANTIZED_BUFFERS, OTQLayerMixin
 from .memory import release_freed_memory
-from .offloading import device_in_map, missing_tensors, offloaded_modules, stored_value
-from .options import CODEBOOK_DTYPES
+from .offloading import device_in_map
 
 
-__all__ = ["OTQQuantizer"]
+__all__ = ["ALLOW_UNCHECKED_ENV", "OTQQuantizer", "adapt_quantized_model", "saved_config"]
 
 logger = logging.getLogger(__name__)
-
-_FIX_MISMATCH = (
-    "The weights and quantization_config in config.json disagree (edited config, or files mixed from different "
-    "quantizations). Re-quantize from the original model, or restore the matching config.json."
-)
-
-
-ALLOW_UNCHECKED_ENV = "DIFFUSERS_OTQ_ALLOW_UNCHECKED"
-"""Set to 1 to load checkpoint files whose headers carry no OTQ checksums (explicit opt-out, with a warning)."""
 
 
 class OTQQuantizer(DiffusersQuantizer):
@@ -89,14 +71,10 @@ class OTQQuantizer(DiffusersQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.quantization_config: OTQConfig
         self.plan: dict[str, PlannedLayer] = {}
+        self.verifier = CheckpointVerifier()
         self._torch_dtype: torch.dtype | None = None
-        self._checksums: dict[str, int] = {}
-        self._typed = False  # the checkpoint's checksums cover every tensor with its dtype and shape (format >= 3)
-        self._verified: set[str] = set()
         self._loaded_keys: list[str] = []
-        self._files: list[str] = []
-        self._file_of: dict[str, str] = {}  # stored key -> the file that holds it
-        self._unchecked: set[str] = set()  # keys of unsigned files loaded under DIFFUSERS_OTQ_ALLOW_UNCHECKED=1
+        self._saving: nn.Module | None = None
         self._model: nn.Module | None = None  # the skeleton being loaded
         self._disk_map: dict[str, Any] | None = None  # the device_map, when it offloads to disk
         self._exact: dict[str, torch.Tensor] = {}  # side tensors as stored, for layers loaded through offload files
@@ -139,73 +117,23 @@ class OTQQuantizer(DiffusersQuantizer):
     # ------------------------------------------------------------------------------------------------ loading
 
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
-        """Validate every safetensors header (truncation, format version) and collect the tensor checksums."""
+        """Validate every safetensors header and the config.json next to them, and collect the tensor checksums
+        (:meth:`~diffusers_otq.integrity.CheckpointVerifier.read_headers`); keys get their current names."""
         if not self.pre_quantized:
             return loaded_keys
-        headers = []
-        for path in checkpoint_files or []:
-            if not str(path).endswith(".safetensors"):
-                raise CheckpointError(
-                    f"{path}: OTQ checkpoints are stored as safetensors only (found {str(path).rsplit('.', 1)[-1]!r}); "
-                    "re-save with save_pretrained(..., safe_serialization=True)."
-                )
-            header = read_safetensors_header(path)
-            version = header.metadata.get(FORMAT_VERSION_KEY)
-            if version is not None and not (version.isascii() and version.isdecimal()):
-                raise CheckpointError(
-                    f"{path}: the header's OTQ format version {version!r} is not a number; the file is damaged. "
-                    "Re-download or re-save the checkpoint."
-                )
-            if version is not None and int(version) > FORMAT_VERSION:
-                raise CheckpointError(
-                    f"{path}: written with OTQ format version {version!r}, but this diffusers-otq reads versions up "
-                    f"to {FORMAT_VERSION}; upgrade it: pip install -U diffusers-otq."
-                )
-            headers.append(header)
-        unsigned = [h.path for h in headers if FORMAT_VERSION_KEY not in h.metadata or CHECKSUMS_KEY not in h.metadata]
-        if unsigned and os.environ.get(ALLOW_UNCHECKED_ENV, "") in ("", "0"):
-            raise CheckpointError(
-                f"{unsigned[0]}: the header has no {FORMAT_VERSION_KEY!r}/{CHECKSUMS_KEY!r} entries, which every "
-                "file diffusers-otq saves carries: the metadata was removed or the file was not written by "
-                "diffusers-otq, so its integrity cannot be checked. Re-download or re-save the checkpoint (or, "
-                f"for a file you trust, set {ALLOW_UNCHECKED_ENV}=1 to load it unverified)."
-            )
-        if unsigned:
-            logger.warning("%s=1: loading %s without integrity checks (no OTQ checksums in the header).",
-                           ALLOW_UNCHECKED_ENV, ", ".join(unsigned))  # fmt: skip
-        self._unchecked = {_current_key(k) for h in headers if h.path in unsigned for k in h.tensors}
-        headers = [h for h in headers if h.path not in unsigned]
-        versions = {int(h.metadata[FORMAT_VERSION_KEY]) for h in headers}
-        self._typed = bool(headers) and min(versions) >= 3  # every tensor, dtype and shape included
-        self._files = [h.path for h in headers]
-        self._file_of = {_current_key(key): h.path for h in headers for key in h.tensors}
-        self._checksums = {_current_key(key): crc for key, crc in collect_checksums(headers).items()}
-        self._verified = set()
-        self._loaded_keys = [_current_key(key) for key in loaded_keys]
+        self.verifier.read_headers(checkpoint_files or [])
+        self.verifier.check_all_present()
+        self._loaded_keys = [current_key(key) for key in loaded_keys]
         return self._loaded_keys
 
     def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Entries of format versions 1-2 under their current names (``<layer>.packed`` -> ``<layer>.weight``)."""
+        """Entries of format versions 1-2 under their current names (``<layer>.packed`` -> ``<layer>.weight``), and
+        every tensor verified against its checksum as stored (before any dtype cast)."""
         if not self.pre_quantized:
             return state_dict
-        state_dict = {_current_key(key): value for key, value in state_dict.items()}
-        if self._typed:  # format >= 3: every tensor as stored (before any dtype cast), dtype and shape included
-            for key, value in state_dict.items():
-                if key in self._unchecked:  # the user's explicit opt-out for an unsigned file
-                    continue
-                expected = self._checksums.get(key)
-                if expected is None:
-                    raise CheckpointError(
-                        f"{self._files_text(key)}: tensor {key!r} is not in the checksums saved with the checkpoint (a "
-                        "renamed or added entry); the file is corrupted. Re-download or re-save it."
-                    )
-                if typed_checksum(value) != expected:
-                    raise CheckpointError(
-                        f"{self._files_text(key)}: tensor {key!r} ({str(value.dtype).removeprefix('torch.')}, "
-                        f"{list(value.shape)}) does not match the checksum saved with it (its bytes, dtype or shape "
-                        "changed); the file is corrupted. Re-download or re-save it."
-                    )
-                self._verified.add(key)
+        state_dict = {current_key(key): value for key, value in state_dict.items()}
+        for key, value in state_dict.items():
+            self.verifier.verify_tensor(key, value)
         if self._disk_map is not None:
             self._take_offloaded(state_dict)
         return state_dict
@@ -221,7 +149,7 @@ class OTQQuantizer(DiffusersQuantizer):
             if layer is None or tensor_name not in QUANTIZED_BUFFERS:
                 continue
             module = self._model.get_submodule(module_name)
-            self._check_stored(key, layer, module.stored_tensors()[tensor_name], value)
+            self.verifier.check_stored(key, layer, module.stored_tensors().get(tensor_name), value)
             if tensor_name == "weight":  # the codes: integers, never cast, offloaded as they are
                 continue
             if device_in_map(key, self._disk_map) == "disk":
@@ -239,12 +167,6 @@ class OTQQuantizer(DiffusersQuantizer):
                 module.set_stored(tensor_name, value.to(current.device))
         self._exact = {}
 
-    def _files_text(self, key: str | None = None) -> str:
-        """The file holding ``key`` when known, else every file of the checkpoint."""
-        if key is not None and key in self._file_of:
-            return self._file_of[key]
-        return ", ".join(self._files) or "the checkpoint"
-
     def _process_model_before_weight_loading(
         self, model: nn.Module, device_map: Any = None, keep_in_fp32_modules: list[str] | None = None, **kwargs: Any
     ) -> nn.Module:
@@ -261,7 +183,8 @@ class OTQQuantizer(DiffusersQuantizer):
                 "OTQConfig selects no nn.Linear/nn.Conv2d layer of %s; nothing is quantized.", type(model).__name__
             )
         if self.pre_quantized:
-            self._check_plan_matches_checkpoint()
+            if self._loaded_keys:
+                self.verifier.check_plan(model, self.plan, self._loaded_keys, self.quantization_config)
             replace_with_empty_layers(model, list(self.plan.values()), dtype=self._torch_dtype)
         else:
             layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
@@ -279,13 +202,8 @@ class OTQQuantizer(DiffusersQuantizer):
     def check_quantized_param_shape(
         self, param_name: str, current_param: torch.Tensor, loaded_param: torch.Tensor
     ) -> bool:
-        module_name, _, tensor_name = param_name.rpartition(".")
-        layer = self.plan[module_name]
-        raise CheckpointError(
-            f"{self._where(param_name)}: stored {tensor_name!r} has shape {tuple(loaded_param.shape)}, but a "
-            f"{tuple(layer.module.weight.shape)} weight quantized with {self._describe(layer)} needs "
-            f"{tuple(current_param.shape)}{self._implied_bits(layer, tensor_name, loaded_param)}. {_FIX_MISMATCH}"
-        )
+        layer = self.plan[param_name.rpartition(".")[0]]
+        raise self.verifier.shape_error(param_name, layer, current_param.shape, loaded_param)
 
     def create_quantized_param(
         self,
@@ -306,152 +224,54 @@ class OTQQuantizer(DiffusersQuantizer):
             return
         stored = state_dict[param_name]  # as on disk: param_value may have been cast to torch_dtype
         module = model.get_submodule(module_name)
-        self._check_stored(param_name, layer, module.stored_tensors()[tensor_name], stored)
+        self.verifier.check_stored(param_name, layer, module.stored_tensors().get(tensor_name), stored)
         module.set_stored(tensor_name, stored.to(target_device))
-
-    def _check_stored(self, key: str, layer: PlannedLayer, empty: torch.Tensor, stored: torch.Tensor) -> None:
-        tensor_name = key.rpartition(".")[2]
-        if tensor_name == "codebook":
-            allowed = [empty.dtype] if layer.spec.codebook_dtype is not None else list(CODEBOOK_DTYPES)
-        elif tensor_name in ("lowrank_up", "lowrank_down"):  # 16-bit by default, float32 allowed
-            allowed = list(CODEBOOK_DTYPES)
-        else:
-            allowed = [empty.dtype]
-        if stored.dtype not in allowed:
-            raise CheckpointError(
-                f"{self._where(key)}: stored {tensor_name!r} has dtype {stored.dtype}, expected "
-                f"{' or '.join(map(str, allowed))} for {self._describe(layer)}. {_FIX_MISMATCH}"
-            )
-        if stored.shape != empty.shape:  # normally caught by check_quantized_param_shape first
-            self.check_quantized_param_shape(key, empty, stored)
-        if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
-            raise CheckpointError(
-                f"{self._where(key)}: stored {tensor_name!r} holds NaN or Inf values, which would make every output "
-                f"of the layer NaN/Inf; the file is corrupted. Re-download or re-save it."
-            )
-        if tensor_name in ("scale_max", "scale_step") and bool((stored < 0).any()):
-            raise CheckpointError(
-                f"{self._where(key)}: stored {tensor_name!r} has negative values ({float(stored.min()):g}); group "
-                "scales are >= 0 by construction, so the file is corrupted. Re-download or re-save it."
-            )
-        expected = None if self._typed else self._checksums.get(key)  # format >= 3: verified on arrival
-        if expected is not None and tensor_checksum(stored) != expected:
-            raise CheckpointError(
-                f"{self._where(key)}: the bytes of {tensor_name!r} do not match the checksum saved with them "
-                f"(crc32 {tensor_checksum(stored)} != {expected}); the file is corrupted. Re-download or re-save it."
-            )
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
             self._restore_exact(model)
-            self._check_complete(model)
+            self.verifier.check_all_verified()
         self._model = None
-        held = {name for name, _ in offloaded_modules(model)}
-        for name, layer in self.plan.items():
-            module = model.get_submodule(name)
-            if not isinstance(module, OTQLayerMixin):
-                raise CheckpointError(
-                    f"Layer {name!r} was selected for OTQ quantization but its weight never arrived from the "
-                    "checkpoint, so it was not quantized; check that the checkpoint is complete."
-                )
-            for buffer_name, buffer in module.stored_tensors().items():
-                if buffer.device.type == "meta" and name not in held:  # not offloaded by a hook: never loaded
-                    raise CheckpointError(
-                        f"Layer {name!r}: {buffer_name!r} is still on the meta device after loading: the checkpoint "
-                        f"{self._files or ''} has no '{name}.{buffer_name}' entry (a missing shard, or a checkpoint "
-                        f"quantized with different settings than {self._describe(layer)}). {_FIX_MISMATCH}"
-                    )
-            if self.pre_quantized:
-                self._check_codes(name, module)
+        self.verifier.check_loaded(model, self.plan, stored=self.pre_quantized)
         from .hub import attach_model_card
 
         attach_model_card(model)
         adapt_quantized_model(model)
         return model
 
-    def _check_plan_matches_checkpoint(self) -> None:
-        """The layers config.json selects are exactly those the checkpoint stores quantized (with a codebook)."""
-        if not self._loaded_keys:
-            return
-        stored = {key.rpartition(".")[0] for key in self._loaded_keys if key.endswith(".codebook")}
-        extra, missing = sorted(stored - set(self.plan)), sorted(set(self.plan) - stored)
-        if extra or missing:
-            config = self.quantization_config
-            raise CheckpointError(
-                f"{self._files_text()}: config.json's quantization_config does not match the stored tensors: "
-                + (f"the checkpoint stores {', '.join(extra[:5])} quantized, but the config leaves them in float "
-                   f"(modules_to_not_convert={config.modules_to_not_convert!r})" if extra else "")
-                + ("; " if extra and missing else "")
-                + (f"the config quantizes {', '.join(missing[:5])}, but the checkpoint stores them in float"
-                   if missing else "")
-                + ". config.json was edited or belongs to another checkpoint; restore it or re-save the model."
-            )  # fmt: skip
-
-    def _check_complete(self, model: nn.Module) -> None:
-        """Every tensor the checksums list arrived, and no parameter or buffer is left on the meta device."""
-        if self._typed:
-            missing = sorted(set(self._checksums) - self._verified)
-            if missing:
-                raise CheckpointError(
-                    f"{self._files_text()}: {len(missing)} tensor(s) listed in the checkpoint's checksums are not in "
-                    f"its files: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (removed or renamed); "
-                    "the checkpoint is incomplete or corrupted. Re-download or re-save it."
-                )
-        left = missing_tensors(model)  # offloaded tensors are on meta too, held by accelerate's hooks
-        if left:
-            raise CheckpointError(
-                f"{self._files_text()}: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''} never arrived from the "
-                "checkpoint and would be left uninitialised; the checkpoint is incomplete. Re-download or re-save it."
-            )
-
-    def _check_codes(self, name: str, module: OTQLayerMixin) -> None:
-        """Codes must index existing codewords (only possible to violate when a codebook has < 2**bits entries)."""
-        levels = module.codebook.shape[1]
-        if levels >= 1 << module.bits:
-            return
-        numel = module.weight_shape.numel()
-        codes = stored_value(module, "weight")  # an offloaded layer's codes: from its hook's weights map
-        largest = int(unpack_codes(codes, module.bits, numel).max()) if numel else 0
-        if largest >= levels:
-            raise CheckpointError(
-                f"Layer {name!r}: a stored code is {largest}, but its codebooks have only {levels} entries; "
-                "the packed codes are corrupted. Re-download or re-save the checkpoint."
-            )
-
     # --------------------------------------------------------------------------------------- saving / helpers
+
+    @contextmanager
+    def saving(self, model: nn.Module) -> Iterator[None]:
+        """While ``model`` is being saved: its config goes into the checksums of the headers written meanwhile
+        (registration's ``ModelMixin.save_pretrained`` wrapper enters this around every save)."""
+        self._saving = model
+        try:
+            yield
+        finally:
+            self._saving = None
 
     def get_state_dict_and_metadata(
         self, state_dict: dict[str, torch.Tensor], safe_serialization: bool = False
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Add the format version and the checksums of every packed tensor to the safetensors headers."""
+        """Add the format version, the checksums of every tensor and those of the config fields to the headers.
+
+        Raises:
+            ValueError: a pickle save was asked for, or the save did not go through ``ModelMixin.save_pretrained``
+                (so the config it writes is unknown).
+        """
         if not safe_serialization:
             raise ValueError(
                 "OTQ checkpoints are saved as safetensors only (no pickles); call "
                 "save_pretrained(..., safe_serialization=True) (the default)."
             )
-        return state_dict, checkpoint_metadata(state_dict)
-
-    def _where(self, key: str) -> str:
-        files = f" in {self._files_text(key)}" if self._files else ""
-        return f"Layer {key.rpartition('.')[0]!r}{files}"
-
-    @staticmethod
-    def _describe(layer: PlannedLayer) -> str:
-        spec = layer.spec
-        text = f"bits={spec.bits}, granularity={spec.granularity!r}"
-        text += f", group_size={spec.group_size}" if spec.group_size else ""
-        text += f", rank={spec.rank}" if spec.rank else ""
-        return text + (f", rotation_block={spec.rotation_block}" if spec.rotation_block else "")
-
-    @staticmethod
-    def _implied_bits(layer: PlannedLayer, tensor_name: str, loaded: torch.Tensor) -> str:
-        bits = layer.spec.bits
-        if tensor_name == "weight":
-            numel = layer.module.weight.numel()
-            return f" (the stored codes hold {loaded.numel() * 8 / numel:.2f} bits per weight, config says {bits})"
-        if tensor_name == "codebook" and loaded.dim() == 2:
-            return f" (the stored codebooks have {loaded.shape[1]} entries; bits={bits} means up to {1 << bits})"
-        return ""
+        if self._saving is None:
+            raise ValueError(
+                "OTQQuantizer.get_state_dict_and_metadata is called by ModelMixin.save_pretrained, which "
+                "`import diffusers_otq` wraps so that the config being saved is known; save with "
+                "model.save_pretrained(...)."
+            )
+        return state_dict, checkpoint_metadata(state_dict, saved_config(self._saving))
 
     @property
     def is_serializable(self) -> bool:
@@ -478,16 +298,9 @@ class OTQQuantizer(DiffusersQuantizer):
         return model
 
 
-def _current_key(key: str) -> str:
-    """``key`` with a format-version-1/2 tensor name (``packed``) replaced by its current one (``weight``)."""
-    module, _, tensor = key.rpartition(".")
-    new = LEGACY_BUFFER_NAMES.get(tensor)
-    return f"{module}.{new}" if new is not None and module else key
-
-
-def checkpoint_metadata(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
-    """The safetensors header entries of a saved OTQ model: format version and the checksum of every tensor."""
-    return {FORMAT_VERSION_KEY: str(FORMAT_VERSION), CHECKSUMS_KEY: checksums_metadata(state_dict)}
+def saved_config(model: nn.Module) -> dict[str, Any]:
+    """The config diffusers writes to config.json when saving ``model`` (its own serialisation)."""
+    return json.loads(model.to_json_string())
 
 
 def _num_parameters(self: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:

@@ -7,10 +7,13 @@ transformers' public ``register_quantization_config`` and ``register_quantizer``
 ``PipelineQuantizationConfig(quant_backend="otq", ...)`` validate and quantize text encoders. Both registrations are idempotent and never
 replace another package's "otq" entry.
 
-``ModelMixin.from_pretrained`` is wrapped too: when loading a local folder fails, the files are examined and a
-damaged or mis-described OTQ checkpoint gets a :class:`~diffusers_otq.checkpoint.CheckpointError` with the cause
-(:mod:`diffusers_otq.load_errors`); every other failure passes through unchanged. ``ModelMixin.save_pretrained``
-of a model with OTQ layers makes the saved files byte-identical for identical models (:mod:`diffusers_otq.saving`).
+``ModelMixin.from_pretrained`` and transformers' ``PreTrainedModel.from_pretrained`` are wrapped too: when loading a
+folder fails before the quantizer's checks run (a damaged single file or shard index, a config.json the library
+cannot build a model from), the files are examined and a damaged or mis-described OTQ checkpoint gets a
+:class:`~diffusers_otq.checkpoint.CheckpointError` with the cause (:mod:`diffusers_otq.load_errors`), chained to the
+library's error; every other failure passes through unchanged. ``ModelMixin.save_pretrained`` of a model with OTQ
+layers tells its quantizer which model is being saved (its config's checksums go into the headers) and makes the
+saved files byte-identical for identical models (:mod:`diffusers_otq.saving`).
 
 ``DiffusionPipeline.from_pretrained`` rejects a bare model config with a terse "must be an instance of
 PipelineQuantizationConfig"; registration wraps it so that an :class:`OTQConfig` gets an error that shows how to
@@ -23,6 +26,7 @@ A checkpoint saved with OTQ can only be loaded after ``import diffusers_otq``; w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -69,9 +73,11 @@ def register() -> None:
     _claim(diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, OTQConfig, "diffusers AUTO_QUANTIZATION_CONFIG_MAPPING")
     _claim(diffusers_auto.AUTO_QUANTIZER_MAPPING, OTQQuantizer, "diffusers AUTO_QUANTIZER_MAPPING")
     try:
+        from transformers import PreTrainedModel
         from transformers.quantizers import auto as transformers_auto
     except ImportError:  # pragma: no cover - transformers is a dependency
         return
+    _wrap_once(PreTrainedModel, "from_pretrained", _explain_load_failures)
     if transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is None:
         transformers_auto.register_quantization_config(QUANT_METHOD)(OTQConfig)
     else:
@@ -114,8 +120,9 @@ def _explain_bare_config(from_pretrained: Any) -> Any:
 
 
 def _explain_load_failures(from_pretrained: Any) -> Any:
-    """Wrap ``ModelMixin.from_pretrained``: a failure on a local folder gets the cause its files show
-    (:func:`~diffusers_otq.load_errors.explain_load_failure`), chained to diffusers' error."""
+    """Wrap ``ModelMixin.from_pretrained`` or ``PreTrainedModel.from_pretrained``: a failure gets the cause the
+    checkpoint's files show (:func:`~diffusers_otq.load_errors.explain_load_failure`), chained to the library's
+    error."""
 
     @functools.wraps(from_pretrained)
     def wrapper(cls: type, pretrained_model_name_or_path: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -133,12 +140,16 @@ def _explain_load_failures(from_pretrained: Any) -> Any:
 
 
 def _save_deterministically(save_pretrained: Any) -> Any:
-    """Wrap ``ModelMixin.save_pretrained``: a model with OTQ layers is saved as byte-identical files
-    (:func:`~diffusers_otq.saving.make_deterministic`)."""
+    """Wrap ``ModelMixin.save_pretrained``: an OTQ quantizer learns which model it saves
+    (:meth:`~diffusers_otq.quantizer.OTQQuantizer.saving`), and a model with OTQ layers is saved as byte-identical
+    files (:func:`~diffusers_otq.saving.make_deterministic`)."""
 
     @functools.wraps(save_pretrained)
     def wrapper(self: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-        result = save_pretrained(self, save_directory, *args, **kwargs)
+        quantizer = getattr(self, "hf_quantizer", None)
+        saving = quantizer.saving(self) if isinstance(quantizer, OTQQuantizer) else contextlib.nullcontext()
+        with saving:
+            result = save_pretrained(self, save_directory, *args, **kwargs)
         if any(isinstance(module, OTQLayerMixin) for module in self.modules()) and os.path.isdir(save_directory):
             make_deterministic(save_directory)
         return result

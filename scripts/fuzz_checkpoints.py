@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from diffusers_otq.testing.fuzz_cases import CASES, make_probe, saved_checkpoint
 from diffusers_otq.testing.fuzzing import count_table, run_campaign
@@ -28,8 +29,10 @@ logger = logging.getLogger("fuzz_checkpoints")
 IDENTICAL_NOTE = (
     "An identical outcome is a mutation that changed nothing the model reads: an edit to the same value (a 1-D shape "
     "rewritten as itself, a character replaced by itself), a swap of two equal tensors (two all-ones norm weights), "
-    "a metadata key diffusers-otq does not read (diffusers' 'format'), a config field set to the value it had or "
-    "to its default, or a sharded index entry diffusers does not need (it reads every shard)."
+    "a metadata key diffusers-otq does not read (diffusers' 'format'), a quantization_config field set to the value "
+    "it had, to its default or to one that only matters when fitting (method), a config.json field the config "
+    "checksums do not cover (_name_or_path), or a sharded index entry the loader does not need (it reads every shard "
+    "the index names)."
 )
 
 
@@ -42,6 +45,9 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
     lines = [
         "# Checkpoint fuzzing: every damaged checkpoint loads identically or is refused",
         "",
@@ -49,7 +55,9 @@ def main() -> int:
         "",
         "Classes: identical = loaded, outputs equal to the original's bit for bit; refused = CheckpointError with "
         "the cause; silent = loaded with different outputs (a failure); raw = any other exception (a failure). "
-        "Models: the tests' tiny UNet2DModel and SD3Transformer2DModel at 3 bits (diffusers_otq/testing/fuzz_cases.py).",
+        "Models: the tests' tiny diffusers UNet2DModel and SD3Transformer2DModel and transformers T5EncoderModel and "
+        "CLIPTextModel at 3 bits, each loaded with its own class's from_pretrained "
+        f"(diffusers_otq/testing/fuzz_cases.py); {args.mutations} mutations per case, the kinds taken in turn.",
         "",
         IDENTICAL_NOTE,
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from diffusers_otq.checkpoint import (
     read_safetensors_header,
     typed_checksum,
 )
+from diffusers_otq.config_checksums import CONFIG_CHECKSUMS_KEY, config_field_checksums
 from diffusers_otq.testing.tiny_models import tiny_unet
 
 
@@ -68,6 +70,51 @@ def test_saved_headers_carry_version_and_checksums(saved: Path) -> None:
     tensors = load_file(saved / WEIGHTS)
     assert set(checksums) == set(tensors)  # every tensor: packed codes, codebooks, and the float biases and norms
     assert all(typed_checksum(tensors[k]) == v for k, v in checksums.items())
+    config = json.loads((saved / "config.json").read_text())  # and every field of config.json but two
+    assert json.loads(header.metadata[CONFIG_CHECKSUMS_KEY]) == config_field_checksums(config)
+    assert set(config) - set(json.loads(header.metadata[CONFIG_CHECKSUMS_KEY])) == {"quantization_config"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: c.update(norm_num_groups=4), r"changed: norm_num_groups=4"),  # every shape still fits
+        (lambda c: c.update(act_fn="gelu"), r"changed: act_fn=\"gelu\""),
+        (lambda c: c.update(_class_name="UNet2DConditionModel"), r"changed: _class_name="),
+        (lambda c: c.pop("resnet_time_scale_shift"), r"removed: resnet_time_scale_shift"),
+        (lambda c: c.update(norm_num_groups=3), r"changed: norm_num_groups=3"),  # GroupNorm(3, 16) cannot be built
+    ],
+)  # fmt: skip
+def test_config_field_edits_are_refused_naming_the_field(
+    saved: Path, tmp_path: Path, edit: Callable[[dict], object], match: str
+) -> None:
+    folder = _copy(saved, tmp_path / "q")
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"config.json: does not match the config the weights were saved with "
+                                              rf"\({match}"):  # fmt: skip
+        UNet2DModel.from_pretrained(folder)
+
+
+def test_config_checksums_are_required_from_format_4_and_absent_before(saved: Path, tmp_path: Path) -> None:
+    from diffusers_otq.testing.tiny_models import unet_inputs
+
+    folder = _copy(saved, tmp_path / "v4")
+    _rewrite(folder / WEIGHTS, lambda tensors, metadata: metadata.pop(CONFIG_CHECKSUMS_KEY))
+    with pytest.raises(CheckpointError, match=r"format version 4 but the header has no 'otq_config_checksums'"):
+        UNet2DModel.from_pretrained(folder)
+
+    def format_3(tensors: dict, metadata: dict) -> None:
+        metadata.update({FORMAT_VERSION_KEY: "3"})
+
+    _rewrite(folder / WEIGHTS, format_3)  # a format-3 checkpoint: loads as before, config.json is not compared
+    config = json.loads((folder / "config.json").read_text())
+    config["norm_num_groups"] = 4
+    (folder / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        edited = UNet2DModel.from_pretrained(folder)(**unet_inputs()).sample
+        assert not torch.equal(edited, UNet2DModel.from_pretrained(saved)(**unet_inputs()).sample)
 
 
 def test_truncated_single_file_names_the_file(saved: Path, tmp_path: Path) -> None:
@@ -206,7 +253,7 @@ def test_unsigned_files_load_only_with_the_explicit_opt_out(
     with pytest.raises(CheckpointError, match="set DIFFUSERS_OTQ_ALLOW_UNCHECKED=1"):
         UNet2DModel.from_pretrained(folder)
     monkeypatch.setenv("DIFFUSERS_OTQ_ALLOW_UNCHECKED", "1")
-    with caplog.at_level("WARNING", logger="diffusers_otq.quantizer"):
+    with caplog.at_level("WARNING", logger="diffusers_otq.integrity"):
         model = UNet2DModel.from_pretrained(folder)
     assert "without integrity checks" in caplog.text and WEIGHTS in caplog.text
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""A damaged safetensors header is a CheckpointError naming the file and the entry, never a raw KeyError,
+"""A damaged safetensors header or shard index is a CheckpointError naming the file and the entry, never a raw KeyError,
 IndexError, TypeError or ValueError from the parser (issue: integrity of every byte, finding 6)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusers_otq.checkpoint import CheckpointError, collect_checksums, read_safetensors_header
+from diffusers_otq.checkpoint import CheckpointError, collect_checksums, read_safetensors_header, read_shard_index
 from diffusers_otq.config import OTQConfig
 from diffusers_otq.quantizer import OTQQuantizer
 
@@ -69,3 +69,25 @@ def test_format_versions_that_are_not_numbers_or_too_new(tmp_path: Path, version
     quantizer = OTQQuantizer(OTQConfig(bits=3), pre_quantized=True)
     with pytest.raises(CheckpointError, match=match):
         quantizer.maybe_update_loaded_keys(["w"], [str(path)])
+
+
+@pytest.mark.parametrize(
+    ("index", "match"),
+    [
+        ('{"metadata": {}, "weight_map": {"w": "a.safe', r"the shard index is not valid JSON"),
+        ("[]", r"the shard index is a JSON list, not an object"),
+        ({"metadata": {}}, r"weight_map is null, not a non-empty map"),
+        ({"metadata": {}, "weight_map": {}}, r"weight_map is \{\}, not a non-empty map"),
+        ({"metadata": {}, "weight_map": {"w": 1}}, r"weight_map is \{\"w\": 1\}"),
+        ({"weight_map": {"w": "a.safetensors"}}, r"metadata is null, not an object"),
+        ({"metadata": {}, "weight_map": {"w": "b.safetensors"}}, r"names b.safetensors, which is not in"),
+    ],
+)  # fmt: skip
+def test_damaged_shard_indexes_are_named(tmp_path: Path, index: object, match: str) -> None:
+    _write(tmp_path / "a.safetensors", GOOD)
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_text(index if isinstance(index, str) else json.dumps(index))
+    with pytest.raises(CheckpointError, match=match):
+        read_shard_index(path)
+    path.write_text(json.dumps({"metadata": {}, "weight_map": {"w": "a.safetensors"}}))
+    assert read_shard_index(path) == {"w": "a.safetensors"}

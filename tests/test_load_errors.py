@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from diffusers import UNet2DModel
 
+from diffusers_otq import OTQConfig
 from diffusers_otq.checkpoint import CheckpointError
 from diffusers_otq.load_errors import explain_load_failure
 from diffusers_otq.testing.tiny_models import tiny_unet
@@ -52,3 +56,51 @@ def test_the_file_diffusers_names_is_examined_wherever_it_lives(tmp_path: Path) 
     error = OSError(f"Unable to load weights from checkpoint file for '{path}' at '{path}'. ")
     explained = explain_load_failure("someone/some-repo", None, error)
     assert isinstance(explained, CheckpointError) and "100 missing" in str(explained)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-bit quantized tiny UNet saved in shards."""
+    root = tmp_path_factory.mktemp("sharded")
+    tiny_unet().save_pretrained(root / "float")
+    model = UNet2DModel.from_pretrained(root / "float", quantization_config=OTQConfig(bits=3))
+    model.save_pretrained(root / "q", max_shard_size="40KB")
+    return root / "q"
+
+
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+@pytest.mark.parametrize(
+    ("edit", "match", "cause"),
+    [
+        (lambda index: index[:-40], r"the shard index is not valid JSON", json.JSONDecodeError),
+        (lambda index: json.dumps({**json.loads(index), "weight_map": "x"}), r"weight_map is \"x\", not a",
+         AttributeError),
+        (lambda index: json.dumps({k: v for k, v in json.loads(index).items() if k != "metadata"}),
+         r"metadata is null, not an object", KeyError),
+        (lambda index: json.dumps([json.loads(index)]), r"the shard index is a JSON list", TypeError),
+        (lambda index: index.replace("-00002-of-", "-00009-of-"), r"names diffusion_pytorch_model-00009-of-0000\d"
+         r".safetensors, which is not in", OSError),
+    ],
+)  # fmt: skip
+def test_a_damaged_shard_index_is_explained_and_chained_to_diffusers_error(
+    sharded: Path, tmp_path: Path, edit: Callable[[str], str], match: str, cause: type
+) -> None:
+    folder = Path(shutil.copytree(sharded, tmp_path / "q"))
+    (folder / INDEX).write_text(edit((folder / INDEX).read_text()))
+    with pytest.raises(CheckpointError, match=rf"{INDEX}: .*{match}") as caught:
+        UNet2DModel.from_pretrained(folder)
+    assert isinstance(caught.value.__cause__, cause)
+
+
+def test_a_config_diffusers_cannot_build_is_explained_by_the_field_that_changed(sharded: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(sharded, tmp_path / "q"))
+    config = json.loads((folder / "config.json").read_text())
+    config["norm_num_groups"] = 3  # GroupNorm(3, 16): diffusers fails while building the model
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match=r"config.json: does not match .* \(changed: norm_num_groups=3\)"
+    ) as caught:
+        UNet2DModel.from_pretrained(folder)
+    assert isinstance(caught.value.__cause__, ValueError) and not isinstance(caught.value.__cause__, CheckpointError)

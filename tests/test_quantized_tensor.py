@@ -195,6 +195,24 @@ def test_rows_beyond_float16_get_float32_codebooks_or_an_error_when_float16_is_a
         quantize_tensor(weight, bits=3, codebook_dtype=torch.float16)
 
 
+@pytest.mark.parametrize("scale", [1e200, 1e39, 1e-39, 1e-300])
+@pytest.mark.parametrize(
+    ("kwargs", "storage"),
+    [({}, "float32"), ({"codebook_dtype": torch.float32}, "float32"), ({"codebook_dtype": torch.bfloat16}, "bfloat16"),
+     ({"granularity": "group", "group_size": 16}, "float32")],
+)  # fmt: skip
+def test_float64_rows_beyond_float32_are_refused_not_stored_as_inf_or_zero(
+    scale: float, kwargs: dict, storage: str
+) -> None:
+    weight = torch.randn(4, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weight[1:] *= scale  # three rows no supported codebook dtype (or float32 group scale) can hold
+    with pytest.raises(ValueError, match=rf"'big'.*absmax from .*\(torch.float64\), beyond what its torch.{storage} "
+                                         r"codebooks or scales can hold.*float64 is not supported.*Rescale"):  # fmt: skip
+        quantize_tensor(weight, bits=3, name="big", **kwargs)
+    ordinary = quantize_tensor(weight[:1], bits=3, **kwargs)  # float64 rows inside float32's range still fit
+    assert bool(torch.isfinite(ordinary.codebook).all()) and ordinary.dequantize(torch.float64).abs().amax() > 0
+
+
 @pytest.mark.parametrize("granularity", ["channel", "group"])
 @pytest.mark.parametrize("scale", [1e30, 1e19, 1e-30, 1e-40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

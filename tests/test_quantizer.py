@@ -272,3 +272,20 @@ def test_compile_fullgraph_inductor(saved_float: dict[str, Path]) -> None:
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     assert torch.allclose(_run(compiled, sd3_inputs()), expected, atol=1e-4)
+
+
+def test_the_header_entries_come_from_a_save_that_names_its_model(tmp_path: Path) -> None:
+    """The config checksums need the config being written: ModelMixin.save_pretrained (wrapped on import) names the
+    model; a direct call cannot know it and says how to save, and so does a pickle save."""
+    from diffusers_otq import OTQQuantizer
+
+    quantizer = OTQQuantizer(OTQConfig(bits=3), pre_quantized=True)
+    with pytest.raises(ValueError, match=r"called by ModelMixin.save_pretrained.*model.save_pretrained"):
+        quantizer.get_state_dict_and_metadata({}, safe_serialization=True)
+    model = tiny_unet()
+    quantize_model(model, OTQConfig(bits=3), progress=False)
+    with model.hf_quantizer.saving(model):
+        _, metadata = model.hf_quantizer.get_state_dict_and_metadata(model.state_dict(), safe_serialization=True)
+    assert "norm_num_groups" in json.loads(metadata["otq_config_checksums"])
+    with pytest.raises(ValueError, match=r"called by ModelMixin.save_pretrained"):  # only while that save runs
+        model.hf_quantizer.get_state_dict_and_metadata(model.state_dict(), safe_serialization=True)

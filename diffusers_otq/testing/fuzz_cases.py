@@ -1,13 +1,14 @@
 """The checkpoints the fuzz campaigns damage: tiny real models, quantized at 3 bits and saved, and the probe that
-loads a (damaged) copy and runs it.
+loads a (damaged) copy and runs it: diffusers denoisers (UNet, SD3 transformer) and transformers text encoders (T5,
+CLIP), each loaded with its own class's ``from_pretrained``.
 
 Used by ``tests/testing/test_fuzzing.py`` (a few hundred mutations per CI run) and ``scripts/fuzz_checkpoints.py``
 (long campaigns, ``results/reliability.md``).
 
 Example:
     >>> from diffusers_otq.testing.fuzz_cases import CASES
-    >>> sorted(CASES)[:2]
-    ['sd3-single-file', 'unet-sharded']
+    >>> sorted(CASES)[:3]
+    ['clip-single-file', 'sd3-single-file', 't5-sharded']
 """
 
 from __future__ import annotations
@@ -18,10 +19,20 @@ from pathlib import Path
 
 import torch
 from diffusers import SD3Transformer2DModel, UNet2DModel
+from transformers import CLIPTextModel, T5EncoderModel
 
 from ..config import OTQConfig
 from .fuzzing import Probe
-from .tiny_models import sd3_inputs, tiny_sd3_transformer, tiny_unet, unet_inputs
+from .tiny_models import (
+    clip_inputs,
+    sd3_inputs,
+    t5_inputs,
+    tiny_clip_text_model,
+    tiny_sd3_transformer,
+    tiny_t5_encoder,
+    tiny_unet,
+    unet_inputs,
+)
 
 
 __all__ = ["CASES", "FuzzCase", "make_probe", "saved_checkpoint"]
@@ -50,6 +61,9 @@ CASES: dict[str, FuzzCase] = {
     "unet-single-file": FuzzCase(tiny_unet, UNet2DModel, unet_inputs, {}, 320),
     "unet-sharded": FuzzCase(tiny_unet, UNet2DModel, unet_inputs, {"max_shard_size": "20KB"}, 100),
     "sd3-single-file": FuzzCase(tiny_sd3_transformer, SD3Transformer2DModel, sd3_inputs, {}, 100),
+    "t5-single-file": FuzzCase(tiny_t5_encoder, T5EncoderModel, t5_inputs, {}, 100),
+    "t5-sharded": FuzzCase(tiny_t5_encoder, T5EncoderModel, t5_inputs, {"max_shard_size": "20KB"}, 100),
+    "clip-single-file": FuzzCase(tiny_clip_text_model, CLIPTextModel, clip_inputs, {}, 100),
 }
 
 

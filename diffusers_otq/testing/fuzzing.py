@@ -14,9 +14,12 @@ Mutation kinds (the file-level ones pick one of the checkpoint's safetensors fil
 ``bit_flip`` one bit anywhere; ``overwrite`` 1-16 random bytes; ``truncate`` at a random length; ``append`` random
 bytes; ``header_bit_flip`` one bit inside the JSON header; ``header_dtype`` / ``header_shape`` /
 ``header_offsets`` a rewritten entry; ``rename`` a key; ``remove`` a tensor (file rewritten consistently);
-``add`` an extra tensor; ``swap`` two tensors' data of equal size; ``metadata`` a checksum, the format version or
-the whole ``__metadata__`` edited or removed; ``config`` an edit of config.json's ``quantization_config``;
-``index`` an edit of a sharded checkpoint's weight map.
+``add`` an extra tensor; ``swap`` two tensors' data of equal size; ``metadata`` a checksum, a config checksum, the
+format version or the whole ``__metadata__`` edited or removed; ``config`` an edit of config.json: of its
+``quantization_config`` (replaced, removed, a field changed) or of a model field (changed, removed, added);
+``index`` an edit of a sharded checkpoint's index: its weight map (an entry removed, moved or added, the map
+replaced by a list, a string or a map to numbers, a shard that does not exist), its metadata or weight map removed,
+the whole index a list, or its JSON truncated.
 
 Used by tests/testing/test_fuzzing.py (a few hundred mutations per CI run) and scripts/fuzz_checkpoints.py (long runs,
 results/reliability.md).
@@ -43,6 +46,8 @@ RESULTS = ("identical", "refused", "silent", "raw")
 CONFIG = "config.json"
 INDEX_SUFFIX = ".safetensors.index.json"
 _DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "U16"]
+_CHECKSUM_ENTRIES = ("otq_checksums", "otq_config_checksums")
+_STRINGS = ["relu", "gelu", "silu", "quick_gelu", "gated-gelu", "float16", "bfloat16", "UNet2DModel", "x", ""]
 
 
 @dataclass(frozen=True)
@@ -223,20 +228,21 @@ def _metadata(raw: bytes, rng: random.Random) -> tuple[bytes, str]:
         metadata.pop(key)
         header["__metadata__"] = metadata
         detail = f"removed metadata {key!r}"
-    elif choice == 2 and "otq_checksums" in metadata:
-        sums = json.loads(metadata["otq_checksums"])
+    elif choice == 2 and any(entry in metadata for entry in _CHECKSUM_ENTRIES):
+        entry = rng.choice([entry for entry in _CHECKSUM_ENTRIES if entry in metadata])
+        sums = json.loads(metadata[entry])
         key = rng.choice(sorted(sums))
         sums[key] = rng.choice([sums[key] ^ 1, 0, -1, "x", None, 2**64])
-        metadata["otq_checksums"] = json.dumps(sums)
+        metadata[entry] = json.dumps(sums)
         header["__metadata__"] = metadata
-        detail = f"checksum of {key} -> {sums[key]!r}"
+        detail = f"{entry}: checksum of {key} -> {sums[key]!r}"
     elif choice == 3:
         value = rng.choice(["0", "2", "9", "-1", "x", "", "3.0", "²", "99999999999999999999"])
         metadata["otq_format_version"] = value
         header["__metadata__"] = metadata
         detail = f"format version -> {value!r}"
     elif choice == 4:
-        metadata[rng.choice(["otq_extra", "format", "otq_checksums"])] = rng.choice(["{}", "[]", "pt", "null"])
+        metadata[rng.choice(["otq_extra", "format", *_CHECKSUM_ENTRIES])] = rng.choice(["{}", "[]", "pt", "null"])
         header["__metadata__"] = metadata
         detail = f"metadata -> {metadata}"[:120]
     else:
@@ -263,7 +269,9 @@ FILE_MUTATIONS: dict[str, Callable[[bytes, random.Random], tuple[bytes, str]]] =
 
 def _config_edit(config: dict, rng: random.Random, module_names: list[str]) -> str:
     qc = config.get("quantization_config")
-    choice = rng.randrange(12)
+    choice = rng.randrange(18)
+    if choice >= 12:
+        return _model_field_edit(config, rng)
     if choice == 0:
         config["quantization_config"] = rng.choice([None, [], {}, "otq", 3])
         return f"quantization_config -> {config['quantization_config']!r}"
@@ -296,20 +304,77 @@ def _config_edit(config: dict, rng: random.Random, module_names: list[str]) -> s
     return f"quantization_config.{field} -> {value!r}"
 
 
-def _index_edit(index: dict, rng: random.Random) -> str:
+def _changed(value: object, rng: random.Random) -> object:
+    """Another value of the same kind, small enough that building the model stays cheap."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        candidates: list = [value + 1, value - 1, value * 2, value // 2, 0]
+    elif isinstance(value, float):
+        candidates = [value * 2, value / 2, value + 0.5, 0.0]
+    elif isinstance(value, str):
+        candidates = list(_STRINGS)
+    elif isinstance(value, list):
+        candidates = [value[::-1], value[:-1], [*value, *value[-1:]], [1]]
+    elif isinstance(value, dict):
+        candidates = [{}, {"x": 1}]
+    else:
+        candidates = [1, "x", [], {}]
+    return rng.choice([c for c in candidates if c != value or type(c) is not type(value)])
+
+
+def _model_field_edit(config: dict, rng: random.Random) -> str:
+    """An edit of a config.json field that describes the model (not its quantization_config)."""
+    fields = sorted(k for k in config if k != "quantization_config")
+    choice = rng.randrange(6)
+    if choice == 0 or not fields:
+        field = rng.choice(["_name_or_path", "extra_field", "hidden_dropout", "use_return_dict"])
+        config[field] = rng.choice([0, 1.5, "x", None, True])
+        return f"{field} added: {config[field]!r}"
+    field = rng.choice(fields)
+    if choice == 1:
+        config.pop(field)
+        return f"{field} removed"
+    old = config[field]
+    config[field] = _changed(old, rng)
+    return f"{field}: {old!r} -> {config[field]!r}"
+
+
+def _index_edit(text: str, rng: random.Random) -> tuple[str, str]:
+    """An edit of a shard index's JSON text: the new text and what was done."""
+    index = json.loads(text)
     weight_map = index.get("weight_map", {})
     key = rng.choice(sorted(weight_map))
-    choice = rng.randrange(3)
+    choice = rng.randrange(10)
     if choice == 0:
         weight_map.pop(key)
-        return f"weight_map: removed {key}"
-    if choice == 1:
-        others = sorted(set(weight_map.values()) - {weight_map[key]})
-        if others:
-            weight_map[key] = rng.choice(others)
-            return f"weight_map: {key} -> {weight_map[key]}"
-    weight_map[key + "_extra"] = weight_map[key]
-    return f"weight_map: added {key}_extra"
+        detail = f"weight_map: removed {key}"
+    elif choice == 1 and len(set(weight_map.values())) > 1:
+        weight_map[key] = rng.choice(sorted(set(weight_map.values()) - {weight_map[key]}))
+        detail = f"weight_map: {key} -> {weight_map[key]}"
+    elif choice == 2:
+        weight_map[key] = rng.choice(["missing.safetensors", "../" + weight_map[key], ""])
+        detail = f"weight_map: {key} -> {weight_map[key]!r}"
+    elif choice == 3:
+        keep = rng.randrange(len(text))
+        return text[:keep], f"truncated at {keep} of {len(text)} characters"
+    elif choice == 4:
+        index["weight_map"] = rng.choice([[], "x", sorted(weight_map), {k: 1 for k in weight_map}, {}])
+        detail = f"weight_map -> {json.dumps(index['weight_map'])[:40]}"
+    elif choice == 5:
+        removed = rng.choice(["metadata", "weight_map"])
+        index.pop(removed, None)
+        detail = f"{removed} removed"
+    elif choice == 6:
+        index = [index]
+        detail = "the index wrapped in a list"
+    elif choice == 7:
+        index["metadata"] = rng.choice([None, [], "x", {}])
+        detail = f"metadata -> {index['metadata']!r}"
+    else:
+        weight_map[key + "_extra"] = weight_map[key]
+        detail = f"weight_map: added {key}_extra"
+    return json.dumps(index, indent=2), detail
 
 
 MUTATIONS: tuple[str, ...] = (*FILE_MUTATIONS, "config", "index")
@@ -331,9 +396,8 @@ def mutate(source: Path, target: Path, kind: str, rng: random.Random, module_nam
         if not indexes:
             kind = rng.choice(list(FILE_MUTATIONS))
         else:
-            index = json.loads(indexes[0].read_text())
-            detail = _index_edit(index, rng)
-            indexes[0].write_text(json.dumps(index, indent=2))
+            text, detail = _index_edit(indexes[0].read_text(), rng)
+            indexes[0].write_text(text)
             return detail
     files = sorted(target.glob("*.safetensors"))
     path = rng.choice(files)

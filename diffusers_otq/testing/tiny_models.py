@@ -165,6 +165,28 @@ def _t5() -> T5EncoderModel:
     return T5EncoderModel(T5Config(vocab_size=32, d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2))
 
 
+def tiny_t5_encoder(seed: int = 0) -> T5EncoderModel:
+    """The tiny T5 text encoder of the Flux and SD3 test pipelines (2 layers, 32 wide, a 32-token vocabulary)."""
+    torch.manual_seed(seed)
+    return _t5().eval()
+
+
+def tiny_clip_text_model(seed: int = 0) -> CLIPTextModel:
+    """The tiny CLIP text encoder of the test pipelines (2 layers, 32 wide, a 1000-token vocabulary)."""
+    torch.manual_seed(seed)
+    return CLIPTextModel(_clip_config()).eval()
+
+
+def t5_inputs(batch: int = 2) -> dict[str, torch.Tensor]:
+    """Token ids for :func:`tiny_t5_encoder`."""
+    return {"input_ids": torch.randint(0, 32, (batch, 7), generator=torch.Generator().manual_seed(1))}
+
+
+def clip_inputs(batch: int = 2) -> dict[str, torch.Tensor]:
+    """Token ids for :func:`tiny_clip_text_model`."""
+    return {"input_ids": torch.randint(0, 1000, (batch, 7), generator=torch.Generator().manual_seed(1))}
+
+
 def _vae(latent_channels: int) -> AutoencoderKL:
     return AutoencoderKL(
         sample_size=32,

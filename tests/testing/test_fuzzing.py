@@ -1,7 +1,8 @@
 """Seeded fuzzing of saved checkpoints: each damaged checkpoint loads with identical outputs or raises
 CheckpointError; nothing loads with different outputs, nothing raises another exception.
 
-520 mutations per run (about 30 s); scripts/fuzz_checkpoints.py runs the long campaigns (results/reliability.md)."""
+Diffusers denoisers and transformers text encoders, 820 mutations per run (about 30 s); scripts/fuzz_checkpoints.py
+runs the long campaigns (results/reliability.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from diffusers_otq.testing.fuzz_cases import CASES, make_probe, saved_checkpoint
 from diffusers_otq.testing.fuzzing import MUTATIONS, Outcome, count_table, mutate, run_campaign
@@ -19,12 +21,16 @@ from diffusers_otq.testing.fuzzing import MUTATIONS, Outcome, count_table, mutat
 
 @pytest.fixture(autouse=True)
 def _quiet_loading() -> Iterator[None]:
-    level = diffusers_logging.get_verbosity()
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     logging.disable(logging.WARNING)
     yield
     logging.disable(logging.NOTSET)
-    diffusers_logging.set_verbosity(level)
+    transformers_logging.enable_progress_bar()
+    diffusers_logging.set_verbosity(levels[0])
+    transformers_logging.set_verbosity(levels[1])
 
 
 def _failures(outcomes: list[Outcome]) -> str:
@@ -44,6 +50,12 @@ def test_every_mutation_loads_identically_or_is_refused(tmp_path: Path, case: st
     assert all(o.result in ("identical", "refused") for o in outcomes), _failures(outcomes)
     refused = sum(o.result == "refused" for o in outcomes)
     assert refused >= 0.6 * count, _failures(outcomes)  # the damage is real: most mutations must be caught
+    # config.json is part of the checkpoint: only quantization_config edits that change nothing loaded (a default,
+    # the fitting method) and an added _name_or_path (not covered) may load; every model field edit is refused
+    loaded = [o.detail for o in outcomes if o.kind == "config" and o.result == "identical"]
+    assert all(d.startswith(("quantization_config", "no quantization_config", "_name_or_path")) for d in loaded), (
+        loaded
+    )
 
 
 def test_mutations_are_reproducible_and_really_change_the_files(tmp_path: Path) -> None:
