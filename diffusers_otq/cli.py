@@ -30,7 +30,7 @@ from . import __version__
 from .calibration import CalibrationConfig, CalibrationStatistics, quantize_model, quantize_pipeline
 from .config import OTQConfig
 from .convert import LayerReport
-from .evaluation.demo import DEMO_MODELS, DEMO_PEERS, DemoSettings, demo_models, demo_table, model_label
+from .evaluation.demo import DEMO_MODELS, DEMO_PEERS, DemoSettings, demo_models, demo_summary, demo_table, model_label
 from .evaluation.peers import PEER_FORMATS
 from .evaluation.plots import DemoPoint, plot_demo
 from .options import DEFAULT_METHOD, GRANULARITIES, METHODS
@@ -161,16 +161,20 @@ def run_demo(args: argparse.Namespace) -> str:
     seconds = time.perf_counter() - start
     plotted = plot_demo(panels, output / "demo_rd.png")
     notes = _demo_notes(settings, records, seconds, args.full)
-    table = demo_table(rows)
+    table, summary = demo_table(rows), demo_summary(rows)
     images = [f"demo_grid_{model_label(m)}.png" for m in args.models] + (["demo_rd.png"] if plotted else [])
     (output / "demo_table.md").write_text(
         "# diffusers-otq demo\n\n"
         + "\n".join(notes)
-        + f"\n\n{table}\n\n"
+        + f"\n\n## Sample PSNR (dB) against float32, bits/weight in brackets\n\n{summary}\n\n## Every variant\n\n{table}\n\n"
         + "\n".join(f"![{i}]({i})" for i in images)
         + "\n"
     )
-    return f"{table}\n\n" + "\n".join(notes) + f"\n\nWrote {', '.join(images)} and demo_table.md to {output}."
+    return (
+        f"{table}\n\n{summary}\n\n"
+        + "\n".join(notes)
+        + f"\n\nWrote {', '.join(images)} and demo_table.md to {output}."
+    )
 
 
 def _demo_notes(settings: DemoSettings, records: dict[str, dict], seconds: float, full: bool) -> list[str]:

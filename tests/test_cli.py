@@ -39,7 +39,8 @@ def test_demo_writes_grids_plot_and_table(bundle: Path, tmp_path: Path, capsys: 
     args += ["--calibration-samples", "4", "--num-images", "4", "--steps", "2", "--output", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
-    rows = {line.split(" | ")[1].strip("* "): line for line in out.splitlines() if line.startswith("| tiny |")}
+    table = out.split("\n\n")[0]  # every variant, then the summary by width
+    rows = {line.split(" | ")[1].strip("* "): line for line in table.splitlines() if line.startswith("| tiny |")}
     expected = ["float32", "data-free ot-vp 2-bit", "data-free ot-vp 3-bit", "data-free ot-vp 4-bit", "OTQ 2.5 b/w",
                 "OTQ 3 b/w", "HQQ 3-bit g64"]  # fmt: skip
     assert list(rows) == expected
@@ -47,8 +48,9 @@ def test_demo_writes_grids_plot_and_table(bundle: Path, tmp_path: Path, capsys: 
         assert float(rows[f"OTQ {budget} b/w"].split(" | ")[2]) <= float(budget)
     assert "%" in rows["OTQ 3 b/w"]  # class agreement and accuracy from the bundled classifier
     assert "Shortened for a quick run: compared samples 4 (full: 64)" in out
-    table = (tmp_path / "demo_table.md").read_text()
-    assert "| tiny | **OTQ 2.5 b/w** |" in table and "![demo_rd.png](demo_rd.png)" in table
+    assert "| **OTQ** calibrated + budget + refined |" in out  # the summary by width
+    written = (tmp_path / "demo_table.md").read_text()
+    assert "| tiny | **OTQ 2.5 b/w** |" in written and "![demo_rd.png](demo_rd.png)" in written
     grid = Image.open(tmp_path / "demo_grid_tiny.png")
     assert grid.height >= 7 * 8 * 3  # seven rows of 8x8 images scaled 3x
     assert Image.open(tmp_path / "demo_rd.png").width > 400

@@ -52,6 +52,8 @@ __all__ = [
     "DemoRow",
     "DemoSettings",
     "demo_model",
+    "demo_models",
+    "demo_summary",
     "demo_table",
     "model_label",
     "peer_label",
@@ -146,6 +148,7 @@ class DemoRow:
         model: the bundled model's name.
         variant: the row label, e.g. ``"OTQ 2.5 b/w"`` or ``"HQQ 3-bit g64"``.
         kind: ``"float"``, ``"data-free"``, ``"best"`` or ``"peer"``.
+        width: the nominal width: the code bits, or the budget of a ``"best"`` row (32 for the float model).
         bits_per_weight: every stored bit over the quantized weights (32 for the float model).
         model_mb: the whole denoiser's stored size in MB (everything left in float counted at 16 bits).
         psnr: sample PSNR (dB) against the float32 samples (``inf`` for the float model).
@@ -159,6 +162,7 @@ class DemoRow:
     model: str
     variant: str
     kind: str
+    width: float
     bits_per_weight: float
     model_mb: float
     psnr: float
@@ -200,7 +204,7 @@ class _Sampler:
         with torch.no_grad():
             return self.classifier(images * 2 - 1).argmax(dim=1)
 
-    def row(self, model: str, variant: str, kind: str, denoiser: nn.Module, summary: dict) -> DemoRow:
+    def row(self, model: str, variant: str, kind: str, width: float, denoiser: nn.Module, summary: dict) -> DemoRow:
         images = self.sample(denoiser)
         if self.reference is None:
             self.reference, self.reference_classes = images, self.classes(images)
@@ -214,6 +218,7 @@ class _Sampler:
             model=model,
             variant=variant,
             kind=kind,
+            width=width,
             bits_per_weight=summary["bits_per_weight"],
             model_mb=summary["model_bytes"] / 1e6,
             psnr=psnr(images, self.reference).mean().item() if kind != "float" else math.inf,
@@ -281,7 +286,7 @@ def demo_model(model: str, settings: DemoSettings, cache: Path | None = None) ->
     labels = [i % classes for i in range(settings.num_images)] if classes else None
     sampler = _Sampler(pipe, settings, reference_classifier(model), labels)
     float_bytes = sum(t.numel() * t.element_size() for t in fp.state_dict().values())
-    rows = [sampler.row(model, "float32", "float", fp, {"bits_per_weight": 32.0, "model_bytes": float_bytes})]
+    rows = [sampler.row(model, "float32", "float", 32, fp, {"bits_per_weight": 32.0, "model_bytes": float_bytes})]
 
     def quantized(variant: Variant, **kwargs: object) -> tuple[nn.Module, dict]:
         denoiser = copy.deepcopy(fp)
@@ -289,7 +294,7 @@ def demo_model(model: str, settings: DemoSettings, cache: Path | None = None) ->
 
     for bits in settings.data_free_bits:
         denoiser, summary = quantized(Variant("ot-vp", "channel", bits))
-        rows.append(sampler.row(model, f"data-free ot-vp {bits}-bit", "data-free", denoiser, summary))
+        rows.append(sampler.row(model, f"data-free ot-vp {bits}-bit", "data-free", bits, denoiser, summary))
 
     record: dict = {}
     if settings.budgets:
@@ -312,14 +317,15 @@ def demo_model(model: str, settings: DemoSettings, cache: Path | None = None) ->
                 teacher=teacher,
                 candidates=candidates,
             )
-            rows.append(sampler.row(model, f"OTQ {budget:g} b/w", "best", denoiser, summary))
+            rows.append(sampler.row(model, f"OTQ {budget:g} b/w", "best", budget, denoiser, summary))
 
     available = set(available_peer_formats()) if settings.peers else set()
     record["peers_missing"] = sorted({peer_format(n).library for n in settings.peers if n not in available})
     for name in settings.peers:
         if name in available:
-            denoiser, summary = quantized(Variant(name, "native", peer_format(name).bits))
-            rows.append(sampler.row(model, peer_label(name), "peer", denoiser, summary))
+            bits = peer_format(name).bits
+            denoiser, summary = quantized(Variant(name, "native", bits))
+            rows.append(sampler.row(model, peer_label(name), "peer", bits, denoiser, summary))
     return rows, record
 
 
@@ -363,6 +369,32 @@ def model_label(model: str) -> str:
 
 def _percent(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.0%}"
+
+
+SUMMARY_SERIES: dict[str, str] = {"best": "**OTQ** calibrated + budget + refined", "data-free": "OTQ data-free"}
+
+
+def demo_summary(rows: Sequence[DemoRow]) -> str:
+    """The headline: one markdown table per model, a row per method family (ours, then each peer library) and a
+    column per nominal width, each cell ``"PSNR dB (bits/weight)"``.
+
+    Args:
+        rows: the demo's rows (any models).
+    """
+    widths = sorted({r.width for r in rows if r.kind != "float"})
+    out = []
+    for model in dict.fromkeys(r.model for r in rows):
+        cells: dict[str, dict[float, str]] = {}
+        for r in rows:
+            if r.model != model or r.kind == "float":
+                continue
+            family = SUMMARY_SERIES.get(r.kind, r.variant.split()[0])
+            cells.setdefault(family, {})[r.width] = f"{r.psnr:.1f} ({r.bits_per_weight:.2f})"
+        header = "| " + model_label(model) + " | " + " | ".join(f"{w:g} bits" for w in widths) + " |"
+        out += [header, "|---" * (len(widths) + 1) + "|"]
+        out += ["| " + f + " | " + " | ".join(c.get(w, "") for w in widths) + " |" for f, c in cells.items()]
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 def demo_table(rows: Sequence[DemoRow]) -> str:

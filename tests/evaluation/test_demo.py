@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from diffusers_otq.evaluation.demo import DEMO_PEERS, DemoRow, DemoSettings, demo_table, model_label, peer_label
+from diffusers_otq.evaluation.demo import (
+    DEMO_PEERS,
+    DemoRow,
+    DemoSettings,
+    demo_summary,
+    demo_table,
+    model_label,
+    peer_label,
+)
 from diffusers_otq.evaluation.peers import PEER_FORMATS
 
 
@@ -41,11 +49,15 @@ def test_every_default_peer_is_a_known_format_and_models_have_short_labels() -> 
 def test_the_table_marks_the_best_rows_and_leaves_missing_metrics_readable() -> None:
     image = torch.zeros(1, 1, 2, 2)
     rows = [
-        DemoRow("otq/m", "float32", "float", 32.0, 4.0, math.inf, 1.0, 1.0, 0.9, 0.0, image),
-        DemoRow("otq/m", "OTQ 2.5 b/w", "best", 2.4987, 0.5, 24.123, 0.91, 0.95, 0.9, 12.34, image),
-        DemoRow("otq/m", "HQQ 3-bit g64", "peer", 3.75, 0.7, 20.0, 0.8, math.nan, math.nan, 1.0, image),
+        DemoRow("otq/m", "float32", "float", 32, 32.0, 4.0, math.inf, 1.0, 1.0, 0.9, 0.0, image),
+        DemoRow("otq/m", "OTQ 2.5 b/w", "best", 2.5, 2.4987, 0.5, 24.123, 0.91, 0.95, 0.9, 12.34, image),
+        DemoRow("otq/m", "HQQ 3-bit g64", "peer", 3, 3.75, 0.7, 20.0, 0.8, math.nan, math.nan, 1.0, image),
     ]
     lines = demo_table(rows).splitlines()
     assert lines[2] == "| m | float32 | 32.000 | 4.00 | inf | 1.0000 | 100% | 90% |  |"
     assert lines[3] == "| m | **OTQ 2.5 b/w** | 2.499 | 0.50 | 24.12 | 0.9100 | 95% | 90% | 12.3 |"
     assert lines[4].endswith("| 20.00 | 0.8000 | n/a | n/a | 1.0 |")
+    summary = demo_summary(rows).splitlines()
+    assert summary[0] == "| m | 2.5 bits | 3 bits |"
+    assert summary[2] == "| **OTQ** calibrated + budget + refined | 24.1 (2.50) |  |"
+    assert summary[3] == "| HQQ |  | 20.0 (3.75) |"
