@@ -48,7 +48,7 @@ def test_demo_writes_grids_plot_and_table(bundle: Path, tmp_path: Path, capsys: 
         assert float(rows[f"OTQ {budget} b/w"].split(" | ")[2]) <= float(budget)
     assert "%" in rows["OTQ 3 b/w"]  # class agreement and accuracy from the bundled classifier
     assert "Shortened for a quick run: compared samples 4 (full: 64)" in out
-    assert "| **OTQ** calibrated + budget + refined |" in out  # the summary by width
+    assert "| **OTQ calibrated + budget + refined** |" in out  # the summary by width
     written = (tmp_path / "demo_table.md").read_text()
     assert "| tiny | **OTQ 2.5 b/w** |" in written and "![demo_rd.png](demo_rd.png)" in written
     grid = Image.open(tmp_path / "demo_grid_tiny.png")

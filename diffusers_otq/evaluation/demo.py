@@ -38,6 +38,7 @@ from torch import nn
 from ..calibration import CalibrationConfig, CalibrationStatistics, TeacherCalls, calibrate, measure_candidates
 from ..calibration.sampling import record_teacher_calls
 from ..config import OTQConfig
+from ..functional.cpu_kernels import load as load_cpu_kernels
 from ..pipeline import FlowMatchPipeline
 from ..reference import PREFIX, resolve_reference
 from .classifier import reference_classifier
@@ -279,6 +280,7 @@ def demo_model(model: str, settings: DemoSettings, cache: Path | None = None) ->
         The rows (float, data-free, best, peers, in that order) and a record of the shared one-off work
         (``calibrate_s``, ``candidates_s``, ``teacher_s``, ``peers_missing``).
     """
+    load_cpu_kernels()  # the first use on a machine builds them (about a minute): before anything is timed
     pipe = FlowMatchPipeline.from_pretrained(resolve_reference(model), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     fp = pipe.transformer.eval()
@@ -371,7 +373,7 @@ def _percent(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.0%}"
 
 
-SUMMARY_SERIES: dict[str, str] = {"best": "**OTQ** calibrated + budget + refined", "data-free": "OTQ data-free"}
+SUMMARY_SERIES: dict[str, str] = {"best": "**OTQ calibrated + budget + refined**", "data-free": "OTQ data-free"}
 
 
 def demo_summary(rows: Sequence[DemoRow]) -> str:
@@ -384,7 +386,7 @@ def demo_summary(rows: Sequence[DemoRow]) -> str:
     widths = sorted({r.width for r in rows if r.kind != "float"})
     out = []
     for model in dict.fromkeys(r.model for r in rows):
-        cells: dict[str, dict[float, str]] = {}
+        cells: dict[str, dict[float, str]] = {family: {} for family in SUMMARY_SERIES.values()}  # ours first
         for r in rows:
             if r.model != model or r.kind == "float":
                 continue
@@ -392,7 +394,7 @@ def demo_summary(rows: Sequence[DemoRow]) -> str:
             cells.setdefault(family, {})[r.width] = f"{r.psnr:.1f} ({r.bits_per_weight:.2f})"
         header = "| " + model_label(model) + " | " + " | ".join(f"{w:g} bits" for w in widths) + " |"
         out += [header, "|---" * (len(widths) + 1) + "|"]
-        out += ["| " + f + " | " + " | ".join(c.get(w, "") for w in widths) + " |" for f, c in cells.items()]
+        out += ["| " + f + " | " + " | ".join(c.get(w, "") for w in widths) + " |" for f, c in cells.items() if c]
         out.append("")
     return "\n".join(out).rstrip()
 

@@ -59,5 +59,5 @@ def test_the_table_marks_the_best_rows_and_leaves_missing_metrics_readable() -> 
     assert lines[4].endswith("| 20.00 | 0.8000 | n/a | n/a | 1.0 |")
     summary = demo_summary(rows).splitlines()
     assert summary[0] == "| m | 2.5 bits | 3 bits |"
-    assert summary[2] == "| **OTQ** calibrated + budget + refined | 24.1 (2.50) |  |"
+    assert summary[2] == "| **OTQ calibrated + budget + refined** | 24.1 (2.50) |  |"
     assert summary[3] == "| HQQ |  | 20.0 (3.75) |"
