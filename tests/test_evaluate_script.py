@@ -85,6 +85,7 @@ def test_quick_run_writes_rows_report_and_plots(quick_run):
     assert (out / "results.csv").read_text().count("\n") == len(rows) + 1
 
 
+@pytest.mark.slow  # 90 s: two more runs of the quick grid; tests/calibration/test_api.py covers 2 processes in CI
 def test_two_processes_give_the_same_rows_and_a_rerun_resumes(quick_run):
     root, stats = quick_run
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
