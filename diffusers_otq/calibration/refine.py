@@ -43,7 +43,15 @@ from .config import CalibrationConfig, CalibrationError
 from .probes import ProbeInputs, eval_mode, model_output, velocity_error
 
 
-__all__ = ["RefineReport", "TeacherCalls", "refine_model", "require_teacher"]
+__all__ = [
+    "BlockFit",
+    "RefineReport",
+    "TeacherCalls",
+    "refine_block",
+    "refine_model",
+    "require_teacher",
+    "train_block",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -259,10 +267,15 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
 
 
 @dataclass(frozen=True)
-class _Fit:
+class BlockFit:
+    """The outcome of one training run: steps run, the step whose parameters were kept (0: the starting ones),
+    why it stopped early (or None), and the measured loss before and at the kept step."""
+
     ran: int
     best_step: int
     stopped: str | None
+    loss_before: float = math.nan
+    loss_after: float = math.nan
 
 
 def _train(
@@ -271,14 +284,14 @@ def _train(
     eval_loss: Callable[[], float],
     calibration: CalibrationConfig,
     desc: str,
-) -> _Fit:
+) -> BlockFit:
     """Adam on ``layers``' float parameters: ``refine_steps`` steps of ``step_loss``, ``eval_loss`` measured
     before and every ``refine_eval_every`` steps; the layers end with the parameters of the lowest measured loss."""
     generator = torch.Generator().manual_seed(calibration.seed)
     steps, every = calibration.refine_steps, calibration.refine_eval_every
     stopped, ran = None, 0
     with _trainable(layers) as params:
-        best = eval_loss()
+        best = first = eval_loss()
         best_step, best_state = 0, _snapshot(layers)
         optimizer = torch.optim.Adam(params, lr=calibration.refine_lr)
         bar = tqdm(range(1, steps + 1), desc=desc, unit="step", disable=not calibration.progress)
@@ -301,7 +314,7 @@ def _train(
                 bar.set_postfix(loss=f"{current:.4g}", best=f"{best:.4g}")
         bar.close()
         _restore(layers, best_state)
-    return _Fit(ran, best_step, stopped)
+    return BlockFit(ran, best_step, stopped, first, best)
 
 
 def _model_step(
@@ -364,28 +377,84 @@ def _refine_blocks(
             logger.warning("Block %s has OTQ layers but ran in no teacher call; it is not refined.", name)
             continue
         recorded = _student_inputs(model, name, teacher, recorded)
-        device = layers[0].packed.device
-
-        def step(generator: torch.Generator, block=block, recorded=recorded, device=device) -> torch.Tensor:
-            call = int(torch.randint(len(recorded), (1,), generator=generator))
-            (args, kwargs), targets = recorded.calls[call], recorded.outputs[call]
-            batch = targets[0].shape[0]
-            rows = torch.randperm(batch, generator=generator)[: calibration.refine_batch_size]
-            sub_args, sub_kwargs = _slice_call(args, kwargs, rows, batch)
-            refs = [t[rows] if t.dim() > 0 and t.shape[0] == batch else t for t in targets]
-            num, den = _block_error(block_outputs(block(*_to(sub_args, device), **_to(sub_kwargs, device))), refs)
-            return num / den.to(num.device).clamp_min(1e-30)
-
-        @torch.no_grad()
-        def evaluate(block=block, recorded=recorded, device=device) -> float:
-            num = den = 0.0
-            for (args, kwargs), targets in zip(recorded.calls, recorded.outputs, strict=True):
-                n, d = _block_error(block_outputs(block(*_to(args, device), **_to(kwargs, device))), targets)
-                num, den = num + float(n), den + float(d)
-            return num / den if den > 0 else 0.0
-
-        fit = _train(layers, step, evaluate, calibration, f"OTQ refine {name}")
+        fit = train_block(block, recorded, calibration, f"OTQ refine {name}")
         total, trained = total + fit.ran, trained + 1
         if fit.stopped:
             return total, None, f"{fit.stopped} of block {name}", trained
     return total, None, None, trained
+
+
+def train_block(block: nn.Module, recorded: BlockCalls, calibration: CalibrationConfig, desc: str) -> BlockFit:
+    """Train the OTQ layers of ``block`` (codes frozen) to map each recorded call's inputs to its recorded outputs.
+
+    Each step takes a random call and ``refine_batch_size`` random rows of it and minimises the relative error
+    ``sum ||out - target||^2 / sum ||target||^2`` over the block's output tensors; the error over every call is
+    measured before and every ``refine_eval_every`` steps, and the block keeps the parameters of the lowest one.
+
+    Args:
+        block: a module holding OTQ layers (its other parameters are not trained).
+        recorded: the calls to learn from: inputs (any device) and target output tensors.
+        calibration: ``refine_steps``, ``refine_lr``, ``refine_batch_size``, ``refine_eval_every``, ``seed``.
+        desc: the progress bar's label.
+
+    Raises:
+        CalibrationError: ``block`` has no OTQ layer, or returns another number of tensors than its targets.
+    """
+    layers = [m for m in block.modules() if isinstance(m, OTQLayerMixin)]
+    if not layers:
+        raise CalibrationError(f"{desc}: the block has no OTQ layer to train.")
+    device = layers[0].packed.device
+
+    def step(generator: torch.Generator) -> torch.Tensor:
+        call = int(torch.randint(len(recorded), (1,), generator=generator))
+        (args, kwargs), targets = recorded.calls[call], recorded.outputs[call]
+        batch = targets[0].shape[0]
+        rows = torch.randperm(batch, generator=generator)[: calibration.refine_batch_size]
+        sub_args, sub_kwargs = _slice_call(args, kwargs, rows, batch)
+        refs = [t[rows] if t.dim() > 0 and t.shape[0] == batch else t for t in targets]
+        num, den = _block_error(block_outputs(block(*_to(sub_args, device), **_to(sub_kwargs, device))), refs)
+        return num / den.to(num.device).clamp_min(1e-30)
+
+    return _train(layers, step, lambda: _block_loss(block, recorded, device), calibration, desc)
+
+
+@torch.no_grad()
+def _block_loss(block: nn.Module, recorded: BlockCalls, device: torch.device) -> float:
+    """Relative error of ``block``'s outputs over every recorded call (float64 sums)."""
+    num = den = 0.0
+    for (args, kwargs), targets in zip(recorded.calls, recorded.outputs, strict=True):
+        n, d = _block_error(block_outputs(block(*_to(args, device), **_to(kwargs, device))), targets)
+        num, den = num + float(n), den + float(d)
+    return num / den if den > 0 else 0.0
+
+
+def refine_block(block: nn.Module, recorded: BlockCalls, calibration: CalibrationConfig, desc: str) -> RefineReport:
+    """:func:`train_block`, then the trained parameters are stored in their storage dtypes; if the stored block's
+    error over the recorded calls is above the error it started with, the block's stored tensors are put back.
+
+    Returns:
+        A :class:`RefineReport` (scope ``"block"``) with the error before and after storage.
+    """
+    layers = [m for m in block.modules() if isinstance(m, OTQLayerMixin)]
+    dtypes = [{n: layer._buffers[n].dtype for n in _TRAINABLE_BUFFERS if layer._buffers.get(n) is not None}
+              for layer in layers]  # fmt: skip
+    stored = [{n: t.detach().clone() for n, t in layer.stored_tensors().items()} for layer in layers]
+    stored_bias = [None if layer.bias is None else layer.bias.detach().clone() for layer in layers]
+    started = time.perf_counter()
+    with eval_mode(block):
+        fit = train_block(block, recorded, calibration, desc)
+        for layer, layer_dtypes in zip(layers, dtypes, strict=True):
+            _store(layer, layer_dtypes)
+        device = layers[0].packed.device
+        after = _block_loss(block, recorded, device)
+    best_step = fit.best_step
+    if after > fit.loss_before:
+        for layer, tensors, bias in zip(layers, stored, stored_bias, strict=True):
+            for name, tensor in tensors.items():
+                layer.set_stored(name, tensor)
+            if bias is not None:
+                with torch.no_grad():
+                    layer.bias.copy_(bias)
+        after, best_step = fit.loss_before, 0
+    return RefineReport(fit.loss_before, after, fit.ran, best_step, time.perf_counter() - started, fit.stopped,
+                        "block", 1)  # fmt: skip

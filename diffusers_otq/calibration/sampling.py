@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -42,7 +43,14 @@ from .statistics import (
 )
 
 
-__all__ = ["collect_statistics", "denoiser_of", "record_teacher_calls", "selected_layers"]
+__all__ = [
+    "CalibrationBatches",
+    "calibration_batches",
+    "collect_statistics",
+    "denoiser_of",
+    "record_teacher_calls",
+    "selected_layers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -439,6 +447,43 @@ def _record_calls(
     finally:
         handle.remove()
     return calls
+
+
+@dataclass(frozen=True)
+class CalibrationBatches:
+    """How to run the calibration batches of a target: ``run(b)`` runs batch ``b`` of ``num_batches`` through the
+    float model (a pipeline's sampling, or your ``forward_fn``); ``weight_of(args, kwargs)`` is a denoiser call's
+    timestep weight and a description of it; ``resolved`` the sample count, steps and guidance actually used."""
+
+    num_batches: int
+    run: Callable[[int], Any]
+    description: str
+    resolved: dict[str, Any]
+    weight_of: Callable[[tuple, dict], tuple[float, str]]
+    target: Any
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """The target pipeline's own progress bars silenced inside the block."""
+        with _quiet_progress(self.target):
+            yield
+
+
+def calibration_batches(target: Any, calibration: CalibrationConfig) -> CalibrationBatches:
+    """The :class:`CalibrationBatches` of ``target`` (a pipeline, or a model with ``calibration.forward_fn``).
+
+    Raises:
+        CalibrationError: as :func:`collect_statistics` (a bare model without ``forward_fn``, labels for a
+            text-to-image pipeline and the reverse, ...).
+    """
+    num_batches, run_batch, _, description, resolved = _batch_runner(target, calibration)
+    scale = calibration.timestep_scale or (1.0 if "Flux" in type(target).__name__ else 1000.0)
+
+    def weight_of(args: tuple, kwargs: dict) -> tuple[float, str]:
+        sigma = _sigma(args, kwargs, scale)
+        return _timestep_weight(calibration, sigma), ("" if sigma is None else f", sigma={sigma:.3f}")
+
+    return CalibrationBatches(num_batches, run_batch, description, resolved, weight_of, target)
 
 
 _TEACHER_BATCH = 1 << 20  # batch index of the teacher's trajectories: noise no statistics batch uses
