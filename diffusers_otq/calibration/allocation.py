@@ -12,10 +12,11 @@ By default the fit covers a deterministic sample ``S`` of the layer's rows only 
 rows are fitted independently given ``H``, so the cost per candidate falls from the layer's rows to the sample's.
 How much that error matters downstream differs by layer; with recorded denoiser calls (``probes``) and
 ``sensitivity="velocity"``, each layer is quantized alone at the cheapest setting and the model's velocity error
-``D_l`` on the probes is measured, giving a per-layer factor ``a_l = D_l / e_l(cheapest)``. The predicted
-distortion of a plan is ``sum_l a_l e_l(s_l)`` (``a_l = 1`` otherwise), minimised under the byte budget by
-:func:`diffusers_otq.functional.allocation.allocate`. Sizes are the exact stored bytes of each setting
-(codes, codebooks, scales), so the budget counts every bit.
+``D_l`` on the probes is measured, giving a per-layer factor ``a_l = D_l / e_l(cheapest)`` (or any other
+``factor_fn``, e.g. a block-output error). The predicted distortion of a plan is ``sum_l a_l e_l(s_l)``
+(``a_l = 1`` otherwise), minimised under the byte budget by :func:`diffusers_otq.functional.allocation.allocate`.
+Sizes are the exact stored bytes of each setting (codes, codebooks, scales, low-rank factors), so the budget
+counts every bit.
 """
 
 from __future__ import annotations
@@ -255,7 +256,8 @@ class CandidateTable:
         fixed: per layer, whether the user's ``module_overrides`` pin it (one candidate).
         sensitivity: ``"velocity"``, ``"output"`` (calibration statistics), ``"weights"`` (data-free) or
             ``"custom"`` (a ``factor_fn``).
-        estimate: how the errors were measured: ``"sampled"`` (a row sample per layer) or ``"exhaustive"``.
+        estimate: how the errors were measured: ``"sampled"`` (a row sample per layer), ``"exhaustive"`` or
+            ``"mixed"`` (:meth:`concat` of both).
     """
 
     layers: tuple[PlannedLayer, ...]
@@ -270,28 +272,30 @@ class CandidateTable:
     @classmethod
     def concat(cls, tables: Sequence[CandidateTable]) -> CandidateTable:
         """One table of the layers of ``tables``, in order: tables measured apart (e.g. block by block, with
-        ``measure_candidates(..., names=...)``) allocated together, one budget over all their weights.
+        ``measure_candidates(..., names=...)``) allocated together, one budget over all their weights. Its
+        ``estimate`` is the tables' common one, or ``"mixed"``.
 
         Raises:
-            ValueError: no table, tables of different sensitivities or estimates, or a layer in several tables.
+            ValueError: no table, tables of different sensitivities (their distortions are not comparable), or a
+                layer in several tables.
         """
         if not tables:
             raise ValueError("CandidateTable.concat needs at least one table.")
-        for field in ("sensitivity", "estimate"):
-            values = sorted({getattr(t, field) for t in tables})
-            if len(values) > 1:
-                raise ValueError(
-                    f"CandidateTable.concat joins tables of one {field}, got {values}: their distortions are not "
-                    f"comparable. Measure every table with the same {field}."
-                )
+        sensitivities = sorted({t.sensitivity for t in tables})
+        if len(sensitivities) > 1:
+            raise ValueError(
+                f"CandidateTable.concat joins tables of one sensitivity, got {sensitivities}: their distortions are "
+                "not comparable. Measure every table with the same statistics, sensitivity and factor_fn."
+            )
+        estimates = {t.estimate for t in tables}
         names = Counter(layer.name for t in tables for layer in t.layers)
         repeated = sorted(name for name, count in names.items() if count > 1)
         if repeated:
             raise ValueError(f"CandidateTable.concat joins tables of disjoint layers; {repeated} are in several.")
         return cls(
             *(tuple(item for t in tables for item in getattr(t, part)) for part in _TABLE_PARTS),
-            sensitivity=tables[0].sensitivity,
-            estimate=tables[0].estimate,
+            sensitivity=sensitivities[0],
+            estimate=estimates.pop() if len(estimates) == 1 else "mixed",
         )
 
     @property

@@ -314,6 +314,8 @@ def test_concat_joins_per_block_tables_into_the_global_allocation(calibrated, ta
     joined = CandidateTable.concat([measure(names=names[:5]), measure(names=names[5:])])
     assert joined == sampled
     assert joined.allocate(2.5) == sampled.allocate(2.5)
+    mixed = CandidateTable.concat([measure(names=names[:1], estimate="exhaustive"), measure(names=names[1:])])
+    assert mixed.estimate == "mixed" and [layer.name for layer in mixed.layers] == names
     with pytest.raises(ValueError, match="disjoint layers.*pos_embed.proj"):
         CandidateTable.concat([sampled, measure(names=names[:1])])
     data_free = measure_candidates(pipe.transformer, OTQConfig(bits=3), progress=False, names=names[:1])
