@@ -57,6 +57,7 @@ __all__ = [
     "candidate_specs",
     "measure_candidates",
     "plan_bits",
+    "spec_nbytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def candidate_specs(base: LayerSpec, input_width: int, group_size: int, rows: in
     return fitted + extrapolated
 
 
-def _spec_bytes(weight: torch.Tensor, spec: LayerSpec) -> int:
+def spec_nbytes(weight: torch.Tensor, spec: LayerSpec) -> int:
     """Every byte a layer quantized with ``spec`` stores (codes, codebooks, scales, factors, rotation signs)."""
     dtype = resolve_codebook_dtype(spec.codebook_dtype, weight.dtype, spec.granularity)
     layout = storage_layout(tuple(weight.shape), spec, dtype)
@@ -607,7 +608,7 @@ def _layer_candidates(
     subject = _Subject.create(layer, stats, settings)
     calibration = settings.calibration
     branches: dict[int, torch.Tensor] = {}  # rank -> U V of the whole weight (sampled low-rank candidates)
-    sizes = [_spec_bytes(weight, spec) for spec in specs]
+    sizes = [spec_nbytes(weight, spec) for spec in specs]
     errors: list[float] = []
     fits: dict[int, torch.Tensor] = {}  # candidate -> effective weight of the whole layer (when fitted whole)
     for i, spec in enumerate(specs):

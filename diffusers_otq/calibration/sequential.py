@@ -54,8 +54,7 @@ from ..convert import LayerReport, PlannedLayer, convert_model, plan_layers, set
 from ..layers import OTQLayerMixin
 from ..options import LayerSpec
 from .activations import ActivationStore
-from .allocation import BitsPlan, LayerChoice, candidate_specs, measure_candidates
-from .allocation import _spec_bytes as spec_nbytes  # noqa: PLC2701  (public after the allocation merge)
+from .allocation import BitsPlan, LayerChoice, candidate_specs, measure_candidates, spec_nbytes
 from .blocks import BlockCalls, block_outputs
 from .config import CalibrationConfig, CalibrationError
 from .fit import calibrated_quantizer
