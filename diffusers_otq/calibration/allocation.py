@@ -9,7 +9,8 @@ statistics exist, one error-feedback sweep) and its *relative output error* meas
 with ``H`` the input Gram matrix (its diagonal ``E[x_j^2]`` without a Gram; the identity without statistics).
 By default the fit covers a deterministic sample ``S`` of the layer's rows only and ``e_l(s)`` is estimated as
 ``sum_{r in S} dW_r H dW_r^T / sum_{r in S} W_r H W_r^T`` (:func:`measure_candidates`, ``estimate="sampled"``): the
-rows are fitted independently given ``H``, so the cost per candidate falls from the layer's rows to the sample's.
+rows are fitted independently given ``H``, so the cost per candidate falls from the layer's rows to the sample's
+(:mod:`.estimate`).
 How much that error matters downstream differs by layer; with recorded denoiser calls (``probes``) and
 ``sensitivity="velocity"``, each layer is quantized alone at the cheapest setting and the model's velocity error
 ``D_l`` on the probes is measured, giving a per-layer factor ``a_l = D_l / e_l(cheapest)`` (or any other
@@ -35,15 +36,12 @@ from tqdm.auto import tqdm
 
 from ..config import OTQConfig
 from ..convert import PlannedLayer, matches_module_name, plan_layers
-from ..fitting import effective_weight
-from ..functional.allocation import allocate, stratified_rows
-from ..functional.error_feedback import damped_gram, output_error
-from ..functional.lowrank import weighted_lowrank
+from ..functional.allocation import allocate
 from ..options import LayerSpec
 from ..quantized_tensor import resolve_codebook_dtype, storage_layout
-from ..structure import LowRankBranch, lowrank_dtype, structure_nbytes
+from ..structure import structure_nbytes
 from .config import CalibrationConfig
-from .fit import corrects_bias, importance_rows, quantize_calibrated
+from .estimate import ErrorMeter, Subject, fit_candidate
 from .probes import ProbeInputs, eval_mode, model_output, velocity_error
 from .statistics import CalibrationStatistics, LayerStatistics
 
@@ -72,8 +70,6 @@ MAX_RANK_BITS = 0.5  # ... where the 16-bit factors cost at most this many bits 
 _DEFAULT_GROUP = 64
 ESTIMATES: tuple[str, ...] = ("sampled", "exhaustive")  # how measure_candidates measures each candidate's error
 SAMPLE_ROWS = 64  # rows per layer the sampled estimate fits
-_SKETCH_OVERSAMPLING = 10  # range sketch of a sampled low-rank candidate: rank + this many columns ...
-_SKETCH_ITERATIONS = 2  # ... and this many power iterations
 
 
 @dataclass(frozen=True)
@@ -209,37 +205,6 @@ def spec_nbytes(weight: torch.Tensor, spec: LayerSpec) -> int:
     layout = storage_layout(tuple(weight.shape), spec, dtype)
     codes = sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in layout.values())
     return codes + structure_nbytes(tuple(weight.shape), spec.rank, spec.rotation_block, weight.dtype)
-
-
-class _ErrorMeter:
-    """Relative output error ``tr(dW H dW^T) / tr(W H W^T)`` of one layer (H per input group)."""
-
-    def __init__(self, weight: torch.Tensor, stats: LayerStatistics | None, damping: float, centered: bool) -> None:
-        self.rows = weight.shape[0]
-        self.target = weight.detach().reshape(self.rows, -1).to(torch.float64)
-        stats = None if stats is None else stats.to(weight.device)
-        self.groups = 1 if stats is None else stats.groups
-        self.grams = None if stats is None else [stats.gram_blocks(g, centered) for g in range(self.groups)]
-        if self.grams is not None and any(g is None for g in self.grams):
-            self.grams = None
-        self.importance = None if stats is None else importance_rows(stats, self.rows, damping, centered)
-        self.reference = self._energy(self.target)
-
-    def _energy(self, delta: torch.Tensor) -> float:
-        if self.grams is not None:
-            per = self.rows // self.groups
-            return math.fsum(
-                float(output_error(delta[g * per : (g + 1) * per], self.grams[g]).sum()) for g in range(self.groups)
-            )
-        if self.importance is not None:
-            return float((delta.square() * self.importance).sum())
-        return float(delta.square().sum())
-
-    def __call__(self, effective: torch.Tensor) -> float:
-        """The relative output error of a fitted layer's effective weight (any shape with ``rows`` first)."""
-        delta = self.target - effective.to(torch.float64).reshape(self.rows, -1)
-        # max(0, .): rounding can leave a quadratic form of a (near-)singular covariance a hair below zero
-        return max(0.0, self._energy(delta)) / self.reference if self.reference > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -549,52 +514,6 @@ class _LayerCandidates:
     pinned: bool
 
 
-class _RowSample(nn.Module):
-    """Rows ``rows`` of a Linear/Conv2d: the weight and bias a candidate of the sampled estimate is fitted to."""
-
-    def __init__(self, module: nn.Module, rows: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(module.weight.detach()[rows], requires_grad=False)
-        bias = getattr(module, "bias", None)
-        self.bias = None if bias is None else nn.Parameter(bias.detach()[rows], requires_grad=False)
-
-
-@dataclass(frozen=True)
-class _Subject:
-    """What one layer's candidates are fitted to and measured on: the whole layer, or a sample of its rows."""
-
-    layer: PlannedLayer  # the whole layer
-    part: PlannedLayer  # its sampled rows (the layer itself when whole)
-    rows: torch.Tensor | None  # (S,) the sampled rows, None: whole
-    meter: _ErrorMeter  # relative output error of ``part``
-    centered: bool
-
-    @classmethod
-    def create(cls, layer: PlannedLayer, stats: LayerStatistics | None, settings: _Settings) -> _Subject:
-        calibration = settings.calibration
-        centered = corrects_bias(layer, stats, calibration)
-        rows = _sample(layer.module.weight, stats, settings.sample_rows, calibration.damping, centered)
-        part = layer if rows is None else replace(layer, module=_RowSample(layer.module, rows))
-        meter = _ErrorMeter(part.module.weight, stats, calibration.damping, centered)
-        return cls(layer, part, rows, meter, centered)
-
-
-def _sample(
-    weight: torch.Tensor, stats: LayerStatistics | None, sample_rows: int | None, damping: float, centered: bool
-) -> torch.Tensor | None:
-    """The rows a sampled estimate fits (:func:`stratified_rows` by ``sum_j importance_rj W_rj^2``), or None."""
-    if sample_rows is None:
-        return None
-    rows = weight.shape[0]
-    groups = 1 if stats is None else stats.groups
-    per_group = -(-sample_rows // groups)
-    if per_group >= rows // groups:
-        return None
-    flat = weight.detach().reshape(rows, -1).to(torch.float64)
-    importance = 1.0 if stats is None else importance_rows(stats.to(weight.device), rows, damping, centered)
-    return stratified_rows((flat.square() * importance).sum(dim=1), per_group, groups).to(weight.device)
-
-
 def _layer_candidates(
     layer: PlannedLayer,
     specs: Sequence[LayerSpec],
@@ -605,7 +524,7 @@ def _layer_candidates(
 ) -> _LayerCandidates:
     """Sizes, (estimated) relative errors and the sensitivity factor of one layer's candidates ``specs``."""
     weight = layer.module.weight
-    subject = _Subject.create(layer, stats, settings)
+    subject = Subject.create(layer, stats, settings.calibration, settings.sample_rows)
     calibration = settings.calibration
     branches: dict[int, torch.Tensor] = {}  # rank -> U V of the whole weight (sampled low-rank candidates)
     sizes = [spec_nbytes(weight, spec) for spec in specs]
@@ -618,7 +537,7 @@ def _layer_candidates(
             )  # extrapolate from the 4-bit fit of the same granularity
             errors.append(errors[anchor] * 4.0 ** (4 - spec.bits))
             continue
-        effective = _fit_candidate(subject, spec, stats, calibration, branches)
+        effective = fit_candidate(subject, spec, stats, calibration, branches)
         if subject.rows is None:
             fits[i] = effective
         errors.append(subject.meter(effective))
@@ -629,105 +548,10 @@ def _layer_candidates(
             effective, error = fits[probe], errors[probe]
         else:  # the factor needs the whole layer quantized
             whole = replace(subject, part=layer, rows=None)
-            effective = _fit_candidate(whole, specs[probe], stats, calibration, {})
-            error = _ErrorMeter(weight, stats, calibration.damping, subject.centered)(effective)
+            effective = fit_candidate(whole, specs[probe], stats, calibration, {})
+            error = ErrorMeter(weight, stats, calibration.damping, subject.centered)(effective)
         factor = factor_fn(layer, effective.reshape(weight.shape), error) if error > 0 else 0.0
     return _LayerCandidates(tuple(specs), tuple(sizes), tuple(errors), factor, pinned)
-
-
-def _fit_candidate(
-    subject: _Subject,
-    spec: LayerSpec,
-    stats: LayerStatistics | None,
-    calibration: CalibrationConfig,
-    branches: dict[int, torch.Tensor],
-) -> torch.Tensor:
-    """(rows of ``subject.part``, n) float64 effective weight of ``subject.part`` fitted with ``spec`` (one
-    error-feedback sweep, no codebook refits)."""
-    part = subject.part
-    weight = part.module.weight
-    if subject.rows is not None and spec.rank and spec.rotation_block:  # rotated branch: fit whole, read the rows
-        whole = replace(subject.layer, spec=spec)
-        fit = quantize_calibrated(whole.module.weight, whole, stats, calibration, refit_codebooks=False)
-        return effective_weight(fit).reshape(whole.module.weight.shape[0], -1)[subject.rows]
-    if subject.rows is None or not spec.rank:
-        fit = quantize_calibrated(weight, replace(part, spec=spec), stats, calibration, refit_codebooks=False)
-        return effective_weight(fit).reshape(weight.shape[0], -1)
-    if spec.rank not in branches:
-        weight_all = subject.layer.module.weight
-        branches[spec.rank] = _lowrank_product(weight_all, spec.rank, stats, calibration.damping, subject.centered)
-    product = branches[spec.rank][subject.rows]  # (S, n)
-    residual = (weight.detach().reshape(weight.shape[0], -1).to(torch.float64) - product).reshape(weight.shape)
-    codes = replace(part, spec=replace(spec, rank=0))
-    fit = quantize_calibrated(residual.to(weight.dtype), codes, stats, calibration, refit_codebooks=False)
-    return effective_weight(fit).reshape(weight.shape[0], -1) + product
-
-
-def _lowrank_product(
-    weight: torch.Tensor,
-    rank: int,
-    stats: LayerStatistics | None,
-    damping: float,
-    centered: bool,
-) -> torch.Tensor:
-    """(out, n) float64 ``U V`` of the whole weight in its storage dtype: the first alternation round's branch (the
-    output-error-weighted rank-``rank`` approximation :func:`weighted_lowrank` gives), computed on a randomized
-    range sketch (:func:`_range_basis`) instead of the SVD of the whole weight."""
-    flat = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
-    blocks = moments = None
-    if stats is not None:
-        stats = stats.to(weight.device)
-        blocks, moments = stats.gram_blocks(0, centered), stats.second_moments(centered)[0]
-    basis = _range_basis(flat, rank + _SKETCH_OVERSAMPLING, blocks, moments, damping)
-    if basis is None:
-        up, down = weighted_lowrank(flat, rank, blocks, moments, damping)
-    else:
-        up, down = weighted_lowrank(basis.T @ flat, rank, blocks, moments, damping)
-        up = basis @ up
-    return LowRankBranch.from_factors(up, down, lowrank_dtype(weight.dtype)).product(torch.float64)
-
-
-def _range_basis(
-    flat: torch.Tensor,
-    width: int,
-    blocks: Sequence[torch.Tensor] | None,
-    moments: torch.Tensor | None,
-    damping: float,
-) -> torch.Tensor | None:
-    """(R, width) orthonormal basis of the dominant column space of ``T L`` (``T = flat`` (R, n), ``L L^T = H``
-    the damped Gram, its diagonal, or I), or None when ``width >= min(R, n)``.
-
-    A randomized range finder with two power iterations (Halko et al., 0909.4061): ``Y = (T H T^T)^2 T Omega``.
-    If the basis ``P`` spans the top-``r`` left singular vectors of ``T L``, the weighted rank-``r`` approximation
-    of ``P^T T`` (a ``width x n`` matrix) lifted by ``P`` is that of ``T``, for an SVD of ``width`` rows instead of
-    ``R``. Deterministic (fixed seed).
-    """
-    rows, n = flat.shape
-    if width >= min(rows, n):
-        return None
-    if blocks is not None:
-        damped = [damped_gram(block, damping) for block in blocks]
-
-        def gram(z: torch.Tensor) -> torch.Tensor:
-            return torch.cat(
-                [block @ part for block, part in zip(damped, z.split([b.shape[0] for b in damped]), strict=True)]
-            )
-    elif moments is not None:
-        diagonal = (moments + damping * moments.mean())[:, None]
-
-        def gram(z: torch.Tensor) -> torch.Tensor:
-            return diagonal * z
-    else:
-
-        def gram(z: torch.Tensor) -> torch.Tensor:
-            return z
-
-    omega = torch.randn(n, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sketch = flat @ omega.to(flat.device)
-    for _ in range(_SKETCH_ITERATIONS):
-        basis = torch.linalg.qr(sketch).Q
-        sketch = flat @ gram(flat.T @ basis)
-    return torch.linalg.qr(sketch).Q
 
 
 def _unique(plan: Sequence[PlannedLayer]) -> list[PlannedLayer]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diffusers_otq import CalibrationConfig, OTQConfig, calibrate, plan_bits, quantize_model
-from diffusers_otq.calibration import CandidateTable, LayerStatistics, allocation, measure_candidates
+from diffusers_otq.calibration import CandidateTable, LayerStatistics, allocation, estimate, measure_candidates
 from diffusers_otq.calibration.allocation import candidate_specs
 from diffusers_otq.calibration.fit import corrects_bias, quantize_calibrated
 from diffusers_otq.fitting import effective_weight
@@ -163,7 +163,6 @@ def test_bits_per_weight_is_refused_by_quantize_on_load(tmp_path) -> None:
 def test_wide_layers_may_spend_bits_on_a_low_rank_branch_and_every_byte_counts(monkeypatch) -> None:
     """Rank candidates exist only where the 16-bit factors are cheap; a layer whose weight is mostly rank 8 then
     takes a branch, and the budget counts the factors."""
-    from diffusers_otq.calibration import allocation
 
     assert {s.rank for s in candidate_specs(LayerSpec(), 1024, 64, rows=1024)} == {0, 16}  # rank 32: 1 b/w
     assert all(s.rank == 0 for s in candidate_specs(LayerSpec(), 512, 64, rows=512))  # rank 16 would cost 1 b/w
@@ -251,10 +250,10 @@ def test_sampled_rows_get_the_codes_the_whole_fit_gives_them(calibrated, tables)
     weight = layer.module.weight
     layer_stats = stats[layer.name]
     centered = corrects_bias(layer, layer_stats, quick())
-    rows = allocation._sample(weight, layer_stats, 16, quick().damping, centered)
+    rows = estimate.row_sample(weight, layer_stats, 16, quick().damping, centered)
     assert rows is not None and rows.numel() == 16
     checked = 0
-    for spec, estimate in zip(sampled.options[index], sampled.errors[index], strict=True):
+    for spec, estimated in zip(sampled.options[index], sampled.errors[index], strict=True):
         if spec.granularity != "channel" or spec.bits > 4:
             continue
         fit = quantize_calibrated(weight, replace(layer, spec=spec), layer_stats, quick(), refit_codebooks=False)
@@ -264,7 +263,7 @@ def test_sampled_rows_get_the_codes_the_whole_fit_gives_them(calibrated, tables)
             output_errors(delta[rows], layer_stats, centered).sum()
             / output_errors(target[rows], layer_stats, centered).sum()
         )
-        assert estimate == pytest.approx(float(expected), rel=1e-4), spec
+        assert estimated == pytest.approx(float(expected), rel=1e-4), spec
         checked += 1
     assert checked == 4
 
@@ -311,11 +310,12 @@ def test_concat_joins_per_block_tables_into_the_global_allocation(calibrated, ta
     names = [layer.name for layer in sampled.layers]
     measure = partial(measure_candidates, pipe.transformer, OTQConfig(bits=3), stats, quick(), progress=False,
                       sample_rows=16)  # fmt: skip
-    joined = CandidateTable.concat([measure(names=names[:5]), measure(names=names[5:])])
-    assert joined == sampled
-    assert joined.allocate(2.5) == sampled.allocate(2.5)
-    mixed = CandidateTable.concat([measure(names=names[:1], estimate="exhaustive"), measure(names=names[1:])])
-    assert mixed.estimate == "mixed" and [layer.name for layer in mixed.layers] == names
+    head, tail = measure(names=names[:2]), measure(names=names[2:5])
+    joined = CandidateTable.concat([head, tail])
+    assert joined == measure(names=names[:5])  # every per-layer field, in order
+    assert joined.allocate(2.5) == measure(names=names[:5]).allocate(2.5)  # one budget over both tables
+    mixed = CandidateTable.concat([head, measure(names=names[2:5], estimate="exhaustive")])
+    assert mixed.estimate == "mixed" and [layer.name for layer in mixed.layers] == names[:5]
     with pytest.raises(ValueError, match="disjoint layers.*pos_embed.proj"):
         CandidateTable.concat([sampled, measure(names=names[:1])])
     data_free = measure_candidates(pipe.transformer, OTQConfig(bits=3), progress=False, names=names[:1])
@@ -334,7 +334,7 @@ def test_grouped_conv_rows_are_sampled_within_every_group() -> None:
     layer_stats = stats["0"]
     assert layer_stats.groups == 2
     weight = model[0].weight
-    rows = allocation._sample(weight, layer_stats, 16, quick().damping, True)
+    rows = estimate.row_sample(weight, layer_stats, 16, quick().damping, True)
     assert ((rows < 32).sum(), (rows >= 32).sum()) == (8, 8)  # 8 rows of each group, each reading its own Gram
     exhaustive = measure_candidates(model, OTQConfig(bits=3), stats, progress=False, estimate="exhaustive")
     sampled = measure_candidates(model, OTQConfig(bits=3), stats, progress=False, sample_rows=16)
@@ -350,7 +350,7 @@ def test_grouped_conv_rows_are_sampled_within_every_group() -> None:
     num = sum(output_error(delta[rows[g * 8 : g * 8 + 8]], grams[g]).sum() for g in range(2))
     den = sum(output_error(target[rows[g * 8 : g * 8 + 8]], grams[g]).sum() for g in range(2))
     assert sampled.errors[0][exhaustive.options[0].index(spec)] == pytest.approx(float(num / den), rel=1e-4)
-    assert allocation._sample(weight, layer_stats, 64, quick().damping, True) is None  # 32 per group: whole
+    assert estimate.row_sample(weight, layer_stats, 64, quick().damping, True) is None  # 32 per group: whole
 
 
 def test_sampled_lowrank_branch_is_the_weighted_svd_of_the_whole_weight() -> None:
@@ -363,10 +363,10 @@ def test_sampled_lowrank_branch_is_the_weighted_svd_of_the_whole_weight() -> Non
     gram = [inputs.T @ inputs / 512]
     stats = LayerStatistics(inputs.sum(0)[None], inputs.square().sum(0)[None], torch.tensor(512.0),
                             (gram[0][None] * 512,), inputs.sum(0)[None], torch.tensor(512.0))  # fmt: skip
-    sketched = allocation._lowrank_product(weight, 8, stats, 0.01, False)
+    sketched = estimate.lowrank_product(weight, 8, stats, 0.01, False)
     up, down = weighted_lowrank(weight, 8, gram, damping=0.01)
     exact = LowRankBranch.from_factors(up, down, torch.float16).product(torch.float64)
-    assert allocation._range_basis(weight, 18, gram, None, 0.01).shape == (256, 18)
+    assert estimate.range_basis(weight, 18, gram, None, 0.01).shape == (256, 18)
     assert float((sketched - exact).norm() / exact.norm()) < 1e-3
 
 
