@@ -280,13 +280,17 @@ class BlockFit:
 
 def _train(
     layers: list[OTQLayerMixin],
-    step_loss: Callable[[torch.Generator], torch.Tensor],
+    step_loss: Callable[[torch.Generator], torch.Tensor | None],
     eval_loss: Callable[[], float],
     calibration: CalibrationConfig,
     desc: str,
+    reduce: Callable[[list[torch.Tensor], torch.Tensor | None], float] | None = None,
 ) -> BlockFit:
     """Adam on ``layers``' float parameters: ``refine_steps`` steps of ``step_loss``, ``eval_loss`` measured
-    before and every ``refine_eval_every`` steps; the layers end with the parameters of the lowest measured loss."""
+    before and every ``refine_eval_every`` steps; the layers end with the parameters of the lowest measured loss.
+
+    With several processes ``step_loss`` returns None where another process holds the step's call, and
+    ``reduce(params, loss)`` sums the gradients and the loss over the processes (returns the loss)."""
     generator = torch.Generator().manual_seed(calibration.seed)
     steps, every = calibration.refine_steps, calibration.refine_eval_every
     stopped, ran = None, 0
@@ -299,9 +303,11 @@ def _train(
             ran = step
             loss = step_loss(generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss is not None:
+                loss.backward()
+            value = float(loss.detach()) if reduce is None else reduce(params, loss)
             grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-            loss_finite = math.isfinite(float(loss.detach()))
+            loss_finite = math.isfinite(value)
             if not loss_finite or not grads_finite:
                 stopped = f"non-finite {'loss' if not loss_finite else 'gradient'} at step {step}"
                 logger.warning("Refinement stopped: %s; keeping the best parameters (step %d).", stopped, best_step)
@@ -384,7 +390,35 @@ def _refine_blocks(
     return total, None, None, trained
 
 
-def train_block(block: nn.Module, recorded: BlockCalls, calibration: CalibrationConfig, desc: str) -> BlockFit:
+@dataclass(frozen=True)
+class CallShard:
+    """A block's calls split across processes. Call ``g`` in the one-process order is this process's recorded call
+    ``local[g]``, or None where another process holds it; ``rows[g]`` is its batch size. Every process draws the
+    same steps; the one holding a step's call computes its gradient and the others add zeros, so the sums are the
+    one-process gradients exactly."""
+
+    local: tuple[int | None, ...]
+    rows: tuple[int, ...]
+    world: int
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+
+def _summed_over_processes(params: list[torch.Tensor], loss: torch.Tensor | None) -> float:
+    """Gradients and loss summed over the processes (zeros from a process without the step's call)."""
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        torch.distributed.all_reduce(param.grad)
+    value = torch.zeros(1, dtype=torch.float64) if loss is None else loss.detach().to("cpu", torch.float64).reshape(1)
+    torch.distributed.all_reduce(value)
+    return float(value)
+
+
+def train_block(
+    block: nn.Module, recorded: BlockCalls, calibration: CalibrationConfig, desc: str, shard: CallShard | None = None
+) -> BlockFit:
     """Train the OTQ layers of ``block`` (codes frozen) to map each recorded call's inputs to its recorded outputs.
 
     Each step takes a random call and ``refine_batch_size`` random rows of it and minimises the relative error
@@ -396,6 +430,8 @@ def train_block(block: nn.Module, recorded: BlockCalls, calibration: Calibration
         recorded: the calls to learn from: inputs (any device) and target output tensors.
         calibration: ``refine_steps``, ``refine_lr``, ``refine_batch_size``, ``refine_eval_every``, ``seed``.
         desc: the progress bar's label.
+        shard: with several processes, which of the block's calls this process holds (:class:`CallShard`); the
+            result is the same bits as one process holding every call.
 
     Raises:
         CalibrationError: ``block`` has no OTQ layer, or returns another number of tensors than its targets.
@@ -405,30 +441,46 @@ def train_block(block: nn.Module, recorded: BlockCalls, calibration: Calibration
         raise CalibrationError(f"{desc}: the block has no OTQ layer to train.")
     device = layers[0].packed.device
 
-    def step(generator: torch.Generator) -> torch.Tensor:
-        call = int(torch.randint(len(recorded), (1,), generator=generator))
-        (args, kwargs), targets = recorded.calls[call], recorded.outputs[call]
-        batch = targets[0].shape[0]
+    def step(generator: torch.Generator) -> torch.Tensor | None:
+        call = int(torch.randint(len(recorded) if shard is None else len(shard), (1,), generator=generator))
+        batch = recorded.outputs[call][0].shape[0] if shard is None else shard.rows[call]
         rows = torch.randperm(batch, generator=generator)[: calibration.refine_batch_size]
+        if shard is not None:
+            call = shard.local[call]
+            if call is None:
+                return None  # another process holds it
+        (args, kwargs), targets = recorded.calls[call], recorded.outputs[call]
         sub_args, sub_kwargs = _slice_call(args, kwargs, rows, batch)
         refs = [t[rows] if t.dim() > 0 and t.shape[0] == batch else t for t in targets]
         num, den = _block_error(block_outputs(block(*_to(sub_args, device), **_to(sub_kwargs, device))), refs)
         return num / den.to(num.device).clamp_min(1e-30)
 
-    return _train(layers, step, lambda: _block_loss(block, recorded, device), calibration, desc)
+    reduce = None if shard is None else _summed_over_processes
+    return _train(layers, step, lambda: _block_loss(block, recorded, device, shard), calibration, desc, reduce)
 
 
 @torch.no_grad()
-def _block_loss(block: nn.Module, recorded: BlockCalls, device: torch.device) -> float:
-    """Relative error of ``block``'s outputs over every recorded call (float64 sums)."""
-    num = den = 0.0
+def _block_loss(block: nn.Module, recorded: BlockCalls, device: torch.device, shard: CallShard | None = None) -> float:
+    """Relative error of ``block``'s outputs over every recorded call (float64 sums in the one-process call order,
+    gathered from every process with a ``shard``)."""
+    errors = []
     for (args, kwargs), targets in zip(recorded.calls, recorded.outputs, strict=True):
         n, d = _block_error(block_outputs(block(*_to(args, device), **_to(kwargs, device))), targets)
-        num, den = num + float(n), den + float(d)
+        errors.append((float(n), float(d)))
+    if shard is not None:
+        where = {local: index for index, local in enumerate(shard.local) if local is not None}
+        gathered: list[Any] = [None] * shard.world
+        torch.distributed.all_gather_object(gathered, [(where[i], e) for i, e in enumerate(errors)])
+        errors = [e for _, e in sorted(item for part in gathered for item in part)]
+    num = den = 0.0
+    for n, d in errors:
+        num, den = num + n, den + d
     return num / den if den > 0 else 0.0
 
 
-def refine_block(block: nn.Module, recorded: BlockCalls, calibration: CalibrationConfig, desc: str) -> RefineReport:
+def refine_block(
+    block: nn.Module, recorded: BlockCalls, calibration: CalibrationConfig, desc: str, shard: CallShard | None = None
+) -> RefineReport:
     """:func:`train_block`, then the trained parameters are stored in their storage dtypes; if the stored block's
     error over the recorded calls is above the error it started with, the block's stored tensors are put back.
 
@@ -442,11 +494,11 @@ def refine_block(block: nn.Module, recorded: BlockCalls, calibration: Calibratio
     stored_bias = [None if layer.bias is None else layer.bias.detach().clone() for layer in layers]
     started = time.perf_counter()
     with eval_mode(block):
-        fit = train_block(block, recorded, calibration, desc)
+        fit = train_block(block, recorded, calibration, desc, shard)
         for layer, layer_dtypes in zip(layers, dtypes, strict=True):
             _store(layer, layer_dtypes)
         device = layers[0].packed.device
-        after = _block_loss(block, recorded, device)
+        after = _block_loss(block, recorded, device, shard)
     best_step = fit.best_step
     if after > fit.loss_before:
         for layer, tensors, bias in zip(layers, stored, stored_bias, strict=True):

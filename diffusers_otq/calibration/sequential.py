@@ -54,12 +54,13 @@ from ..convert import LayerReport, PlannedLayer, convert_model, plan_layers, set
 from ..layers import OTQLayerMixin
 from ..options import LayerSpec
 from .activations import ActivationStore
-from .allocation import BitsPlan, LayerChoice, candidate_specs, measure_candidates, spec_nbytes
+from .allocation import BitsPlan, CandidateTable, LayerChoice, candidate_specs, measure_candidates, spec_nbytes
 from .blocks import BlockCalls, block_outputs
 from .config import CalibrationConfig, CalibrationError
 from .fit import calibrated_quantizer
 from .probes import eval_mode
-from .refine import RefineReport, refine_block
+from .processes import add_flat, all_gather_objects, barrier, gather_in_order, rank_and_world
+from .refine import CallShard, RefineReport, refine_block
 from .statistics import CalibrationStatistics, LayerStatistics, StatisticsCollector, plan_gram_blocks
 from .trace import BlockTrace, External, Output, trace_blocks
 
@@ -174,6 +175,7 @@ class _Run:
         spill = None if self.work is None else self.work / "spill"
         self.store = ActivationStore(calibration.max_activation_bytes, spill)
         self.report = SequentialReport()
+        self.rank, self.world = rank_and_world()
         self.converted: list[PlannedLayer] = []  # planned layers with their final specs, in conversion order
         self.original_dtype = getattr(model, "dtype", None)
         # the float model's block outputs are streamed when blocks read float inputs, and as refinement targets
@@ -183,10 +185,19 @@ class _Run:
 
     def trace(self, run_batch: Callable[[int], Any], num_batches: int, weight_of: Callable) -> BlockTrace:
         started = time.perf_counter()
-        trace = trace_blocks(self.model, run_batch, num_batches, self.store, weight_of)
+        self.num_batches = num_batches
+        trace = trace_blocks(self.model, run_batch, range(self.rank, num_batches, self.world), self.store, weight_of)
+        orders = all_gather_objects(trace.order, self.world)
+        if any(order != orders[0] for order in orders):
+            raise CalibrationError(
+                f"the processes ran {type(self.model).__name__}'s blocks in different orders ({orders}); block-by-block "
+                "calibration needs the same model code on every process."
+            )
         self.consumers = trace.consumers()
         self.external_last = _external_last_use(trace)
-        self.report.blocks, self.report.calls = len(trace.order), len(trace.calls)
+        self.report.blocks = len(trace.order)
+        self.report.calls = sum(all_gather_objects(len(trace.calls), self.world))  # every process's calls
+        self.order = trace.order
         self.report.seconds["trace"] += time.perf_counter() - started
         return trace
 
@@ -244,10 +255,20 @@ class _Run:
 
     def _convert(self, planned: list[PlannedLayer], quantizer: Any = None) -> None:
         """Step c: fit and swap in the planned layers; a module already converted under another name (shared by
-        two blocks) is reused, not fitted twice."""
-        fresh = [layer for layer in planned if id(layer.module) not in self.quantized]
-        self.report.reports += convert_model(self.model, fresh, progress=False, compute_metrics=self.metrics,
-                                             quantizer=quantizer)  # fmt: skip
+        two blocks) is reused, not fitted twice. With several processes each fits every ``world``-th layer and
+        the fitted tensors are exchanged, so every process ends with the same layers."""
+        fresh = _unique([layer for layer in planned if id(layer.module) not in self.quantized])
+        mine = fresh[self.rank :: self.world]
+        reports = convert_model(self.model, mine, progress=False, compute_metrics=self.metrics, quantizer=quantizer)
+        if self.world > 1:
+            payload = {layer.name: (_layer_tensors(self._module(layer.name)), report)
+                       for layer, report in zip(mine, reports, strict=True)}  # fmt: skip
+            fitted = {k: v for part in all_gather_objects(payload, self.world) for k, v in part.items()}
+            for layer in fresh:
+                if layer not in mine:
+                    self._restore_layer(layer, fitted[layer.name][0])
+            reports = [fitted[layer.name][1] for layer in fresh]
+        self.report.reports += reports
         for layer in planned:
             first = self.quantized.setdefault(id(layer.module), layer.name)
             if first != layer.name:
@@ -286,24 +307,33 @@ class _Run:
         grams = plan_gram_blocks(modules, self.calibration.records_gram, self.calibration.gram_block)
         collector = StatisticsCollector(modules, grams, self.calibration.max_gram_rows)
         module = self._module(name)
-        totals: dict[str, LayerStatistics] = {}
-        batches = _by_batch(trace, invocations)
+        mine = dict(_by_batch(trace, invocations))
+        totals: dict[str, LayerStatistics] | None = None
         with collector.attached():
-            for _batch, group in batches:
+            # rounds of `world` batches: batch `start + rank` is this process's; the sums are added in batch order
+            for start in range(0, self.num_batches, self.world):
+                batch = start + self.rank
                 collector.start_batch()
-                for call, invocation in group:
+                if totals is None:
+                    totals = {n: LayerStatistics.zeros_like(stats) for n, stats in collector.batch().items()}
+                for call, invocation in mine.get(batch, []):
                     collector.weight = trace.calls[call].weight
                     collector.context = f"{trace.calls[call].context}, block {name}"
                     outputs = self._run(trace, module, call, invocation, stream)
                     if on_outputs is not None:
                         on_outputs(call, invocation, outputs)
-                for layer_name, stats in collector.batch().items():
-                    if layer_name in totals:
-                        totals[layer_name].add_(stats)
-                    else:
-                        totals[layer_name] = stats
+                if not modules:
+                    continue
+                if self.world == 1:
+                    for layer_name, stats in totals.items():
+                        stats.add_(collector.batch()[layer_name])
+                else:
+                    ran = batch in mine
+                    for flat in gather_in_order(collector.batch() if ran else None, totals, self.world):
+                        add_flat(totals, flat)
+        totals = totals or {}
         seen = {n: s for n, s in totals.items() if s.seen}
-        return CalibrationStatistics(seen, {"block": name, "batches": len(batches)})
+        return CalibrationStatistics(seen, {"block": name})
 
     def _float_kept(
         self,
@@ -374,10 +404,7 @@ class _Run:
             raise _unseen_error(unseen)
         if self.budget is None:
             return layers
-        table = measure_candidates(
-            self.model, self.base, statistics or None, self.calibration, names=[layer.name for layer in layers],
-            progress=False,
-        )  # fmt: skip
+        table = self._candidates(layers, statistics)
         spent = sum(choice.nbytes for choice in self.report.choices)
         numel_before = sum(choice.numel for choice in self.report.choices)
         share = (self.budget * (numel_before + table.numel) - 8 * spent) / table.numel
@@ -386,6 +413,27 @@ class _Run:
         self.report.choices += plan.choices
         chosen = {id(layer.module): choice.spec for layer, choice in zip(table.layers, plan.choices, strict=True)}
         return [replace(layer, spec=chosen[id(layer.module)]) for layer in layers]
+
+    def _candidates(self, layers: list[PlannedLayer], statistics: CalibrationStatistics) -> CandidateTable:
+        """The block's candidate table; with several processes each measures every ``world``-th layer and the
+        rows are exchanged (in the one-process layer order)."""
+        names = [layer.name for layer in _unique(layers)]
+        mine = names[self.rank :: self.world]
+        measure = partial(measure_candidates, self.model, self.base, statistics or None, self.calibration,
+                          progress=False)  # fmt: skip
+        if self.world == 1:
+            return measure(names=names)
+        table = measure(names=mine) if mine else None
+        rows = {} if table is None else {
+            layer.name: tuple(getattr(table, part)[i] for part in _ROW_PARTS) for i, layer in enumerate(table.layers)
+        }  # fmt: skip
+        parts = all_gather_objects((rows, None if table is None else (table.sensitivity, table.estimate)), self.world)
+        rows = {k: v for part, _ in parts for k, v in part.items()}
+        sensitivity, estimate = next(kind for _, kind in parts if kind is not None)
+        planned = {layer.name: layer for layer in layers}
+        columns = list(zip(*(rows[n] for n in names), strict=True))
+        return CandidateTable(tuple(planned[n] for n in names), *(tuple(c) for c in columns),
+                              sensitivity=sensitivity, estimate=estimate)  # fmt: skip
 
     def _refine(
         self,
@@ -399,12 +447,22 @@ class _Run:
         # contiguous copies: torch's CPU backward through GroupNorm crashes on some channels-last-strided inputs
         calls = [_contiguous(trace.inputs(c, i, self._resolver(stream, c))) for c, i in invocations]
         recorded = BlockCalls(calls, [targets[c, i] for c, i in invocations])
+        shard = self._shard(trace, invocations, recorded) if self.world > 1 else None
         with torch.enable_grad():
-            outcome: RefineReport = refine_block(self._module(name), recorded, self.calibration, f"OTQ refine {name}")
+            outcome: RefineReport = refine_block(self._module(name), recorded, self.calibration,
+                                                 f"OTQ refine {name}", shard)  # fmt: skip
         self.report.refinement[name] = {
             "loss_before": outcome.loss_before, "loss_after": outcome.loss_after, "steps": outcome.steps,
             "best_step": outcome.best_step, "stopped": outcome.stopped,
         }  # fmt: skip
+
+    def _shard(self, trace: BlockTrace, invocations: list[tuple[int, int]], recorded: BlockCalls) -> CallShard:
+        """Where each of the block's calls is, in the one-process order (batch, then call order)."""
+        mine = [(trace.calls[c].batch, c, self.rank, local, recorded.outputs[local][0].shape[0])
+                for local, (c, _) in enumerate(invocations)]  # fmt: skip
+        every = sorted(item for part in all_gather_objects(mine, self.world) for item in part)
+        local = tuple(entry[3] if entry[2] == self.rank else None for entry in every)
+        return CallShard(local, tuple(entry[4] for entry in every), self.world)
 
     def unseen_layers(self) -> None:
         """Layers of blocks that never ran: refused, or quantized data-free (``unseen_layers="data-free"``)."""
@@ -434,8 +492,10 @@ class _Run:
             "calls": self.report.calls,
         }
         if self.report.refinement:
-            blocks = list(self.report.refinement.values())
-            stopped = [f"{name}: {r['stopped']}" for name, r in self.report.refinement.items() if r["stopped"]]
+            # in block order (a resumed run reads them back from JSON): the float sums below depend on the order
+            refined = sorted(self.report.refinement.items(), key=lambda item: self.order.index(item[0]))
+            blocks = [record for _, record in refined]
+            stopped = [f"{name}: {r['stopped']}" for name, r in refined if r["stopped"]]
             record["refinement"] = {
                 "scope": "sequential blocks", "blocks": len(blocks), "steps_per_block": self.calibration.refine_steps,
                 "steps": sum(r["steps"] for r in blocks),
@@ -466,6 +526,7 @@ class _Run:
             "block_inputs": self.calibration.block_inputs,
             "blocks": trace.order,
             "calls": len(trace.calls),
+            "processes": self.world,
         }
 
     def resume(self, trace: BlockTrace) -> int:
@@ -476,7 +537,9 @@ class _Run:
         progress_file = self.work / "progress.json"
         fingerprint = self._fingerprint(trace)
         if not progress_file.exists():
-            _write_json(self.work / "run.json", fingerprint)
+            if self.rank == 0:
+                _write_json(self.work / "run.json", fingerprint)
+            barrier(self.world)
             return 0
         saved = json.loads((self.work / "run.json").read_text())
         if saved != fingerprint:
@@ -496,10 +559,11 @@ class _Run:
             names = json.loads((self.work / f"block-{position:04d}.json").read_text())["layers"]
             for layer in [layer for layer in self.plan if layer.name in names]:
                 layer = replace(layer, spec=chosen.get(layer.name, layer.spec))
-                self._restore_layer(layer, tensors)
+                prefix = f"{layer.name}."
+                self._restore_layer(layer, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
                 self.quantized.setdefault(id(layer.module), layer.name)
                 self.converted.append(layer)
-        self.store.load(self.work / f"streams-{done - 1:04d}.safetensors")
+        self.store.load(self.work / self._streams_file(done - 1))
         for position in range(done):  # externals the finished blocks were the last to read
             for key in self.external_last.get(position, ()):
                 self.store.pop(key)
@@ -508,42 +572,59 @@ class _Run:
         return done
 
     def _restore_layer(self, layer: PlannedLayer, tensors: dict[str, torch.Tensor]) -> None:
+        """Swap in ``layer`` quantized from its stored tensors (``weight``, ``codebook``, ..., ``bias``)."""
         weight = layer.module.weight
         quantized = layer.target.empty_like(layer.module, layer.spec, weight.dtype, weight.device)
         for stored in quantized.stored_tensors():
-            quantized.set_stored(stored, tensors[f"{layer.name}.{stored}"].to(weight.device, copy=True))
+            quantized.set_stored(stored, tensors[stored].to(weight.device, copy=True))
         if quantized.bias is not None:
-            quantized.bias.data.copy_(tensors[f"{layer.name}.bias"])
+            quantized.bias.data.copy_(tensors["bias"])
         set_submodule(self.model, layer.name, quantized)
 
     def _checkpoint(self, trace: BlockTrace, position: int, names: list[str]) -> None:
         """Step f: the block's layers, the live cached activations, then the progress record (each written to a
         temporary name and renamed, so an interruption leaves the previous state intact)."""
-        tensors: dict[str, torch.Tensor] = {}
-        for layer_name in names:
-            module = self._module(layer_name)
-            if isinstance(module, OTQLayerMixin):
-                tensors.update(
-                    {f"{layer_name}.{k}": v.detach().cpu().contiguous() for k, v in module.stored_tensors().items()}
-                )
-                if module.bias is not None:
-                    tensors[f"{layer_name}.bias"] = module.bias.detach().cpu().contiguous()
-        _atomic_save(tensors, self.work / f"block-{position:04d}.safetensors")
-        _write_json(self.work / f"block-{position:04d}.json", {"block": trace.order[position], "layers": names})
         streams = [key for key in self.store.keys() if not key.startswith("x.")]
-        self.store.save(self.work / f"streams-{position:04d}.safetensors", streams)
-        state = {
-            "done": position + 1,
-            "choices": [_choice_to_dict(c) for c in self.report.choices],
-            "reports": [asdict(r) for r in self.report.reports],
-            "refinement": self.report.refinement,
-        }
-        _write_json(self.work / "progress.json", state)
-        previous = self.work / f"streams-{position - 1:04d}.safetensors"
-        previous.unlink(missing_ok=True)
+        self.store.save(self.work / self._streams_file(position), streams)
+        barrier(self.world)  # every process's activations are written before the progress record moves on
+        if self.rank == 0:
+            tensors: dict[str, torch.Tensor] = {}
+            for layer_name in names:
+                tensors.update({f"{layer_name}.{k}": v for k, v in _layer_tensors(self._module(layer_name)).items()})
+            _atomic_save(tensors, self.work / f"block-{position:04d}.safetensors")
+            _write_json(self.work / f"block-{position:04d}.json", {"block": trace.order[position], "layers": names})
+            state = {
+                "done": position + 1,
+                "choices": [_choice_to_dict(c) for c in self.report.choices],
+                "reports": [asdict(r) for r in self.report.reports],
+                "refinement": self.report.refinement,
+            }
+            _write_json(self.work / "progress.json", state)
+        barrier(self.world)
+        (self.work / self._streams_file(position - 1)).unlink(missing_ok=True)
+
+    def _streams_file(self, position: int) -> str:
+        return (
+            f"streams-{position:04d}.safetensors"
+            if self.world == 1
+            else f"streams-r{self.rank}-{position:04d}.safetensors"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _layer_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """An OTQ layer's stored tensors and bias (CPU, contiguous), by name; {} for anything else."""
+    if not isinstance(module, OTQLayerMixin):
+        return {}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.stored_tensors().items()}
+    if module.bias is not None:
+        tensors["bias"] = module.bias.detach().cpu().contiguous()
+    return tensors
+
+
+_ROW_PARTS = ("options", "sizes", "errors", "distortions", "fixed")  # a candidate table's per-layer fields
 
 
 def _inside(layer: str, block: str) -> bool:

@@ -19,7 +19,7 @@ by a later block) is recorded as an external instead, so the replay never needs 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,18 +198,19 @@ def _hooks(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
 def trace_blocks(
     model: nn.Module,
     run_batch: Callable[[int], Any],
-    num_batches: int,
+    batches: Sequence[int],
     externals: ActivationStore,
     weight_of: Callable[[tuple, dict], tuple[float, str]],
     *,
     progress: Callable[[], None] | None = None,
 ) -> BlockTrace:
-    """Run ``run_batch(b)`` for every batch with hooks on ``model`` and its blocks; return the :class:`BlockTrace`.
+    """Run ``run_batch(b)`` for each of ``batches`` with hooks on ``model`` and its blocks; return the
+    :class:`BlockTrace`.
 
     Args:
         model: the float denoiser (called by ``run_batch``, directly or through its pipeline).
         run_batch: runs calibration batch ``b``.
-        num_batches: batches to run, in order.
+        batches: the calibration batches to run, in order (this process's share with several processes).
         externals: where the external inputs go (they stay there; the trace refers to them by key).
         weight_of: ``(args, kwargs) -> (timestep weight, context text)`` of a denoiser call.
         progress: called after every batch.
@@ -219,13 +220,13 @@ def trace_blocks(
     """
     recorder = _Recorder(externals, weight_of)
     with _hooks(model, recorder), torch.no_grad():
-        for batch in range(num_batches):
+        for batch in batches:
             recorder.start_batch(batch)
             run_batch(batch)
             recorder.start_batch(-1)  # release the batch's tensors
             if progress is not None:
                 progress()
-    if not recorder.calls or not recorder.order:
+    if batches and (not recorder.calls or not recorder.order):
         raise ValueError(
             f"the calibration batches never ran {type(model).__name__}'s blocks inside a call of the model; "
             "nothing to calibrate block by block."

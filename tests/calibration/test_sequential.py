@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def test_the_trace_links_block_outputs_to_the_blocks_that_read_them() -> None:
     model = tiny_unet()
     store = ActivationStore(1 << 30)
     forward = _forward_fn(model, _unet_call)
-    trace = trace_blocks(model, forward, 1, store, lambda args, kwargs: (1.0, ""))
+    trace = trace_blocks(model, forward, [0], store, lambda args, kwargs: (1.0, ""))
     assert len(trace.calls) == 3 and trace.order.index("conv_in") < trace.order.index("down_blocks.0")
     first = trace.calls[0]
     by_block = {inv.block: inv for inv in first.invocations}
@@ -174,24 +175,41 @@ def test_a_work_folder_of_another_run_is_refused(tmp_path: Path) -> None:
         _calibrated("unet", work_dir=work, config=OTQConfig(bits=2))
 
 
-_RESUMABLE = """
-import sys, torch
+_SCRIPT = """
+import os, sys, torch
 from diffusers_otq import CalibrationConfig, OTQConfig, quantize_model
 from tests.calibration.test_sequential import MODELS, _forward_fn
 torch.set_num_threads(1)
+work, out, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
 build, call = MODELS["sd3"]
 model = build()
-calibration = CalibrationConfig(forward_fn=_forward_fn(model, call), num_batches=2, refine_steps=40,
-                                refine_eval_every=10, refine_batch_size=2, work_dir=sys.argv[1], progress=False)
-quantize_model(model, OTQConfig(bits=3), calibration=calibration, progress=False)
-model.save_pretrained(sys.argv[2])
+calibration = CalibrationConfig(forward_fn=_forward_fn(model, call), num_batches=3, refine_steps=40,
+                                refine_eval_every=10, refine_batch_size=2, work_dir=None if work == "-" else work,
+                                progress=False)
+config = OTQConfig(bits=3) if budget == 0 else OTQConfig(bits_per_weight=budget)
+quantize_model(model, config, calibration=calibration, progress=False)
+if int(os.environ.get("RANK", "0")) == 0:
+    model.save_pretrained(out)
 """
+REPO = Path(__file__).resolve().parents[2]
 
 
-def _quantize_in_subprocess(work: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-c", _RESUMABLE, str(work), str(out)], env=env,
+def _quantize_in_subprocess(work: Path | str, out: Path, budget: float = 0.0, processes: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", _SCRIPT]
+    if processes > 1:
+        script = out.parent / "quantize.py"
+        script.write_text(_SCRIPT)
+        accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+        command = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]  # fmt: skip
+    return subprocess.Popen([*command, str(work), str(out), str(budget)], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _same_files(a: Path, b: Path) -> None:
+    for name in ("diffusion_pytorch_model.safetensors", "config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def test_a_run_killed_midway_resumes_to_a_byte_identical_model(tmp_path: Path) -> None:
@@ -214,8 +232,19 @@ def test_a_run_killed_midway_resumes_to_a_byte_identical_model(tmp_path: Path) -
 
     resumed = _quantize_in_subprocess(tmp_path / "work-b", tmp_path / "b")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
-    for name in ("diffusion_pytorch_model.safetensors", "config.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    _same_files(tmp_path / "a", tmp_path / "b")
+
+
+def test_two_processes_give_the_same_bytes_as_one(tmp_path: Path) -> None:
+    """Batches, statistics sums, layer fits, candidate measurements and refinement steps are split across two
+    processes (accelerate launch); the saved model is the one-process model, byte for byte."""
+    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("the accelerate launcher is not installed next to this python")
+    one = _quantize_in_subprocess("-", tmp_path / "one", budget=2.5)
+    assert one.wait(timeout=600) == 0, one.stderr.read()[-3000:]
+    two = _quantize_in_subprocess("-", tmp_path / "two", budget=2.5, processes=2)
+    assert two.wait(timeout=600) == 0, two.stderr.read()[-3000:]
+    _same_files(tmp_path / "one", tmp_path / "two")
 
 
 def test_calibration_batches_of_a_bare_model_need_a_forward_fn() -> None:
