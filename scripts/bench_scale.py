@@ -21,10 +21,21 @@ velocity error ``sum ||v_q - v_fp||^2 / sum ||v_fp||^2`` on the held-out calls. 
 depth and width, ratios to data-free, memory against the float32 size, and an extrapolation to SD3.5-large and
 Flux.1 from the measured time per weight. Read ratios, not absolute times: the machine is shared.
 
-    python scripts/bench_scale.py --output results/bench_scale.md                    # the default grid (~1 h)
+    python scripts/bench_scale.py --output results/bench_scale.md                    # the "hour" grid
+    python scripts/bench_scale.py --grid depth --output results/bench_scale_depth.md # 6, 12, 24 blocks
     python scripts/bench_scale.py --grid 1024x2 --api two-step --output results/bench_scale.md
     python scripts/bench_scale.py --grid 1024x24:data-free+calibrated-3bit           # some variants only
     python scripts/bench_scale.py --render results/bench_scale.jsonl --output results/bench_scale.md
+
+Grid (``GRIDS``): time, not memory, bounds it on 2 cores. The largest SD3-style model that fits this machine's 24
+GiB is SD3-medium's size itself (width 1536, 24 blocks: 2.0B parameters, 4 GiB in bfloat16, 8 GiB in float32,
+plus at most 0.5x for quantization), but at ~5.6 µs per weight for the four variants it alone would take ~3 hours.
+The default ``hour`` grid runs every variant at 1024 x 2/6 and 1536 x 2 and the two cheap variants at 1024 x 12;
+``depth`` sweeps 6/12/24 blocks for the depth target; ``full`` is the whole 2-24 x 1024/1536 grid.
+
+Models are float32 by default (``--dtype bfloat16`` is there): on this CPU a bfloat16 ``nn.Linear`` ran 4x slower
+than float32 (7 vs 30 GFLOP/s for 666 x 1024 x 4096 with 2 threads), so in bfloat16 the calibration sampling alone
+would cost more than the data-free quantization.
 
 Every finished process appends a line to ``--log`` (default: the output with ``.jsonl``), and the markdown is
 rewritten after every grid point, so a long run that is stopped keeps what it measured.
@@ -54,13 +65,24 @@ logger = logging.getLogger("bench_scale")
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS: tuple[str, ...] = ("data-free", "calibrated-3bit", "budget-2.5", "budget-2.5+refine50")
-DEFAULT_GRID = "1024x2,1024x6,1024x12,1536x2,1536x6"
+CHEAP = "data-free+calibrated-3bit"
+GRIDS = {
+    "hour": f"1024x2,1024x6,1536x2,1024x12:{CHEAP}",
+    "depth": f"1024x6:{CHEAP},1024x12:{CHEAP},1024x24:{CHEAP}",
+    "full": "1024x2,1024x6,1024x12,1024x24,1536x2,1536x6,1536x12",
+}
+"""Named grids. ``hour``: every variant where it fits in about an hour of 2 uncontended cores if the one-call API meets
+the issue's targets (about 5.6 µs per weight per grid point: data-free ~0.4, calibrated <= 2x, budget ~3x, budget +
+refinement <= 5x, five held-out evaluations ~1.0), plus 12 blocks for the two cheap variants; ``depth``: the 6 -> 24
+block sweep of the depth target for the cheap variants (~50 min); ``full``: every variant at 2-24 blocks at width
+1024 and 2-12 at 1536 (several hours)."""
 COLUMNS: tuple[str, ...] = (
     "width",
     "blocks",
     "params (M)",
     "variant",
     "API",
+    "sampling s (calls)",
     "quantize s",
     "total s",
     "vs data-free",
@@ -86,9 +108,10 @@ class GridPoint:
 
 
 def parse_grid(text: str, variants: tuple[str, ...]) -> list[GridPoint]:
-    """``"1024x2,1536x6:data-free+calibrated-3bit"`` -> grid points (``variants`` where a point names none)."""
+    """``"1024x2,1536x6:data-free+calibrated-3bit"`` (or a :data:`GRIDS` name) -> grid points (``variants`` where
+    a point names none)."""
     points = []
-    for entry in filter(None, (e.strip() for e in text.split(","))):
+    for entry in filter(None, (e.strip() for e in GRIDS.get(text, text).split(","))):
         size, _, names = entry.partition(":")
         width, _, depth = size.partition("x")
         chosen = tuple(names.split("+")) if names else variants
@@ -181,6 +204,7 @@ def measure(args: argparse.Namespace, grid: list[GridPoint], log: Path) -> None:
         "kind": "meta",
         "command": "python scripts/bench_scale.py " + shlex.join(sys.argv[1:]),
         "api": api,
+        "api_source": "--api" if args.api else "probe (quantize_model calibrates by itself?)",
         "threads": args.threads,
         "dtype": args.dtype,
         "calibration": {"batches": args.calibration_batches, "steps": args.calibration_steps,
@@ -188,6 +212,7 @@ def measure(args: argparse.Namespace, grid: list[GridPoint], log: Path) -> None:
         "heldout": {"trajectories": args.heldout_trajectories, "steps": args.heldout_steps, "batch_size": 1},
         "sample_size": args.sample_size,
         "variant_timeout": args.variant_timeout,
+        "note": args.note,
         "machine": _machine(),
     }  # fmt: skip
     _append(log, meta)
@@ -290,10 +315,11 @@ def _main_table(run: dict[str, Any], results: dict) -> list[str]:
         if r is None:
             status = _status(record)
             notes.append(f"{width} x {depth} {variant}: {status}")
-            cells = [str(width), str(depth), params, variant, api, *(["—"] * 9)]
+            cells = [str(width), str(depth), params, variant, api, *(["—"] * (len(COLUMNS) - 5))]
             if "timed_out" in record:
-                cells[6] = f"> {record['timed_out']:.0f}"
-            cells[5] = "n/a" if "unavailable" in status else cells[5]
+                cells[COLUMNS.index("total s")] = f"> {record['timed_out']:.0f}"
+            if "unavailable" in status:
+                cells[COLUMNS.index("quantize s")] = "n/a"
         else:
             cells = [
                 str(width),
@@ -301,6 +327,7 @@ def _main_table(run: dict[str, Any], results: dict) -> list[str]:
                 params,
                 variant,
                 api,
+                f"{r['calibrate_s']:.1f} ({r.get('forward_calls', '?')})" if variant != "data-free" else "—",
                 _fmt(r["quantize_s"], 1),
                 _fmt(r["seconds"], 1),
                 _fmt(r["vs_data_free"]) + "x" if r["vs_data_free"] else "—",
@@ -409,7 +436,7 @@ def _extrapolation_section(run: dict[str, Any], results: dict) -> list[str]:
     lines = [
         "### Extrapolation to SD3.5-large and Flux.1 on this CPU",
         "",
-        "From the measured µs per weight of the widest model measured at its deepest point, scaled to the target's "
+        "From the measured µs per weight of the largest model measured (most weights), scaled to the target's "
         "width as `(width / measured width)^alpha` and multiplied by the target's quantized weights (counted on the "
         "meta device). `alpha` is measured between the two widths at their deepest common depth where both were "
         "run; the issue's bound is alpha = 1 (time per weight at most linear in width). The sampling part assumes "
@@ -424,8 +451,7 @@ def _extrapolation_section(run: dict[str, Any], results: dict) -> list[str]:
         measured = [(w, d) for (w, d, v) in results if v == variant]
         if not measured:
             continue
-        width = max(w for w, _ in measured)
-        depth = max(d for w, d in measured if w == width)
+        width, depth = max(measured, key=lambda size: results[(*size, variant)]["weights"])
         base = results[(width, depth, variant)]["us_per_weight"]
         alpha = None
         common = (
@@ -461,9 +487,19 @@ def render(run: dict[str, Any]) -> str:
     cal, held = meta.get("calibration", {}), meta.get("heldout", {})
     loads = [machine.get("load_start", math.nan), *run["loads"]]
     refs = [r["ok"] for r in run["references"].values() if "ok" in r]
-    lines = [
-        "# Calibrated quantization at scale: random SD3-style transformers",
-        "",
+    lines = ["# Calibrated quantization at scale: random SD3-style transformers", ""]
+    if meta.get("api") == "two-step":
+        lines += [
+            "**Old two-step path**: calibrated variants run `statistics = calibrate(model, config, "
+            "CalibrationConfig(forward_fn=..., num_batches=...))`, then `quantize_model(model, config, "
+            "statistics=statistics)` (all layers' statistics at once, then every layer's fit); refinement of a "
+            "`forward_fn` calibration is not available there. This is the baseline for the block-by-block one-call "
+            "API (`quantize_model(model, config, calibration=CalibrationConfig(forward_fn=...))`).",
+            "",
+        ]
+    if meta.get("note"):
+        lines += [meta["note"], ""]
+    lines += [
         f"Command: `{meta.get('command', '?')}`",
         "",
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, {machine.get('memory_gib', 0):.0f} GiB; "
@@ -481,8 +517,9 @@ def render(run: dict[str, Any]) -> str:
         f"10000+b. Held-out: {held.get('trajectories', '?')} trajectories x {held.get('steps', '?')} steps x batch 1 from "
         "seeds 20000+k, the quantized model teacher-forced on the float model's calls.",
         "",
-        "Columns: `quantize s` excludes the time spent inside `forward_fn` (the calibration sampling, hooks included), "
-        "`total s` includes it; `µs/weight` is total seconds per quantized weight; `peak extra` is the process's peak "
+        "Columns: `sampling s (calls)` is the time spent inside `forward_fn` (the calibration sampling the library "
+        "asked for, its statistics hooks included) and how many trajectories it ran; `quantize s` is the rest, `total "
+        "s` both; `µs/weight` is total seconds per quantized weight; `peak extra` is the process's peak "
         "RSS (VmHWM, reset after the float model is built) above its RSS at that point, and `extra / fp32` that over "
         "the float32 model's size; `bits/weight` counts every stored bit of the OTQ layers (codes, codebooks, scales); "
         "`velocity error` is `sum ||v_q - v_fp||² / sum ||v_fp||²` over the held-out calls.",
@@ -514,7 +551,7 @@ def _summary(run: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--grid", default=DEFAULT_GRID, help=f"WIDTHxBLOCKS[:variant+...] entries (default {DEFAULT_GRID})"
+        "--grid", default="hour", help=f"WIDTHxBLOCKS[:variant+...] entries, or one of {sorted(GRIDS)} (default: hour)"
     )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="variants of entries that name none")
     parser.add_argument(
@@ -535,6 +572,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="write the markdown report here")
     parser.add_argument("--log", type=Path, default=None, help="JSON lines of every process (default: output.jsonl)")
     parser.add_argument("--render", type=Path, default=None, help="only render the report of this log")
+    parser.add_argument("--note", default="", help="a paragraph for the report, under its title")
     parser.add_argument("--verbose", action="store_true", help="the library's INFO logs from every process")
     args = parser.parse_args()  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -76,6 +76,9 @@ def test_markdown_has_every_column_and_sane_values(tiny_run):
     assert rows["data-free"]["vs data-free"] == "1.00x"
     assert float(rows["calibrated-3bit"]["vs data-free"].rstrip("x")) > 0
     assert float(rows["calibrated-3bit"]["total s"]) > float(rows["calibrated-3bit"]["quantize s"])  # sampling
+    sampling, calls = rows["calibrated-3bit"]["sampling s (calls)"].split()
+    assert float(sampling) >= 0 and calls == "(1)"  # one forward_fn trajectory: --calibration-batches 1
+    assert rows["data-free"]["sampling s (calls)"] == "—"
     for section in ("Ratios to data-free", "Time per weight against depth", "Extrapolation to SD3.5-large"):
         assert f"### {section}" in markdown
     assert "torch threads = 2" in markdown and "two-step API" in markdown
@@ -103,3 +106,50 @@ def test_grid_parsing():
     ]
     with pytest.raises(SystemExit, match="bad grid entry"):
         script.parse_grid("1024x2:quantize-harder", script.VARIANTS)
+
+
+def _synthetic_log(path: Path) -> Path:
+    """A run over 1024 x {2, 6, 24} and 1536 x 6 with made-up numbers, a stopped and an unavailable variant."""
+    records = [
+        {"kind": "meta", "command": "python scripts/bench_scale.py", "api": "two-step", "threads": 2,
+         "calibration": {"batches": 2, "steps": 8, "batch_size": 2}, "sample_size": 32, "machine": {"cpu": "test"}},
+        {"kind": "targets", "targets": {"SD3.5-large": {"width": 2432, "blocks": 38, "parameters": 8e9, "weights": 8e9}}},
+    ]  # fmt: skip
+    for width, depth, us in ((1024, 2, 0.5), (1024, 6, 0.4), (1024, 24, 0.44), (1536, 6, 0.7)):
+        weights = 36 * width**2 * depth
+        records.append({"kind": "reference", "width": width, "depth": depth, "ok": {
+            "parameters": weights, "velocity_rms": 0.6, "velocity_variation": 1.2, "float_call_s": 1.0}})  # fmt: skip
+        for variant, factor in (("data-free", 1.0), ("calibrated-3bit", 3.0), ("budget-2.5", None),
+                                ("budget-2.5+refine50", None)):  # fmt: skip
+            record = {"kind": "variant", "width": width, "depth": depth, "variant": variant, "api": "two-step"}
+            if variant == "budget-2.5":
+                record["timed_out"] = 100.0
+            elif variant == "budget-2.5+refine50":
+                record["ok"] = {"unavailable": "needs the one-call API"}
+            else:
+                seconds = us * factor * weights / 1e6
+                record["ok"] = {"seconds": seconds, "calibrate_s": 0.1 * seconds, "forward_calls": 2,
+                                "quantize_s": 0.9 * seconds, "weights": weights, "float32_mib": weights * 4 / 2**20,
+                                "peak_rss_mib": 1000.0, "peak_extra_mib": weights * 4 / 2**20 * 0.25 * factor,
+                                "bits_per_weight": 3.1, "velocity_error": 0.02 / factor}  # fmt: skip
+            records.append(record)
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_report_verdicts(tmp_path):
+    script = _script()
+    markdown = script.render(script.read_log(_synthetic_log(tmp_path / "run.jsonl")))
+    assert "**Old two-step path**" in markdown
+    # depth: 0.44 / 0.4 = 1.10 within +-20%: met; width 0.7 / 0.4 = 1.75 > 1.5: missed
+    assert "| data-free | 1024 | 0.500 | 0.400 (1.00) | 0.440 (1.10) | met (±10%) |" in markdown
+    assert "- data-free: 6 blocks 1.75x (**missed**)" in markdown
+    # calibrated 3x data-free: missed (target 2x); the stopped budget shows a lower bound, refinement n/a
+    assert "| 1024 | 6 | 3.00x **missed** | > " in markdown and "(stopped) | n/a |" in markdown
+    assert "0.750x **missed**" in markdown  # 0.25 * 3 of the float32 size
+    assert "did not finish in 100 s (stopped)" in markdown and "not available: needs the one-call API" in markdown
+    # extrapolation from the largest model, 1024 x 24 (0.44 us/weight), with alpha = log(1.75) / log(1.5) (the
+    # widths' ratio at their deepest common depth, 6) and alpha = 1
+    alpha = math.log(1.75) / math.log(1.5)
+    hours = [0.44 * (2432 / 1024) ** a * 8e9 / 1e6 / 3600 for a in (alpha, 1.0)]
+    assert f"| data-free | 1024 x 24 | {alpha:.2f} | {hours[0]:.1f} h / {hours[1]:.1f} h |" in markdown
