@@ -113,9 +113,11 @@ class CalibrationConfig:
             block's statistics plus the cached activations; ``refine_steps`` count per block. False: the statistics
             of every layer are collected in one sampling run, then every layer is fitted (needs memory for all
             statistics at once; precomputed ``statistics=`` use this path).
-        block_inputs: what each block sees in the sequential path: ``"quantized"`` (the outputs of the blocks
-            before it, already quantized: each fit absorbs the error arriving from earlier blocks) or ``"float"``
-            (the float model's own inputs).
+        block_inputs: what each block sees in the sequential path: ``"float"`` (default: the float model's own
+            inputs, so every layer gets exactly the statistics of the whole-model collection) or ``"quantized"``
+            (the outputs of the blocks before it, already quantized: each fit also absorbs the error arriving from
+            earlier blocks, as GPTQ does). Measured on both bundled models at 3 bits (16 samples, sample PSNR):
+            float 33.18 / 36.15 dB (DiT / UNet), quantized 32.41 / 35.07 dB.
         max_activation_bytes: cached activations of the sequential path kept in memory; above it they are spilled
             to disk as safetensors (in ``work_dir``, or a temporary folder).
         work_dir: a folder where the sequential path writes each finished block; rerunning the same call after an
@@ -158,7 +160,7 @@ class CalibrationConfig:
     refine_eval_every: int = 50
     refine_scope: str = "model"
     sequential: bool = True
-    block_inputs: str = "quantized"
+    block_inputs: str = "float"
     max_activation_bytes: int = 4 << 30
     work_dir: str | os.PathLike | None = None
     progress: bool = True

@@ -16,9 +16,10 @@
       error feedback);
    d. *refinement* (``refine_steps`` per block): codes frozen, the block's float parameters trained to map its
       inputs to the float model's block outputs (:func:`~.refine.refine_block`);
-   e. *outputs*: the quantized block's outputs on its inputs become the inputs of the blocks that read them
-      (``block_inputs="quantized"``, the default: each fit also absorbs the error arriving from earlier blocks,
-      as GPTQ does), or every block sees the float model's inputs (``block_inputs="float"``);
+   e. *outputs*: every block sees the float model's inputs (``block_inputs="float"``, the default: measured
+      better on the bundled models), or the quantized block's outputs on its inputs become the inputs of the
+      blocks that read them (``block_inputs="quantized"``: each fit also absorbs the error arriving from earlier
+      blocks, as GPTQ does);
    f. *checkpoint* (with ``work_dir``): the block's stored tensors, its plan and the cached activations still
       needed go to the work folder; a rerun of the same call resumes after the last finished block.
 3. **Finish**: the plan becomes the saved config's ``module_overrides``, and a diffusers model gets its quantizer

@@ -133,7 +133,7 @@ def test_float_block_inputs_give_exactly_the_whole_model_fit(kind: str) -> None:
 def test_quantized_block_inputs_beat_data_free_and_differ_from_float_inputs() -> None:
     build, call = MODELS["sd3"]
     reference = build()
-    quantized = _calibrated("sd3")
+    quantized = _calibrated("sd3", block_inputs="quantized")
     data_free = build()
     quantize_model(data_free, OTQConfig(bits=3), progress=False)
     with pytest.raises(AssertionError):
@@ -142,9 +142,10 @@ def test_quantized_block_inputs_beat_data_free_and_differ_from_float_inputs() ->
 
 
 def test_spilled_activations_give_the_same_codes(tmp_path: Path) -> None:
-    spilled = _calibrated("unet", max_activation_bytes=1, work_dir=tmp_path / "work")
+    """Quantized block inputs: the spilled activations are the quantized blocks' outputs, read back exactly."""
+    spilled = _calibrated("unet", block_inputs="quantized", max_activation_bytes=1, work_dir=tmp_path / "work")
     assert any((tmp_path / "work").glob("block-*.safetensors"))
-    _assert_same_codes(spilled, _calibrated("unet"))
+    _assert_same_codes(spilled, _calibrated("unet", block_inputs="quantized"))
 
 
 def test_refinement_per_block_is_recorded_and_never_raises_a_block_error() -> None:
@@ -153,7 +154,7 @@ def test_refinement_per_block_is_recorded_and_never_raises_a_block_error() -> No
     assert record["scope"] == "sequential blocks" and record["steps_per_block"] == 20 and record["blocks"] >= 3
     assert record["loss_after"] <= record["loss_before"] and record["steps"] == 20 * record["blocks"]
     calibration = model.config.quantization_config.provenance["calibration"]
-    assert calibration["sequential"] is True and calibration["block_inputs"] == "quantized"
+    assert calibration["sequential"] is True and calibration["block_inputs"] == "float"
 
 
 def test_the_sequential_model_saves_and_reloads_bit_identically(tmp_path: Path) -> None:
@@ -184,7 +185,7 @@ work, out, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
 build, call = MODELS["sd3"]
 model = build()
 calibration = CalibrationConfig(forward_fn=_forward_fn(model, call), num_batches=3, refine_steps=40,
-                                refine_eval_every=10, refine_batch_size=2, work_dir=None if work == "-" else work,
+                                refine_eval_every=10, refine_batch_size=2, work_dir=None if work == "none" else work,
                                 progress=False)
 config = OTQConfig(bits=3) if budget == 0 else OTQConfig(bits_per_weight=budget)
 quantize_model(model, config, calibration=calibration, progress=False)
@@ -240,9 +241,9 @@ def test_two_processes_give_the_same_bytes_as_one(tmp_path: Path) -> None:
     processes (accelerate launch); the saved model is the one-process model, byte for byte."""
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("the accelerate launcher is not installed next to this python")
-    one = _quantize_in_subprocess("-", tmp_path / "one", budget=2.5)
+    one = _quantize_in_subprocess("none", tmp_path / "one", budget=2.5)
     assert one.wait(timeout=600) == 0, one.stderr.read()[-3000:]
-    two = _quantize_in_subprocess("-", tmp_path / "two", budget=2.5, processes=2)
+    two = _quantize_in_subprocess("none", tmp_path / "two", budget=2.5, processes=2)
     assert two.wait(timeout=600) == 0, two.stderr.read()[-3000:]
     _same_files(tmp_path / "one", tmp_path / "two")
 
