@@ -234,7 +234,9 @@ def test_quantize_with_structure_and_refinement(bundle: Path, tmp_path: Path, ca
     from diffusers_otq.hub import model_card
 
     card = str(model_card(pipe, tmp_path / "q", "me/fm-dit-otq2"))
-    assert "refinement (codes frozen) | 3 Adam steps" in card and "per block" in card and "rank-2 16-bit branch" in card
+    assert (
+        "refinement (codes frozen) | 3 Adam steps" in card and "per block" in card and "rank-2 16-bit branch" in card
+    )
     assert "block by block" in card
     assert "randomized Hadamard input rotation" in card
 
