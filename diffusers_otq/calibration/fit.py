@@ -95,7 +95,7 @@ a dozen) sweeps with the same ones, so they are computed once per layer (one ent
 def _sweep_operators(
     stats: LayerStatistics, centered: bool, calibration: CalibrationConfig
 ) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], list[list[torch.Tensor]]]:
-    """Per input group: the sweep's ``(order, U)`` factors of each Gram block (:func:`ordered_factors`), and the
+    """Per input group: the sweep's ``(order, F)`` factors of each Gram block (:func:`ordered_factors`), and the
     objective's float32 Gram blocks ``H + weight_ridge * mean(diag H) I`` (the ridge keeps directions ``H`` never
     excites from absorbing large weight changes)."""
     global _last_operators

@@ -71,7 +71,7 @@ REFIT_ITERATIONS = 8
 REFIT_STEP_TOLERANCE = 1e-3
 """Refit steps stop once a step lowers the output error by less than this fraction of it."""
 
-_TASK_ROWS = 384  # rows per chunk of row-parallel work (chunks depend on the shape only, never on the threads)
+_TASK_ROWS = 768  # rows per chunk of row-parallel work (chunks depend on the shape only, never on the threads)
 _INNER_BLOCK = 16  # columns per inner lazy update of the sweep (rank-1 updates only inside these)
 
 

@@ -63,7 +63,8 @@ def test_output_error_is_the_quadratic_form() -> None:
     assert torch.allclose(output_error(delta, blocks), expected)
 
 
-def test_output_errors_of_codes_match_the_quadratic_form_on_every_row_chunk() -> None:
+def test_output_errors_of_codes_match_the_quadratic_form_on_every_row_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(error_feedback, "_TASK_ROWS", 300)
     gram = gram_of(32).float()
     weight = torch.randn(900, 32)  # three row chunks
     codebook = torch.sort(torch.randn(900, 4), dim=1).values
