@@ -175,7 +175,7 @@ def _error_feedback(
                 group_book(book, g),
                 group_scales(g),
                 storage_dtype=storage,
-            )  # fmt: skip
+            )
             for g in range(groups)  # one group when the codebook is shared
         ]
         start_errors = torch.cat([fit.start_errors for fit in fits])

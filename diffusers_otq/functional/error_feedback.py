@@ -41,7 +41,7 @@ from typing import TypeVar
 
 import torch
 
-from .parallel import fit_workers, run_tasks
+from .parallel import fit_workers, run_tasks_single_threaded
 
 
 __all__ = [
@@ -97,7 +97,9 @@ def row_chunks(rows: int, n: int) -> list[slice]:
 
 
 def _run_chunks(task: Callable[[slice], T], chunks: Sequence[slice], device: torch.device) -> list[T]:
-    return run_tasks([lambda chunk=chunk: task(chunk) for chunk in chunks], fit_workers(device))
+    """``[task(chunk) for chunk in chunks]`` side by side, each with one intra-op thread (same bits for any
+    thread count)."""
+    return run_tasks_single_threaded([lambda chunk=chunk: task(chunk) for chunk in chunks], fit_workers(device))
 
 
 def damped_gram(gram: torch.Tensor, damping: float) -> torch.Tensor:
@@ -395,12 +397,15 @@ def ordered_factors(
     grams: Sequence[torch.Tensor], damping: float, act_order: bool = True
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per diagonal block, ``(order, F)``: the sweep order of its columns and the :func:`sweep_factor` of the
-    block permuted to that order (float32, what the sweep multiplies with)."""
-    out = []
-    for gram in grams:
+    block permuted to that order (float32, what the sweep multiplies with); the same bits for any thread count."""
+
+    def factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         order = descending_order(gram) if act_order else torch.arange(gram.shape[0], device=gram.device)
-        out.append((order, sweep_factor(gram, damping, order)))
-    return out
+        return order, sweep_factor(gram, damping, order)
+
+    # one thread per factorisation (a multi-threaded Cholesky sums in another order), blocks side by side
+    device = grams[0].device if grams else torch.device("cpu")
+    return run_tasks_single_threaded([lambda gram=gram: factor(gram) for gram in grams], fit_workers(device))
 
 
 def error_feedback_codes_in_order(

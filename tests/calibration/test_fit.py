@@ -252,7 +252,7 @@ def test_every_row_ends_at_most_at_its_stage_one_output_error(spec: LayerSpec) -
 
 def test_the_calibrated_fit_is_the_same_bits_for_one_and_two_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(error_feedback, "_TASK_ROWS", 24)  # four row chunks
-    layer, x = correlated_layer(n=96, out=96, mean=0.5)
+    layer, x = correlated_layer(n=256, out=96, mean=0.5)  # a 256-wide Gram: LAPACK would use both threads
     stats = statistics_of(layer, x)
     results = []
     previous = torch.get_num_threads()

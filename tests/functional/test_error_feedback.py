@@ -222,26 +222,26 @@ def test_act_order_sweep_returns_codes_in_the_original_column_order() -> None:
 
 
 def test_results_are_the_same_bits_for_one_and_two_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(error_feedback, "_TASK_ROWS", 48)  # several row chunks on a small problem
-    grams = [gram_of(40, seed=1), gram_of(24, seed=2)]
-    weight = torch.randn(150, 64)
+    monkeypatch.setattr(error_feedback, "_TASK_ROWS", 32)  # several row chunks on a small problem
+    grams = [gram_of(256, seed=1), gram_of(24, seed=2)]  # 256: a multi-threaded Cholesky would differ
+    weight = torch.randn(96, 280)
     codebook = quantize_tensor(weight, bits=3, method="ot").codebook.float()
-    scales = torch.rand(150, 64) + 0.5
-    factors = ordered_factors(grams, 0.01)
+    scales = torch.rand(96, 280) + 0.5
     grams32 = [gram.float() for gram in grams]
     results = []
     previous = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
+            factors = ordered_factors(grams, 0.01)
             codes = error_feedback_codes_in_order(weight, factors, codebook, scales, block_size=16)
             shared = error_feedback_codes_in_order(weight, factors, codebook[:1], None, block_size=16)
             refit = refit_codebook(weight, codes, grams32, codebook, scales)
-            results.append(
-                (codes, shared, refit.codebook, refit.errors, output_errors(weight, codes, codebook, grams32))
-            )
+            errors = output_errors(weight, codes, codebook, grams32)
+            alone = ordered_factors(grams[:1], 0.01)[0][1]  # one block: factorised in the calling thread
+            results.append((factors[0][1], alone, codes, shared, refit.codebook, refit.errors, errors))
     finally:
         torch.set_num_threads(previous)
-    assert len(row_chunks(150, 64)) == 4
+    assert len(row_chunks(96, 280)) == 3
     for one, two in zip(*results, strict=True):
         assert torch.equal(one, two)
