@@ -10,9 +10,13 @@ time:
 2. **Error feedback** (with a Gram matrix and ``error_feedback=True``): the GPTQ column sweep (in act-order)
    rounds each weight to its row's codebook while pushing the rounding error onto the columns not yet rounded,
    then the codewords are refitted by least squares on the output error
-   (:mod:`diffusers_otq.functional.error_feedback`), ``refit_rounds`` times. The result with the lowest output
-   error ``tr((W - Q) (H + weight_ridge * mean(diag H) I) (W - Q)^T)`` is kept, including the stage-1 result, so
-   stage 2 never makes it worse; the small ridge bounds the weight error where ``H`` is (nearly) singular.
+   (:mod:`diffusers_otq.functional.error_feedback`), at most ``refit_rounds`` times: the alternation stops once a
+   round lowers the output error by less than ``refit_tolerance``, or once a refit does (the next sweep would
+   start from nearly the same codebook and find the same codes). For each row (each codebook, if shared) the
+   result with the lowest output error ``tr((W - Q) (H + weight_ridge * mean(diag H) I) (W - Q)^T)`` is kept,
+   including the stage-1 result, so stage 2 never makes it worse; the small ridge bounds the weight error where
+   ``H`` is (nearly) singular. Rows are independent given ``H``: the sweeps, refits and errors run on row chunks
+   on every core torch may use, with the same bits for any thread count.
 3. **Bias correction** (layers with a bias, ``bias_correction=True``): the quantized layer's mean output error
    ``(W - Q) E[x]`` is added to the bias, which removes it exactly. Then only the input *covariance* matters,
    so stages 1 and 2 use centred statistics (``Var[x_j]``, ``Cov[x]``) for such layers.
@@ -35,10 +39,10 @@ import torch
 from ..convert import LayerFit, PlannedLayer
 from ..fitting import alternate_lowrank, fit_data_free, layer_rotation
 from ..functional.error_feedback import (
-    dequantize_rows,
     error_feedback_codes_in_order,
     ordered_factors,
     output_error,
+    output_errors,
     refit_codebook,
     ridge_gram,
     sort_codebook,
@@ -58,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 LayerQuantizer = Callable[[PlannedLayer, torch.Tensor], "QuantizedTensor | LayerFit"]
 _WEIGHTED_METHODS = ("ot", "ot-vp")
+STOP_WHEN_REFIT_STALLS = True
+"""End the sweep/refit alternation after a refit that lowers the output error by less than ``refit_tolerance``
+(scripts/bench_fit.py measures the fit with and without this stop)."""
 
 
 def importance_rows(stats: LayerStatistics, out_features: int, damping: float, centered: bool = False) -> torch.Tensor:
@@ -88,7 +95,7 @@ a dozen) sweeps with the same ones, so they are computed once per layer (one ent
 def _sweep_operators(
     stats: LayerStatistics, centered: bool, calibration: CalibrationConfig
 ) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], list[list[torch.Tensor]]]:
-    """Per input group: the sweep's ``(order, U)`` factors of each Gram block (:func:`ordered_factors`), and the
+    """Per input group: the sweep's ``(order, F)`` factors of each Gram block (:func:`ordered_factors`), and the
     objective's float32 Gram blocks ``H + weight_ridge * mean(diag H) I`` (the ridge keeps directions ``H`` never
     excites from absorbing large weight changes)."""
     global _last_operators
@@ -112,7 +119,11 @@ def _error_feedback(
     centered: bool,
     refit_codebooks: bool,
 ) -> QuantizedTensor:
-    """Stage 2 on top of the stage-1 result ``start`` (see the module docstring); returns the best of all."""
+    """Stage 2 on top of the stage-1 result ``start`` (see the module docstring); returns the best of all.
+
+    Per-row codebooks are kept row by row (each row's codes and codebook from the round where that row's output
+    error was lowest; rows are independent given the Gram); a shared codebook is kept whole.
+    """
     rows = weight.shape[0]
     n = weight[0].numel()
     target = weight.detach().reshape(rows, n).to(torch.float32)
@@ -127,67 +138,90 @@ def _error_feedback(
     shared = codebook.shape[0] == 1
     refit = refit_codebooks and not (shared and groups > 1)  # one codebook over several input groups: sweep only
 
-    def error(c: torch.Tensor, book: torch.Tensor) -> float:
-        total = 0.0
-        for g in range(groups):
-            r = slice(g * per_group, (g + 1) * per_group)
-            group_book = book if shared else book[r]
-            rec = dequantize_rows(c[r], group_book, None if scales is None else scales[r])
-            total += float(output_error(target[r] - rec, grams[g]).sum())
-        return total
+    def group_rows(g: int) -> slice:
+        return slice(g * per_group, (g + 1) * per_group)
+
+    def group_scales(g: int) -> torch.Tensor | None:
+        return None if scales is None else scales[group_rows(g)]
+
+    def group_book(book: torch.Tensor, g: int) -> torch.Tensor:
+        return book if shared else book[group_rows(g)]
+
+    def row_errors(c: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+        """(R,) float64 output error of each row."""
+        return torch.cat(
+            [output_errors(target[group_rows(g)], c[group_rows(g)], group_book(book, g), grams[g], group_scales(g))
+             for g in range(groups)]
+        )  # fmt: skip
 
     def sweep(book: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for g in range(groups):
-            r = slice(g * per_group, (g + 1) * per_group)
-            group_book = book if shared else book[r]
-            group_scales = None if scales is None else scales[r]
-            parts.append(
-                error_feedback_codes_in_order(target[r], factors[g], group_book, group_scales, calibration.sweep_block)
-            )
-        return torch.cat(parts)
+        return torch.cat(
+            [
+                error_feedback_codes_in_order(
+                    target[group_rows(g)], factors[g], group_book(book, g), group_scales(g), calibration.sweep_block
+                )
+                for g in range(groups)
+            ]
+        )
 
-    def refitted(c: torch.Tensor, book: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def refitted(c: torch.Tensor, book: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(errors of (c, book), sorted refitted codebook, renumbered codes, their errors)``; errors per row, or
+        (1,) sums for a shared codebook."""
+        fits = [
+            refit_codebook(
+                target[group_rows(g)],
+                c[group_rows(g)],
+                grams[g],
+                group_book(book, g),
+                group_scales(g),
+                storage_dtype=storage,
+            )
+            for g in range(groups)  # one group when the codebook is shared
+        ]
+        start_errors = torch.cat([fit.start_errors for fit in fits])
+        solved = torch.cat([fit.codebook for fit in fits]).to(torch.float32)
+        errors = torch.cat([fit.errors for fit in fits])
         if shared:
-            solved = refit_codebook(target, c, grams[0], book, scales)
-        else:
-            solved = torch.cat(
-                [
-                    refit_codebook(
-                        target[g * per_group : (g + 1) * per_group],
-                        c[g * per_group : (g + 1) * per_group],
-                        grams[g],
-                        book[g * per_group : (g + 1) * per_group],
-                        None if scales is None else scales[g * per_group : (g + 1) * per_group],
-                    )
-                    for g in range(groups)
-                ]
-            )
-        rounded = solved.to(storage)
-        if not bool(torch.isfinite(rounded).all()):
-            return book, c  # a codeword beyond the storage dtype's range: keep the previous codebook
-        return sort_codebook(rounded.to(torch.float32), c)
+            start_errors = start_errors.sum(dim=0, keepdim=True)
+        return start_errors, *sort_codebook(solved, c), errors
 
-    best_error = error(codes, codebook)
-    first_error = best_error
-    best = (codes, codebook)
+    best_codes, best_book = codes.clone(), codebook.clone()
+    best_errors = row_errors(codes, codebook)
+    if shared:
+        best_errors = best_errors.sum(dim=0, keepdim=True)
+    first_error = float(best_errors.sum())
+
+    def keep(c: torch.Tensor, book: torch.Tensor, errors: torch.Tensor) -> None:
+        """Keep the rows (or the shared codebook) of ``(c, book)`` whose ``errors`` beat the best so far."""
+        better = errors < best_errors  # (R,) or (1,)
+        if shared:
+            if bool(better[0]):
+                best_codes.copy_(c)
+                best_book.copy_(book)
+                best_errors.copy_(errors)
+            return
+        best_codes[better] = c[better]
+        best_book[better] = book[better]
+        best_errors[better] = errors[better]
+
     for round_index in range(max(1, calibration.refit_rounds)):
-        round_start = best_error
+        round_start = float(best_errors.sum())
         codes = sweep(codebook)
-        candidate = error(codes, codebook)
-        if candidate < best_error:
-            best_error, best = candidate, (codes, codebook)
         if not refit:
+            errors = row_errors(codes, codebook)
+            keep(codes, codebook, errors.sum(dim=0, keepdim=True) if shared else errors)
             break
-        codebook, codes = refitted(codes, codebook)
-        candidate = error(codes, codebook)
-        if candidate < best_error:
-            best_error, best = candidate, (codes, codebook)
-        if round_index > 0 and best_error > round_start * (1 - calibration.refit_tolerance):
+        swept_errors, refit_book, refit_codes, refit_errors = refitted(codes, codebook)
+        keep(codes, codebook, swept_errors)
+        codebook, codes = refit_book, refit_codes
+        keep(codes, codebook, refit_errors)
+        if round_index > 0 and float(best_errors.sum()) > round_start * (1 - calibration.refit_tolerance):
             break  # converged: this round bought less than refit_tolerance
-    logger.debug("%s: output error %.4g -> %.4g with error feedback", name, first_error, best_error)
-    codes, codebook = best
-    return replace(start, packed=pack_codes(codes.to(torch.uint8), start.bits), codebook=codebook.to(storage))
+        stalled = float(refit_errors.sum()) > float(swept_errors.sum()) * (1 - calibration.refit_tolerance)
+        if STOP_WHEN_REFIT_STALLS and stalled:
+            break  # the refit barely moved the codebook: the next sweep would find the same codes
+    logger.debug("%s: output error %.4g -> %.4g with error feedback", name, first_error, float(best_errors.sum()))
+    return replace(start, packed=pack_codes(best_codes.to(torch.uint8), start.bits), codebook=best_book.to(storage))
 
 
 def corrects_bias(layer: PlannedLayer, stats: LayerStatistics | None, calibration: CalibrationConfig) -> bool:

@@ -8,14 +8,15 @@ the number of workers: every task is computed exactly as it would be alone and r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
 
 
-__all__ = ["fit_workers", "run_tasks"]
+__all__ = ["fit_workers", "intra_op_threads", "run_tasks", "run_tasks_single_threaded"]
 
 T = TypeVar("T")
 
@@ -45,3 +46,27 @@ def run_tasks(tasks: Sequence[Callable[[], T]], workers: int) -> list[T]:
     with ThreadPoolExecutor(max_workers=min(workers, len(tasks)), initializer=_single_intra_op_thread) as pool:
         futures = [pool.submit(task) for task in tasks]
         return [future.result() for future in futures]
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads in the calling thread; its own setting is restored after.
+
+    Some multi-threaded kernels (LAPACK factorisations, large reductions) sum in an order that depends on their
+    thread count; work that must give the same bits for any thread budget runs them with one thread.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_tasks_single_threaded(tasks: Sequence[Callable[[], T]], workers: int) -> list[T]:
+    """:func:`run_tasks` where every task runs with one intra-op thread, also when they run in the calling thread
+    (one task, or one worker): the results are then the same bits for any number of workers."""
+    if workers <= 1 or len(tasks) <= 1:
+        with intra_op_threads(1):
+            return [task() for task in tasks]
+    return run_tasks(tasks, workers)

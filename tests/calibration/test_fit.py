@@ -11,6 +11,9 @@ from diffusers_otq.calibration.fit import quantize_calibrated
 from diffusers_otq.calibration.statistics import LayerStatistics, StatisticsCollector
 from diffusers_otq.convert import PlannedLayer
 from diffusers_otq.fitting import fit_data_free
+from diffusers_otq.functional import error_feedback
+from diffusers_otq.functional.error_feedback import output_error as output_error_rows
+from diffusers_otq.functional.error_feedback import ridge_gram
 from diffusers_otq.functional.moments import gram_block_sizes
 from diffusers_otq.layers import OTQLinear
 
@@ -227,3 +230,38 @@ def test_structured_calibrated_fit_keeps_the_output_optimal_and_the_bias_exact(s
     with torch.no_grad():
         shift = (calibrated(x) - layer(x)).double().mean(dim=0)
     assert float(shift.abs().max()) < 1e-4  # bias correction saw U V + Q, through the rotation
+
+
+@pytest.mark.parametrize("spec", [LayerSpec(bits=3), LayerSpec(bits=2, granularity="group", group_size=32)],
+                         ids=["channel", "group"])  # fmt: skip
+def test_every_row_ends_at_most_at_its_stage_one_output_error(spec: LayerSpec) -> None:
+    """Rows are kept one by one: no row's output error (the fit's objective) exceeds its stage-1 error."""
+    layer, x = correlated_layer(n=96, out=64)
+    stats = statistics_of(layer, x)
+    ridged = [ridge_gram(block, CalibrationConfig().weight_ridge) for block in stats.gram_blocks(0)]
+
+    def row_errors(quantized) -> torch.Tensor:  # noqa: ANN001
+        return output_error_rows(layer.weight.detach().double() - quantized.dequantize(torch.float64), ridged)
+
+    stage_one, _ = fit(layer, stats, spec, error_feedback=False, bias_correction=False)
+    calibrated, _ = fit(layer, stats, spec, bias_correction=False)
+    before, after = row_errors(stage_one), row_errors(calibrated)
+    assert torch.all(after <= before * (1 + 1e-5)), (after / before).max()
+    assert float(after.sum()) < 0.8 * float(before.sum())
+
+
+def test_the_calibrated_fit_is_the_same_bits_for_one_and_two_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(error_feedback, "_TASK_ROWS", 24)  # four row chunks
+    layer, x = correlated_layer(n=256, out=96, mean=0.5)  # a 256-wide Gram: LAPACK would use both threads
+    stats = statistics_of(layer, x)
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            quantized, bias = fit(layer, stats, LayerSpec(bits=3))
+            results.append((quantized.packed, quantized.codebook, bias))
+    finally:
+        torch.set_num_threads(previous)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)

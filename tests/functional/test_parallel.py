@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from diffusers_otq.functional.parallel import fit_workers, run_tasks
+from diffusers_otq.functional.parallel import fit_workers, intra_op_threads, run_tasks, run_tasks_single_threaded
 
 
 def test_results_come_back_in_task_order() -> None:
@@ -38,5 +38,22 @@ def test_workers_follow_the_thread_budget_on_cpu_and_are_one_elsewhere() -> None
         torch.set_num_threads(2)
         assert fit_workers(torch.device("cpu")) == 2
         assert fit_workers(torch.device("meta")) == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_single_threaded_tasks_run_with_one_intra_op_thread_wherever_they_run() -> None:
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        probe = [lambda: torch.get_num_threads()]
+        assert run_tasks(probe, workers=2) == [2]  # one task runs in the calling thread, with its setting
+        assert run_tasks_single_threaded(probe, workers=2) == [1]
+        assert run_tasks_single_threaded(probe * 3, workers=2) == [1, 1, 1]
+        assert run_tasks_single_threaded(probe * 3, workers=1) == [1, 1, 1]
+        assert torch.get_num_threads() == 2
+        with intra_op_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
