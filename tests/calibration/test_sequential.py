@@ -130,6 +130,16 @@ def test_float_block_inputs_give_exactly_the_whole_model_fit(kind: str) -> None:
     _assert_same_codes(_calibrated(kind, block_inputs="float"), _calibrated(kind, sequential=False))
 
 
+def test_a_budget_is_planned_over_the_whole_model_as_the_whole_model_path_plans_it() -> None:
+    """The first pass measures every block's candidates and allocates once: the same plan and codes as the
+    whole-model allocator (a per-block share of the budget would starve the sensitive blocks)."""
+    budget = OTQConfig(bits_per_weight=2.5)
+    sequential = _calibrated("sd3", config=budget)
+    _assert_same_codes(sequential, _calibrated("sd3", config=budget, sequential=False))
+    reached = sequential.config.quantization_config.provenance["bits_per_weight"]["reached"]
+    assert 2.4 < reached <= 2.5
+
+
 def test_quantized_block_inputs_beat_data_free_and_differ_from_float_inputs() -> None:
     build, call = MODELS["sd3"]
     reference = build()
