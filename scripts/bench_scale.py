@@ -198,7 +198,9 @@ def measure(args: argparse.Namespace, grid: list[GridPoint], log: Path) -> None:
     api = args.api
     if api is None:
         probe = run_worker("probe", None, args, 600)
-        api = "one-call" if probe.get("ok", {}).get("one_call") else "two-step"
+        if "ok" not in probe:
+            logger.warning("the API probe failed, using the two-step API: %s", probe)
+        api = probe.get("ok", {}).get("api", "two-step")
     logger.info("API: %s", api)
     meta = {
         "kind": "meta",
@@ -572,12 +574,16 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="write the markdown report here")
     parser.add_argument("--log", type=Path, default=None, help="JSON lines of every process (default: output.jsonl)")
     parser.add_argument("--render", type=Path, default=None, help="only render the report of this log")
-    parser.add_argument("--note", default="", help="a paragraph for the report, under its title")
+    parser.add_argument(
+        "--note", default="", help="a paragraph for the report, under its title (with --render: replaces the run's)"
+    )
     parser.add_argument("--verbose", action="store_true", help="the library's INFO logs from every process")
     args = parser.parse_args()  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.render:
         run = read_log(args.render)
+        if args.note:
+            run["meta"]["note"] = args.note
     else:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         grid = parse_grid(args.grid, tuple(filter(None, args.variants.split(","))))
