@@ -10,13 +10,14 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import OTQConfig
 from .convert import LayerQuantizer, LayerReport, PlannedLayer, convert_model, plan_layers
 
 
-__all__ = ["quantize_model"]
+__all__ = ["attach_quantizer", "quantize_model"]
 
 
 def quantize_model(
@@ -94,18 +95,37 @@ def _quantize_diffusers_model(
     compute_metrics: bool,
     quantizer: LayerQuantizer | None,
 ) -> list[LayerReport]:
-    """Convert, then attach what ``from_pretrained`` would: quantizer, flags and the config entry."""
+    """Convert, then attach what ``from_pretrained`` would (:func:`attach_quantizer`)."""
+    original_dtype = model.dtype
+    reports = convert_model(model, plan, progress=progress, compute_metrics=compute_metrics, quantizer=quantizer)
+    attach_quantizer(model, config, plan, original_dtype)
+    return reports
+
+
+def attach_quantizer(
+    model: nn.Module, config: OTQConfig, plan: list[PlannedLayer], original_dtype: torch.dtype | None = None
+) -> None:
+    """Give a converted diffusers model what ``from_pretrained(..., quantization_config=config)`` gives it: the
+    quantizer (with ``plan``, the planned layers and their specs), the flags, the config entry and a model card,
+    so ``save_pretrained`` writes a checkpoint that reloads with plain ``from_pretrained``. Other modules are left
+    as they are.
+
+    Args:
+        model: a model whose planned layers are OTQ layers already.
+        config: the resolved config (no ``bits_per_weight``: a budget's plan is in ``module_overrides``).
+        plan: the converted layers, in ``named_modules()`` order.
+        original_dtype: the float model's dtype (recorded as ``_pre_quantization_dtype``); default ``model.dtype``.
+    """
+    if not _is_diffusers_model(model):
+        return
     from .hub import attach_model_card
     from .quantizer import OTQQuantizer, adapt_quantized_model
 
     hf_quantizer = OTQQuantizer(config, pre_quantized=True)  # "pre-quantized" from now on: reloads skip fitting
     hf_quantizer.plan = {layer.name: layer for layer in plan}
-    original_dtype = model.dtype
-    reports = convert_model(model, plan, progress=progress, compute_metrics=compute_metrics, quantizer=quantizer)
     model.is_quantized = True
     model.quantization_method = config.quant_method
     model.hf_quantizer = hf_quantizer
-    model.register_to_config(quantization_config=config, _pre_quantization_dtype=original_dtype)
+    model.register_to_config(quantization_config=config, _pre_quantization_dtype=original_dtype or model.dtype)
     attach_model_card(model)
     adapt_quantized_model(model)
-    return reports

@@ -253,6 +253,8 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
         "--save-statistics": args.save_statistics,
         "--refine-steps": args.refine_steps,
         "--refine-blocks": args.refine_blocks or None,
+        "--work-dir": args.work_dir,
+        "--whole-model": args.whole_model or None,
     }
     given = [flag for flag, value in calibration_flags.items() if value is not None]
     if not args.calibrate:
@@ -271,6 +273,8 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
             error_feedback=not args.no_error_feedback,
             refine_steps=args.refine_steps or 0,
             refine_scope="blocks" if args.refine_blocks else "model",
+            sequential=not (args.whole_model or args.save_statistics or args.statistics),
+            work_dir=args.work_dir,
         )
     except ValueError as err:
         raise CLIError(str(err)) from None
@@ -405,6 +409,8 @@ def _quantize_denoiser(
     from .calibration import calibrate
 
     try:
+        if statistics is None and calibration.sequential and not save_statistics:
+            return quantize_pipeline(pipe, config, calibration)  # block by block: no whole-model statistics
         if statistics is None:
             statistics = calibrate(pipe, config, calibration)
             if save_statistics:
@@ -420,8 +426,9 @@ def _record_lines(record: dict) -> list[str]:
     lines = []
     if "calibration" in record:
         c = record["calibration"]
+        how = f"block by block, {c.get('blocks')} blocks" if c.get("sequential") else "whole model"
         lines.append(
-            f"  calibration: {c.get('num_batches')} batches ({c.get('source')}), {c.get('seconds', 0):.1f} s; "
+            f"  calibration: {c.get('num_batches')} batches ({c.get('source')}), {how}; "
             f"error feedback {'on' if c.get('error_feedback') else 'off'}"
         )
     if "bits_per_weight" in record:
@@ -431,10 +438,10 @@ def _record_lines(record: dict) -> list[str]:
     if "refinement" in record:
         r = record["refinement"]
         stopped = f"; stopped: {r['stopped']}" if r.get("stopped") else ""
-        scope = f" ({r['blocks']} blocks one at a time)" if r.get("scope") == "blocks" else ""
+        scope = f" ({r['blocks']} blocks one at a time)" if r.get("scope") in ("blocks", "sequential blocks") else ""
+        loss = "mean block error" if r.get("scope") == "sequential blocks" else "teacher loss"
         lines.append(
-            f"  refinement{scope}: {r['steps']} steps in {r['seconds']:.1f} s, teacher loss {r['loss_before']:.4g} -> "
-            f"{r['loss_after']:.4g}{stopped}"
+            f"  refinement{scope}: {r['steps']} steps, {loss} {r['loss_before']:.4g} -> {r['loss_after']:.4g}{stopped}"
         )
     return lines
 
@@ -558,6 +565,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument(
         "--statistics", default=None, metavar="FILE", help="reuse saved statistics instead of sampling"
+    )
+    calibrate.add_argument(
+        "--work-dir",
+        default=None,
+        metavar="DIR",
+        help="write each finished block here; rerunning the same command resumes after the last one",
+    )
+    calibrate.add_argument(
+        "--whole-model",
+        action="store_true",
+        help="collect every layer's statistics in one run, then fit (default: block by block, bounded memory)",
     )
     quantize.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     quantize.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload (needs `hf auth login`)")

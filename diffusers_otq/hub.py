@@ -166,6 +166,13 @@ def _structure_text(layers: list[OTQLayerMixin]) -> str:
 def _refinement_text(record: dict | None) -> str:
     if not record:
         return ""
+    if record.get("scope") == "sequential blocks":
+        text = (
+            f"{record.get('steps_per_block')} Adam steps (lr {record.get('lr')}) per block on the full-precision "
+            f"model's block outputs along the calibration trajectories, {record.get('blocks')} blocks in turn; mean "
+            f"relative block error {record['loss_before']:.4g} -> {record['loss_after']:.4g}"
+        )
+        return text + (f" (stopped early: {record['stopped']})" if record.get("stopped") else "")
     target = "velocity"
     if record.get("scope") == "blocks":
         target = f"block outputs, {record.get('blocks')} blocks one at a time,"
@@ -188,6 +195,8 @@ def _calibration_text(record: dict | None) -> str:
         stages.append(f"error feedback with {record.get('refit_rounds')} codebook refits")
     if record.get("bias_correction"):
         stages.append("bias correction")
+    if record.get("sequential"):
+        stages.append(f"block by block ({record.get('blocks')} blocks, each fed {record.get('block_inputs')} inputs)")
     return ", ".join(parts) + "; " + ", ".join(stages)
 
 

@@ -227,14 +227,17 @@ def test_quantize_with_structure_and_refinement(bundle: Path, tmp_path: Path, ca
             "--num-samples", "2", "--calibration-steps", "2", "--refine-steps", "3", "--no-error-feedback"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "refinement: 3 steps" in out and "teacher loss" in out
+    assert "blocks one at a time):" in out and "mean block error" in out  # block by block: 3 steps per block
     pipe = FlowMatchPipeline.from_pretrained(tmp_path / "q")
     layers = [m for m in pipe.transformer.modules() if hasattr(m, "rank")]
     assert any(m.rank == 2 for m in layers) and any(m.rotation_block for m in layers)
     from diffusers_otq.hub import model_card
 
     card = str(model_card(pipe, tmp_path / "q", "me/fm-dit-otq2"))
-    assert "refinement (codes frozen) | 3 Adam steps" in card and "rank-2 16-bit branch" in card
+    assert (
+        "refinement (codes frozen) | 3 Adam steps" in card and "per block" in card and "rank-2 16-bit branch" in card
+    )
+    assert "block by block" in card
     assert "randomized Hadamard input rotation" in card
 
 

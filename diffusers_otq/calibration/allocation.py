@@ -1,25 +1,32 @@
 """Mixed precision under a bits budget: per-layer sensitivities, then an exact knapsack over the settings.
 
-For every selected layer ``l`` and candidate setting ``s`` (bits 2-8, per-channel codebooks or group scales)
-the layer is fitted once (activation-weighted when statistics exist) and its *relative output error* measured:
+For every selected layer ``l`` and candidate setting ``s`` (bits 1-8, per-channel codebooks, group scales or one
+codebook per tensor, low-rank branches on wide layers) the layer is fitted once (activation-weighted when
+statistics exist, one error-feedback sweep) and its *relative output error* measured:
 
     e_l(s) = tr(dW H dW^T) / tr(W H W^T),     dW = W - Q_s(W),
 
 with ``H`` the input Gram matrix (its diagonal ``E[x_j^2]`` without a Gram; the identity without statistics).
+By default the fit covers a deterministic sample ``S`` of the layer's rows only and ``e_l(s)`` is estimated as
+``sum_{r in S} dW_r H dW_r^T / sum_{r in S} W_r H W_r^T`` (:func:`measure_candidates`, ``estimate="sampled"``): the
+rows are fitted independently given ``H``, so the cost per candidate falls from the layer's rows to the sample's
+(:mod:`.estimate`).
 How much that error matters downstream differs by layer; with recorded denoiser calls (``probes``) and
 ``sensitivity="velocity"``, each layer is quantized alone at the cheapest setting and the model's velocity error
-``D_l`` on the probes is measured, giving a per-layer factor ``a_l = D_l / e_l(cheapest)``. The predicted
-distortion of a plan is ``sum_l a_l e_l(s_l)`` (``a_l = 1`` otherwise), minimised under the byte budget by
-:func:`diffusers_otq.functional.allocation.allocate`. Sizes are the exact stored bytes of each setting
-(codes, codebooks, scales), so the budget counts every bit.
+``D_l`` on the probes is measured, giving a per-layer factor ``a_l = D_l / e_l(cheapest)`` (or any other
+``factor_fn``, e.g. a block-output error). The predicted distortion of a plan is ``sum_l a_l e_l(s_l)``
+(``a_l = 1`` otherwise), minimised under the byte budget by :func:`diffusers_otq.functional.allocation.allocate`.
+Sizes are the exact stored bytes of each setting (codes, codebooks, scales, low-rank factors), so the budget
+counts every bit.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -29,19 +36,27 @@ from tqdm.auto import tqdm
 
 from ..config import OTQConfig
 from ..convert import PlannedLayer, matches_module_name, plan_layers
-from ..fitting import effective_weight
 from ..functional.allocation import allocate
-from ..functional.error_feedback import output_error
 from ..options import LayerSpec
 from ..quantized_tensor import resolve_codebook_dtype, storage_layout
 from ..structure import structure_nbytes
 from .config import CalibrationConfig
-from .fit import corrects_bias, importance_rows, quantize_calibrated
-from .probes import eval_mode, model_output, velocity_error
+from .estimate import ErrorMeter, Subject, fit_candidate
+from .probes import ProbeInputs, eval_mode, model_output, velocity_error
 from .statistics import CalibrationStatistics, LayerStatistics
 
 
-__all__ = ["BitsPlan", "CandidateTable", "LayerChoice", "candidate_specs", "measure_candidates", "plan_bits"]
+__all__ = [
+    "ESTIMATES",
+    "BitsPlan",
+    "CandidateTable",
+    "FactorFn",
+    "LayerChoice",
+    "candidate_specs",
+    "measure_candidates",
+    "plan_bits",
+    "spec_nbytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +68,8 @@ RANK_CANDIDATES: tuple[int, ...] = (16, 32)  # low-rank branches offered with 1-
 MAX_RANK_BITS = 0.5  # ... where the 16-bit factors cost at most this many bits per weight (wide layers)
 # Candidates are ranked after one error-feedback sweep without codebook refits; the final fit runs the refits.
 _DEFAULT_GROUP = 64
+ESTIMATES: tuple[str, ...] = ("sampled", "exhaustive")  # how measure_candidates measures each candidate's error
+SAMPLE_ROWS = 64  # rows per layer the sampled estimate fits
 
 
 @dataclass(frozen=True)
@@ -182,43 +199,12 @@ def candidate_specs(base: LayerSpec, input_width: int, group_size: int, rows: in
     return fitted + extrapolated
 
 
-def _spec_bytes(weight: torch.Tensor, spec: LayerSpec) -> int:
+def spec_nbytes(weight: torch.Tensor, spec: LayerSpec) -> int:
     """Every byte a layer quantized with ``spec`` stores (codes, codebooks, scales, factors, rotation signs)."""
     dtype = resolve_codebook_dtype(spec.codebook_dtype, weight.dtype, spec.granularity)
     layout = storage_layout(tuple(weight.shape), spec, dtype)
     codes = sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in layout.values())
     return codes + structure_nbytes(tuple(weight.shape), spec.rank, spec.rotation_block, weight.dtype)
-
-
-class _ErrorMeter:
-    """Relative output error ``tr(dW H dW^T) / tr(W H W^T)`` of one layer (H per input group)."""
-
-    def __init__(self, weight: torch.Tensor, stats: LayerStatistics | None, damping: float, centered: bool) -> None:
-        self.rows = weight.shape[0]
-        self.target = weight.detach().reshape(self.rows, -1).to(torch.float64)
-        stats = None if stats is None else stats.to(weight.device)
-        self.groups = 1 if stats is None else stats.groups
-        self.grams = None if stats is None else [stats.gram_blocks(g, centered) for g in range(self.groups)]
-        if self.grams is not None and any(g is None for g in self.grams):
-            self.grams = None
-        self.importance = None if stats is None else importance_rows(stats, self.rows, damping, centered)
-        self.reference = self._energy(self.target)
-
-    def _energy(self, delta: torch.Tensor) -> float:
-        if self.grams is not None:
-            per = self.rows // self.groups
-            return math.fsum(
-                float(output_error(delta[g * per : (g + 1) * per], self.grams[g]).sum()) for g in range(self.groups)
-            )
-        if self.importance is not None:
-            return float((delta.square() * self.importance).sum())
-        return float(delta.square().sum())
-
-    def __call__(self, effective: torch.Tensor) -> float:
-        """The relative output error of a fitted layer's effective weight (any shape with ``rows`` first)."""
-        delta = self.target - effective.to(torch.float64).reshape(self.rows, -1)
-        # max(0, .): rounding can leave a quadratic form of a (near-)singular covariance a hair below zero
-        return max(0.0, self._energy(delta)) / self.reference if self.reference > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -234,7 +220,10 @@ class CandidateTable:
         errors: per layer and candidate, the relative output error ``e_l(s)``.
         distortions: per layer and candidate, ``a_l e_l(s)`` (the quantity the knapsack minimises).
         fixed: per layer, whether the user's ``module_overrides`` pin it (one candidate).
-        sensitivity: ``"velocity"``, ``"output"`` (calibration statistics) or ``"weights"`` (data-free).
+        sensitivity: ``"velocity"``, ``"output"`` (calibration statistics), ``"weights"`` (data-free) or
+            ``"custom"`` (a ``factor_fn``).
+        estimate: how the errors were measured: ``"sampled"`` (a row sample per layer), ``"exhaustive"`` or
+            ``"mixed"`` (:meth:`concat` of both).
     """
 
     layers: tuple[PlannedLayer, ...]
@@ -244,6 +233,36 @@ class CandidateTable:
     distortions: tuple[tuple[float, ...], ...]
     fixed: tuple[bool, ...]
     sensitivity: str
+    estimate: str = "exhaustive"
+
+    @classmethod
+    def concat(cls, tables: Sequence[CandidateTable]) -> CandidateTable:
+        """One table of the layers of ``tables``, in order: tables measured apart (e.g. block by block, with
+        ``measure_candidates(..., names=...)``) allocated together, one budget over all their weights. Its
+        ``estimate`` is the tables' common one, or ``"mixed"``.
+
+        Raises:
+            ValueError: no table, tables of different sensitivities (their distortions are not comparable), or a
+                layer in several tables.
+        """
+        if not tables:
+            raise ValueError("CandidateTable.concat needs at least one table.")
+        sensitivities = sorted({t.sensitivity for t in tables})
+        if len(sensitivities) > 1:
+            raise ValueError(
+                f"CandidateTable.concat joins tables of one sensitivity, got {sensitivities}: their distortions are "
+                "not comparable. Measure every table with the same statistics, sensitivity and factor_fn."
+            )
+        estimates = {t.estimate for t in tables}
+        names = Counter(layer.name for t in tables for layer in t.layers)
+        repeated = sorted(name for name, count in names.items() if count > 1)
+        if repeated:
+            raise ValueError(f"CandidateTable.concat joins tables of disjoint layers; {repeated} are in several.")
+        return cls(
+            *(tuple(item for t in tables for item in getattr(t, part)) for part in _TABLE_PARTS),
+            sensitivity=sensitivities[0],
+            estimate=estimates.pop() if len(estimates) == 1 else "mixed",
+        )
 
     @property
     def numel(self) -> int:
@@ -305,6 +324,9 @@ class CandidateTable:
                 )
 
 
+_TABLE_PARTS = ("layers", "options", "sizes", "errors", "distortions", "fixed")  # per-layer fields, in order
+
+
 def plan_bits(
     model: nn.Module,
     config: OTQConfig,
@@ -312,6 +334,8 @@ def plan_bits(
     calibration: CalibrationConfig | None = None,
     *,
     progress: bool = True,
+    estimate: str = "sampled",
+    sample_rows: int = SAMPLE_ROWS,
 ) -> BitsPlan:
     """Choose per-layer settings that meet ``config.bits_per_weight`` with the least predicted distortion.
 
@@ -326,6 +350,9 @@ def plan_bits(
         statistics: calibration statistics (sharper sensitivities); None: data-free (relative weight error).
         calibration: damping and sensitivity settings (defaults when None).
         progress: show a progress bar over the layers.
+        estimate: ``"sampled"`` (default: each candidate fitted on a row sample) or ``"exhaustive"``
+            (:func:`measure_candidates`).
+        sample_rows: rows per layer of the ``"sampled"`` estimate.
 
     Returns:
         The :class:`BitsPlan` (``plan.resolved_config(config)`` is the config to quantize and save with).
@@ -335,9 +362,16 @@ def plan_bits(
     """
     if config.bits_per_weight is None:
         raise ValueError("plan_bits needs OTQConfig(bits_per_weight=...), e.g. bits_per_weight=2.5.")
-    return measure_candidates(model, config, statistics, calibration, progress=progress).allocate(
-        config.bits_per_weight
+    table = measure_candidates(
+        model, config, statistics, calibration, progress=progress, estimate=estimate, sample_rows=sample_rows
     )
+    return table.allocate(config.bits_per_weight)
+
+
+FactorFn = Callable[[PlannedLayer, torch.Tensor, float], float]
+"""``factor_fn(layer, effective_weight, relative_error) -> a_l``: how much one unit of ``layer``'s relative output
+error costs downstream, given the whole layer quantized at its probe setting (``effective_weight``, the weight's
+shape, float64) and that fit's relative output error."""
 
 
 def measure_candidates(
@@ -347,8 +381,25 @@ def measure_candidates(
     calibration: CalibrationConfig | None = None,
     *,
     progress: bool = True,
+    estimate: str = "sampled",
+    sample_rows: int = SAMPLE_ROWS,
+    names: Collection[str] | None = None,
+    factor_fn: FactorFn | None = None,
 ) -> CandidateTable:
-    """Fit every candidate setting of every layer ``config`` selects once and measure its error (module doc).
+    """Measure the relative output error of every candidate setting of every layer ``config`` selects.
+
+    ``estimate="exhaustive"`` fits every candidate on the whole layer. ``"sampled"`` (the default) fits it on
+    ``sample_rows`` rows of the layer only (:func:`~diffusers_otq.functional.allocation.stratified_rows`, the same
+    rows for every candidate, ``sample_rows / G`` from each of a grouped conv's ``G`` row groups) and estimates
+
+        e_l(s) ~ sum_{r in S} dW_r H dW_r^T / sum_{r in S} W_r H W_r^T;
+
+    per-channel codes and the error-feedback sweep treat rows independently given ``H``, so the sampled rows get
+    the codes the whole fit would give them; a codebook shared by the tensor (group scales, tensor granularity) is
+    fitted to the sample's values; a low-rank branch is fitted to the whole weight and the sample's residual
+    quantized (one alternation round instead of three: slightly pessimistic). Layers with at most ``sample_rows``
+    rows (per group: ``sample_rows / G``) are fitted whole. Sizes are always the exact stored bytes of the whole
+    layer.
 
     Args:
         model: the float model (read, not changed).
@@ -358,76 +409,149 @@ def measure_candidates(
         statistics: calibration statistics (output errors); None: data-free (relative weight errors).
         calibration: damping and sensitivity settings (defaults when None).
         progress: show a progress bar over the layers.
+        estimate: ``"sampled"`` or ``"exhaustive"`` (see above).
+        sample_rows: rows per layer of the sampled estimate.
+        names: measure only these layers (full module names in ``model``); None: every selected layer.
+        factor_fn: per-layer sensitivity factor ``a_l`` (:data:`FactorFn`), called with the layer quantized whole
+            at its cheapest 2-bit candidate; it replaces ``calibration.sensitivity="velocity"``'s velocity factor
+            (the table's sensitivity is then ``"custom"``). Layers pinned by ``module_overrides`` keep ``a_l = 1``.
 
     Returns:
         The :class:`CandidateTable`; ``table.allocate(budget)`` gives the :class:`BitsPlan` of any budget.
 
     Raises:
-        ValueError: the config selects no layer.
+        ValueError: the config selects no layer, ``names`` names a layer it does not select, or a bad ``estimate``
+            or ``sample_rows``.
     """
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate={estimate!r} is unknown; expected one of {list(ESTIMATES)}.")
+    if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 1:
+        raise ValueError(f"sample_rows={sample_rows!r} must be a positive int, e.g. sample_rows={SAMPLE_ROWS}.")
+    settings = _Settings(calibration or CalibrationConfig(), estimate, sample_rows if estimate == "sampled" else None)
     with eval_mode(model), torch.no_grad():
-        return _measure_candidates(model, config, statistics, calibration or CalibrationConfig(), progress)
+        return _measure_candidates(model, config, statistics, settings, names, factor_fn, progress)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    calibration: CalibrationConfig
+    estimate: str
+    sample_rows: int | None  # None: every layer fitted whole
+
+
+def _selected_layers(model: nn.Module, config: OTQConfig, names: Collection[str] | None) -> list[PlannedLayer]:
+    skip = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    unresolved = OTQConfig.from_dict({**config.to_dict(), "bits_per_weight": None})
+    plan = _unique(plan_layers(model, partial(unresolved.layer_spec, skip=skip), warn=False))
+    if not plan:
+        raise ValueError(f"the config selects no nn.Linear/nn.Conv2d layer of {type(model).__name__} to allocate.")
+    if names is None:
+        return plan
+    wanted = set(names)
+    missing = sorted(wanted - {layer.name for layer in plan})
+    if missing:
+        raise ValueError(
+            f"names lists {missing}, which the config does not select as nn.Linear/nn.Conv2d layers of "
+            f"{type(model).__name__}; pass full module names (model.named_modules())."
+        )
+    return [layer for layer in plan if layer.name in wanted]
 
 
 def _measure_candidates(
     model: nn.Module,
     config: OTQConfig,
     statistics: CalibrationStatistics | None,
-    calibration: CalibrationConfig,
+    settings: _Settings,
+    names: Collection[str] | None,
+    factor_fn: FactorFn | None,
     progress: bool,
 ) -> CandidateTable:
-    skip = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    unresolved = OTQConfig.from_dict({**config.to_dict(), "bits_per_weight": None})
-    plan = _unique(plan_layers(model, partial(unresolved.layer_spec, skip=skip), warn=False))
-    if not plan:
-        raise ValueError(f"the config selects no nn.Linear/nn.Conv2d layer of {type(model).__name__} to allocate.")
+    started = time.perf_counter()
+    plan = _selected_layers(model, config, names)
+    calibration = settings.calibration
     group_size = config.group_size or _DEFAULT_GROUP
     probes = None if statistics is None else statistics.probes
-    use_velocity = calibration.sensitivity == "velocity" and probes is not None and len(probes) > 0
-    reference = [model_output(model, a, k).detach() for a, k in probes.calls] if use_velocity else None
-
-    sizes: list[tuple[int, ...]] = []
-    errors: list[tuple[float, ...]] = []
-    options: list[tuple[LayerSpec, ...]] = []
-    distortions: list[tuple[float, ...]] = []
-    fixed: list[bool] = []
+    use_velocity = (
+        factor_fn is None and calibration.sensitivity == "velocity" and probes is not None and len(probes) > 0
+    )
+    if use_velocity:
+        reference = [model_output(model, a, k).detach() for a, k in probes.calls]
+        factor_fn = partial(_velocity_factor, model, probes=probes, reference=reference)
     overrides = list(config.module_overrides or {})
+    rows: list[_LayerCandidates] = []
     for layer in tqdm(plan, desc="OTQ sensitivity", unit="layer", disable=not progress):
-        weight = layer.module.weight
         stats = None if statistics is None else statistics.get(layer.name)
         pinned = any(matches_module_name(layer.name, [p]) for p in overrides)
+        weight = layer.module.weight
         specs = [layer.spec] if pinned else candidate_specs(layer.spec, weight[0].numel(), group_size, weight.shape[0])
-        meter = _ErrorMeter(weight, stats, calibration.damping, corrects_bias(layer, stats, calibration))
-        layer_errors, layer_sizes = [], []
-        fits: dict[int, torch.Tensor] = {}  # effective weights of the fitted candidates
-        for i, spec in enumerate(specs):
-            layer_sizes.append(_spec_bytes(weight, spec))
-            if pinned or spec.bits in FITTED_BITS or spec.granularity == "tensor":
-                candidate = replace(layer, spec=spec)
-                fit = quantize_calibrated(weight, candidate, stats, calibration, refit_codebooks=False)
-                fits[i] = effective_weight(fit)
-                layer_errors.append(meter(fits[i]))
-            else:  # extrapolate from the 4-bit fit of the same granularity
-                anchor = next(
-                    j for j, s in enumerate(specs) if s.bits == 4 and s.granularity == spec.granularity and not s.rank
-                )
-                layer_errors.append(layer_errors[anchor] * 4.0 ** (4 - spec.bits))
-        factor = 1.0
-        if use_velocity and not pinned:
-            probe = min(
-                (i for i in fits if specs[i].bits == PROBE_BITS), key=lambda i: (layer_sizes[i], i), default=None
-            )
-            if probe is not None:
-                factor = _velocity_factor(model, layer, fits[probe], layer_errors[probe], probes, reference)
-        options.append(tuple(specs))
-        sizes.append(tuple(layer_sizes))
-        errors.append(tuple(layer_errors))
-        distortions.append(tuple(factor * e for e in layer_errors))
-        fixed.append(pinned)
-    sensitivity = "velocity" if use_velocity else "output" if statistics is not None else "weights"
+        rows.append(_layer_candidates(layer, specs, stats, settings, pinned, None if pinned else factor_fn))
+    if factor_fn is not None:
+        sensitivity = "velocity" if use_velocity else "custom"
+    else:
+        sensitivity = "output" if statistics is not None else "weights"
+    logger.info(
+        "OTQ candidates of %d layers measured (%s, %s sensitivity) in %.1f s",
+        len(plan), settings.estimate, sensitivity, time.perf_counter() - started,
+    )  # fmt: skip
     return CandidateTable(
-        tuple(plan), tuple(options), tuple(sizes), tuple(errors), tuple(distortions), tuple(fixed), sensitivity
+        layers=tuple(plan),
+        options=tuple(r.specs for r in rows),
+        sizes=tuple(r.sizes for r in rows),
+        errors=tuple(r.errors for r in rows),
+        distortions=tuple(tuple(r.factor * e for e in r.errors) for r in rows),
+        fixed=tuple(r.pinned for r in rows),
+        sensitivity=sensitivity,
+        estimate=settings.estimate,
     )
+
+
+@dataclass(frozen=True)
+class _LayerCandidates:
+    specs: tuple[LayerSpec, ...]
+    sizes: tuple[int, ...]
+    errors: tuple[float, ...]
+    factor: float
+    pinned: bool
+
+
+def _layer_candidates(
+    layer: PlannedLayer,
+    specs: Sequence[LayerSpec],
+    stats: LayerStatistics | None,
+    settings: _Settings,
+    pinned: bool,
+    factor_fn: FactorFn | None,
+) -> _LayerCandidates:
+    """Sizes, (estimated) relative errors and the sensitivity factor of one layer's candidates ``specs``."""
+    weight = layer.module.weight
+    subject = Subject.create(layer, stats, settings.calibration, settings.sample_rows)
+    calibration = settings.calibration
+    branches: dict[int, torch.Tensor] = {}  # rank -> U V of the whole weight (sampled low-rank candidates)
+    sizes = [spec_nbytes(weight, spec) for spec in specs]
+    errors: list[float] = []
+    fits: dict[int, torch.Tensor] = {}  # candidate -> effective weight of the whole layer (when fitted whole)
+    for i, spec in enumerate(specs):
+        if not pinned and spec.bits not in FITTED_BITS and spec.granularity != "tensor":
+            anchor = next(
+                j for j, s in enumerate(specs) if s.bits == 4 and s.granularity == spec.granularity and not s.rank
+            )  # extrapolate from the 4-bit fit of the same granularity
+            errors.append(errors[anchor] * 4.0 ** (4 - spec.bits))
+            continue
+        effective = fit_candidate(subject, spec, stats, calibration, branches)
+        if subject.rows is None:
+            fits[i] = effective
+        errors.append(subject.meter(effective))
+    factor = 1.0
+    probe = min((i for i, s in enumerate(specs) if s.bits == PROBE_BITS), key=lambda i: (sizes[i], i), default=None)
+    if factor_fn is not None and probe is not None:
+        if probe in fits:
+            effective, error = fits[probe], errors[probe]
+        else:  # the factor needs the whole layer quantized
+            whole = replace(subject, part=layer, rows=None)
+            effective = fit_candidate(whole, specs[probe], stats, calibration, {})
+            error = ErrorMeter(weight, stats, calibration.damping, subject.centered)(effective)
+        factor = factor_fn(layer, effective.reshape(weight.shape), error) if error > 0 else 0.0
+    return _LayerCandidates(tuple(specs), tuple(sizes), tuple(errors), factor, pinned)
 
 
 def _unique(plan: Sequence[PlannedLayer]) -> list[PlannedLayer]:
@@ -445,10 +569,12 @@ def _velocity_factor(
     layer: PlannedLayer,
     effective: torch.Tensor,
     relative_error: float,
-    probes,
+    *,
+    probes: ProbeInputs,
     reference: list[torch.Tensor],
 ) -> float:
-    """``D_l / e_l``: the model's velocity error per unit of this layer's relative output error."""
+    """``D_l / e_l``: the model's velocity error with ``layer`` alone at ``effective``, per unit of its relative
+    output error (the :data:`FactorFn` of ``sensitivity="velocity"``)."""
     if relative_error <= 0:
         return 0.0
     weight = layer.module.weight

@@ -21,7 +21,8 @@ from .allocation import CandidateTable, plan_bits
 from .config import CalibrationConfig
 from .fit import calibrated_quantizer
 from .refine import RefineReport, TeacherCalls, refine_model, require_teacher
-from .sampling import collect_statistics, denoiser_of, record_teacher_calls
+from .sampling import calibration_batches, collect_statistics, denoiser_of, record_teacher_calls
+from .sequential import quantize_sequentially
 from .statistics import CalibrationStatistics
 
 
@@ -94,6 +95,15 @@ def quantize_model(
         True
     """
     config = _config(config, config_kwargs)
+    if statistics is None and calibration is not None and calibration.forward_fn is not None:
+        if calibration.sequential:
+            if candidates is not None:
+                raise ValueError(
+                    "candidates= measure a whole model's statistics; the sequential path measures each block's own. "
+                    "Drop candidates, or pass CalibrationConfig(sequential=False)."
+                )
+            return _quantize_sequentially(model, model, config, calibration, progress, compute_metrics)
+        statistics = collect_statistics(model, config, calibration)
     calibration = calibration or CalibrationConfig(progress=progress)
     started = time.perf_counter()
     provenance = dict(config.provenance or {})
@@ -195,6 +205,8 @@ def quantize_pipeline(
         >>> pipe.save_pretrained("fm-dit-otq-2.5b")  # doctest: +SKIP
     """
     denoiser = denoiser_of(pipe)
+    if statistics is None and calibration is not None and calibration.sequential:
+        return _quantize_sequentially(pipe, denoiser, config, calibration, progress, compute_metrics)
     if statistics is None and calibration is not None:
         statistics = collect_statistics(pipe, config, calibration, model=denoiser)
     teacher = None
@@ -210,3 +222,30 @@ def quantize_pipeline(
         progress=progress,
         compute_metrics=compute_metrics,
     )
+
+
+def _quantize_sequentially(
+    target: Any,
+    model: nn.Module,
+    config: OTQConfig,
+    calibration: CalibrationConfig,
+    progress: bool,
+    compute_metrics: bool,
+) -> list[LayerReport]:
+    """The one-call path: calibration batches of ``target`` (a pipeline, or the model with ``forward_fn``), then
+    :func:`~.sequential.quantize_sequentially` on ``model``."""
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError(
+            f"{type(model).__name__} is already quantized ({getattr(model, 'quantization_method', 'unknown')}); "
+            "quantize the original float model instead (or call model.dequantize() first)."
+        )
+    batches = calibration_batches(target, calibration)
+    provenance = dict(config.provenance or {})
+    provenance["calibration"] = {**batches.resolved, "num_batches": batches.num_batches, "model": type(model).__name__}
+    logger.info("Calibrating %s block by block on %s", type(model).__name__, batches.description)
+    with batches.quiet():
+        report = quantize_sequentially(
+            model, config, calibration, batches.run, batches.num_batches, batches.weight_of,
+            progress=progress and calibration.progress, compute_metrics=compute_metrics, provenance=provenance,
+        )  # fmt: skip
+    return report.reports

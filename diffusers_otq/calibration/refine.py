@@ -43,7 +43,15 @@ from .config import CalibrationConfig, CalibrationError
 from .probes import ProbeInputs, eval_mode, model_output, velocity_error
 
 
-__all__ = ["RefineReport", "TeacherCalls", "refine_model", "require_teacher"]
+__all__ = [
+    "BlockFit",
+    "RefineReport",
+    "TeacherCalls",
+    "refine_block",
+    "refine_model",
+    "require_teacher",
+    "train_block",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -259,26 +267,35 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
 
 
 @dataclass(frozen=True)
-class _Fit:
+class BlockFit:
+    """The outcome of one training run: steps run, the step whose parameters were kept (0: the starting ones),
+    why it stopped early (or None), and the measured loss before and at the kept step."""
+
     ran: int
     best_step: int
     stopped: str | None
+    loss_before: float = math.nan
+    loss_after: float = math.nan
 
 
 def _train(
     layers: list[OTQLayerMixin],
-    step_loss: Callable[[torch.Generator], torch.Tensor],
+    step_loss: Callable[[torch.Generator], torch.Tensor | None],
     eval_loss: Callable[[], float],
     calibration: CalibrationConfig,
     desc: str,
-) -> _Fit:
+    reduce: Callable[[list[torch.Tensor], torch.Tensor | None], float] | None = None,
+) -> BlockFit:
     """Adam on ``layers``' float parameters: ``refine_steps`` steps of ``step_loss``, ``eval_loss`` measured
-    before and every ``refine_eval_every`` steps; the layers end with the parameters of the lowest measured loss."""
+    before and every ``refine_eval_every`` steps; the layers end with the parameters of the lowest measured loss.
+
+    With several processes ``step_loss`` returns None where another process holds the step's call, and
+    ``reduce(params, loss)`` sums the gradients and the loss over the processes (returns the loss)."""
     generator = torch.Generator().manual_seed(calibration.seed)
     steps, every = calibration.refine_steps, calibration.refine_eval_every
     stopped, ran = None, 0
     with _trainable(layers) as params:
-        best = eval_loss()
+        best = first = eval_loss()
         best_step, best_state = 0, _snapshot(layers)
         optimizer = torch.optim.Adam(params, lr=calibration.refine_lr)
         bar = tqdm(range(1, steps + 1), desc=desc, unit="step", disable=not calibration.progress)
@@ -286,9 +303,11 @@ def _train(
             ran = step
             loss = step_loss(generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss is not None:
+                loss.backward()
+            value = float(loss.detach()) if reduce is None else reduce(params, loss)
             grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-            loss_finite = math.isfinite(float(loss.detach()))
+            loss_finite = math.isfinite(value)
             if not loss_finite or not grads_finite:
                 stopped = f"non-finite {'loss' if not loss_finite else 'gradient'} at step {step}"
                 logger.warning("Refinement stopped: %s; keeping the best parameters (step %d).", stopped, best_step)
@@ -301,7 +320,7 @@ def _train(
                 bar.set_postfix(loss=f"{current:.4g}", best=f"{best:.4g}")
         bar.close()
         _restore(layers, best_state)
-    return _Fit(ran, best_step, stopped)
+    return BlockFit(ran, best_step, stopped, first, best)
 
 
 def _model_step(
@@ -364,28 +383,130 @@ def _refine_blocks(
             logger.warning("Block %s has OTQ layers but ran in no teacher call; it is not refined.", name)
             continue
         recorded = _student_inputs(model, name, teacher, recorded)
-        device = layers[0].packed.device
-
-        def step(generator: torch.Generator, block=block, recorded=recorded, device=device) -> torch.Tensor:
-            call = int(torch.randint(len(recorded), (1,), generator=generator))
-            (args, kwargs), targets = recorded.calls[call], recorded.outputs[call]
-            batch = targets[0].shape[0]
-            rows = torch.randperm(batch, generator=generator)[: calibration.refine_batch_size]
-            sub_args, sub_kwargs = _slice_call(args, kwargs, rows, batch)
-            refs = [t[rows] if t.dim() > 0 and t.shape[0] == batch else t for t in targets]
-            num, den = _block_error(block_outputs(block(*_to(sub_args, device), **_to(sub_kwargs, device))), refs)
-            return num / den.to(num.device).clamp_min(1e-30)
-
-        @torch.no_grad()
-        def evaluate(block=block, recorded=recorded, device=device) -> float:
-            num = den = 0.0
-            for (args, kwargs), targets in zip(recorded.calls, recorded.outputs, strict=True):
-                n, d = _block_error(block_outputs(block(*_to(args, device), **_to(kwargs, device))), targets)
-                num, den = num + float(n), den + float(d)
-            return num / den if den > 0 else 0.0
-
-        fit = _train(layers, step, evaluate, calibration, f"OTQ refine {name}")
+        fit = train_block(block, recorded, calibration, f"OTQ refine {name}")
         total, trained = total + fit.ran, trained + 1
         if fit.stopped:
             return total, None, f"{fit.stopped} of block {name}", trained
     return total, None, None, trained
+
+
+@dataclass(frozen=True)
+class CallShard:
+    """A block's calls split across processes. Call ``g`` in the one-process order is this process's recorded call
+    ``local[g]``, or None where another process holds it; ``rows[g]`` is its batch size. Every process draws the
+    same steps; the one holding a step's call computes its gradient and the others add zeros, so the sums are the
+    one-process gradients exactly."""
+
+    local: tuple[int | None, ...]
+    rows: tuple[int, ...]
+    world: int
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+
+def _summed_over_processes(params: list[torch.Tensor], loss: torch.Tensor | None) -> float:
+    """Gradients and loss summed over the processes (zeros from a process without the step's call)."""
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        torch.distributed.all_reduce(param.grad)
+    value = torch.zeros(1, dtype=torch.float64) if loss is None else loss.detach().to("cpu", torch.float64).reshape(1)
+    torch.distributed.all_reduce(value)
+    return float(value)
+
+
+def train_block(
+    block: nn.Module, recorded: BlockCalls, calibration: CalibrationConfig, desc: str, shard: CallShard | None = None
+) -> BlockFit:
+    """Train the OTQ layers of ``block`` (codes frozen) to map each recorded call's inputs to its recorded outputs.
+
+    Each step takes a random call and ``refine_batch_size`` random rows of it and minimises the relative error
+    ``sum ||out - target||^2 / sum ||target||^2`` over the block's output tensors; the error over every call is
+    measured before and every ``refine_eval_every`` steps, and the block keeps the parameters of the lowest one.
+
+    Args:
+        block: a module holding OTQ layers (its other parameters are not trained).
+        recorded: the calls to learn from: inputs (any device) and target output tensors.
+        calibration: ``refine_steps``, ``refine_lr``, ``refine_batch_size``, ``refine_eval_every``, ``seed``.
+        desc: the progress bar's label.
+        shard: with several processes, which of the block's calls this process holds (:class:`CallShard`); the
+            result is the same bits as one process holding every call.
+
+    Raises:
+        CalibrationError: ``block`` has no OTQ layer, or returns another number of tensors than its targets.
+    """
+    layers = [m for m in block.modules() if isinstance(m, OTQLayerMixin)]
+    if not layers:
+        raise CalibrationError(f"{desc}: the block has no OTQ layer to train.")
+    device = layers[0].packed.device
+
+    def step(generator: torch.Generator) -> torch.Tensor | None:
+        call = int(torch.randint(len(recorded) if shard is None else len(shard), (1,), generator=generator))
+        batch = recorded.outputs[call][0].shape[0] if shard is None else shard.rows[call]
+        rows = torch.randperm(batch, generator=generator)[: calibration.refine_batch_size]
+        if shard is not None:
+            call = shard.local[call]
+            if call is None:
+                return None  # another process holds it
+        (args, kwargs), targets = recorded.calls[call], recorded.outputs[call]
+        sub_args, sub_kwargs = _slice_call(args, kwargs, rows, batch)
+        refs = [t[rows] if t.dim() > 0 and t.shape[0] == batch else t for t in targets]
+        num, den = _block_error(block_outputs(block(*_to(sub_args, device), **_to(sub_kwargs, device))), refs)
+        return num / den.to(num.device).clamp_min(1e-30)
+
+    reduce = None if shard is None else _summed_over_processes
+    return _train(layers, step, lambda: _block_loss(block, recorded, device, shard), calibration, desc, reduce)
+
+
+@torch.no_grad()
+def _block_loss(block: nn.Module, recorded: BlockCalls, device: torch.device, shard: CallShard | None = None) -> float:
+    """Relative error of ``block``'s outputs over every recorded call (float64 sums in the one-process call order,
+    gathered from every process with a ``shard``)."""
+    errors = []
+    for (args, kwargs), targets in zip(recorded.calls, recorded.outputs, strict=True):
+        n, d = _block_error(block_outputs(block(*_to(args, device), **_to(kwargs, device))), targets)
+        errors.append((float(n), float(d)))
+    if shard is not None:
+        where = {local: index for index, local in enumerate(shard.local) if local is not None}
+        gathered: list[Any] = [None] * shard.world
+        torch.distributed.all_gather_object(gathered, [(where[i], e) for i, e in enumerate(errors)])
+        errors = [e for _, e in sorted(item for part in gathered for item in part)]
+    num = den = 0.0
+    for n, d in errors:
+        num, den = num + n, den + d
+    return num / den if den > 0 else 0.0
+
+
+def refine_block(
+    block: nn.Module, recorded: BlockCalls, calibration: CalibrationConfig, desc: str, shard: CallShard | None = None
+) -> RefineReport:
+    """:func:`train_block`, then the trained parameters are stored in their storage dtypes; if the stored block's
+    error over the recorded calls is above the error it started with, the block's stored tensors are put back.
+
+    Returns:
+        A :class:`RefineReport` (scope ``"block"``) with the error before and after storage.
+    """
+    layers = [m for m in block.modules() if isinstance(m, OTQLayerMixin)]
+    dtypes = [{n: layer._buffers[n].dtype for n in _TRAINABLE_BUFFERS if layer._buffers.get(n) is not None}
+              for layer in layers]  # fmt: skip
+    stored = [{n: t.detach().clone() for n, t in layer.stored_tensors().items()} for layer in layers]
+    stored_bias = [None if layer.bias is None else layer.bias.detach().clone() for layer in layers]
+    started = time.perf_counter()
+    with eval_mode(block):
+        fit = train_block(block, recorded, calibration, desc, shard)
+        for layer, layer_dtypes in zip(layers, dtypes, strict=True):
+            _store(layer, layer_dtypes)
+        device = layers[0].packed.device
+        after = _block_loss(block, recorded, device, shard)
+    best_step = fit.best_step
+    if after > fit.loss_before:
+        for layer, tensors, bias in zip(layers, stored, stored_bias, strict=True):
+            for name, tensor in tensors.items():
+                layer.set_stored(name, tensor)
+            if bias is not None:
+                with torch.no_grad():
+                    layer.bias.copy_(bias)
+        after, best_step = fit.loss_before, 0
+    return RefineReport(fit.loss_before, after, fit.ran, best_step, time.perf_counter() - started, fit.stopped,
+                        "block", 1)  # fmt: skip

@@ -18,10 +18,10 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -33,6 +33,7 @@ from ..config import OTQConfig
 from ..convert import plan_layers
 from .config import CalibrationConfig, CalibrationError
 from .probes import ProbeInputs, eval_mode
+from .processes import add_flat, gather_in_order, rank_and_world
 from .statistics import (
     CalibrationStatistics,
     LayerStatistics,
@@ -42,7 +43,14 @@ from .statistics import (
 )
 
 
-__all__ = ["collect_statistics", "denoiser_of", "record_teacher_calls", "selected_layers"]
+__all__ = [
+    "CalibrationBatches",
+    "calibration_batches",
+    "collect_statistics",
+    "denoiser_of",
+    "record_teacher_calls",
+    "selected_layers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -194,45 +202,6 @@ def _quiet_progress(target: Any) -> Iterator[None]:
         target._progress_bar_config = saved
 
 
-# -------------------------------------------------------------------------------------- processes
-
-
-def _distributed() -> tuple[int, int]:
-    """``(rank, world)``; starts accelerate's process group when launched with several processes."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
-        torch.distributed.is_available() and torch.distributed.is_initialized()
-    ):
-        from accelerate import PartialState
-
-        PartialState(cpu=not torch.cuda.is_available())
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _gather_in_order(batch: dict[str, LayerStatistics] | None, template: dict[str, LayerStatistics], world: int):
-    """Every process's batch statistics of this round, in rank order (zeros from a process without a batch)."""
-    source = batch if batch is not None else template
-    tensors = [t for name in template for t in source[name].tensors()]
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    if batch is None:
-        flat.zero_()
-    backend = torch.distributed.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    parts = [torch.empty_like(flat, device=device) for _ in range(world)]
-    torch.distributed.all_gather(parts, flat.to(device))
-    return [p.to(flat.device) for p in parts]
-
-
-def _add_flat(totals: dict[str, LayerStatistics], flat: torch.Tensor) -> None:
-    offset = 0
-    for stats in totals.values():
-        for t in stats.tensors():
-            size = t.numel()
-            t += flat[offset : offset + size].view_as(t)
-            offset += size
-
-
 def _passes(layers: Mapping[str, nn.Module], blocks: Mapping[str, list[int] | None], budget: int, world: int):
     """Split the layers into sampling passes whose accumulators (totals and one batch, plus a flat copy and
     ``world`` gathered copies with several processes) stay below ``budget`` bytes; a layer larger than the
@@ -282,7 +251,7 @@ def collect_statistics(
             f"the config selects no nn.Linear/nn.Conv2d layer of {type(model).__name__}; nothing to calibrate."
         )
     num_batches, run_batch, calls_per_batch, description, resolved = _batch_runner(target, calibration)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     blocks = plan_gram_blocks(layers, calibration.records_gram, calibration.gram_block)
     passes = _passes(layers, blocks, calibration.max_statistics_bytes, world)
     scale = calibration.timestep_scale or (1.0 if "Flux" in type(target).__name__ else 1000.0)
@@ -369,7 +338,7 @@ def _run_pass(
 ) -> dict[str, LayerStatistics]:
     """One sampling pass over every batch with hooks on ``layers``: their summed statistics, in batch order
     (rounds of ``world`` batches, gathered across processes; see the module docstring)."""
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     calibration = tracker.calibration
     collector = StatisticsCollector(layers, {n: blocks[n] for n in layers}, calibration.max_gram_rows)
     collector.start_batch()
@@ -389,8 +358,8 @@ def _run_pass(
                     for name, stats in totals.items():
                         stats.add_(mine[name])
                 else:
-                    for flat in _gather_in_order(mine, totals, world):
-                        _add_flat(totals, flat)
+                    for flat in gather_in_order(mine, totals, world):
+                        add_flat(totals, flat)
                 bar.update(min(world, num_batches - round_start))
     finally:
         handle.remove()
@@ -439,6 +408,43 @@ def _record_calls(
     finally:
         handle.remove()
     return calls
+
+
+@dataclass(frozen=True)
+class CalibrationBatches:
+    """How to run the calibration batches of a target: ``run(b)`` runs batch ``b`` of ``num_batches`` through the
+    float model (a pipeline's sampling, or your ``forward_fn``); ``weight_of(args, kwargs)`` is a denoiser call's
+    timestep weight and a description of it; ``resolved`` the sample count, steps and guidance actually used."""
+
+    num_batches: int
+    run: Callable[[int], Any]
+    description: str
+    resolved: dict[str, Any]
+    weight_of: Callable[[tuple, dict], tuple[float, str]]
+    target: Any
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """The target pipeline's own progress bars silenced inside the block."""
+        with _quiet_progress(self.target):
+            yield
+
+
+def calibration_batches(target: Any, calibration: CalibrationConfig) -> CalibrationBatches:
+    """The :class:`CalibrationBatches` of ``target`` (a pipeline, or a model with ``calibration.forward_fn``).
+
+    Raises:
+        CalibrationError: as :func:`collect_statistics` (a bare model without ``forward_fn``, labels for a
+            text-to-image pipeline and the reverse, ...).
+    """
+    num_batches, run_batch, _, description, resolved = _batch_runner(target, calibration)
+    scale = calibration.timestep_scale or (1.0 if "Flux" in type(target).__name__ else 1000.0)
+
+    def weight_of(args: tuple, kwargs: dict) -> tuple[float, str]:
+        sigma = _sigma(args, kwargs, scale)
+        return _timestep_weight(calibration, sigma), ("" if sigma is None else f", sigma={sigma:.3f}")
+
+    return CalibrationBatches(num_batches, run_batch, description, resolved, weight_of, target)
 
 
 _TEACHER_BATCH = 1 << 20  # batch index of the teacher's trajectories: noise no statistics batch uses

@@ -10,6 +10,11 @@ a multiple-choice knapsack. :func:`allocate` solves it exactly by dynamic progra
 units of ``unit`` bytes; sizes are rounded *up* to whole units, so the returned plan always fits the budget,
 and it is exact when ``unit == 1`` (the default whenever the budget has at most ``max_cells`` bytes; above
 that, the unit grows and the plan can leave at most ``len(layers) * unit`` bytes unused).
+
+The distortions are per-layer relative output errors ``e_l(s) = sum_r d_r / sum_r E_r`` (row ``r``'s output error
+``d_r = dW_r H dW_r^T`` over its reference energy ``E_r = W_r H W_r^T``). Rows are fitted independently given
+``H``, so ``e_l`` can be estimated from a sample of rows by the ratio ``sum_{r in S} d_r / sum_{r in S} E_r``;
+:func:`stratified_rows` picks that sample deterministically, spread over the rows' energies.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 
-__all__ = ["Allocation", "allocate", "minimum_size"]
+__all__ = ["Allocation", "allocate", "minimum_size", "stratified_rows"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +116,43 @@ def allocate(
     total_size = sum(size[c] for size, c in zip(sizes, choices, strict=True))
     total_distortion = math.fsum(d[c] for d, c in zip(distortions, choices, strict=True))
     return Allocation(tuple(choices), total_size, total_distortion, unit)
+
+
+def stratified_rows(energy: torch.Tensor, per_group: int, groups: int = 1) -> torch.Tensor | None:
+    """A deterministic row sample spread over the rows' energies, the same number of rows from every row group.
+
+    The ``R`` rows form ``groups`` consecutive groups of ``P = R / groups`` rows (a grouped conv: rows of group
+    ``g`` read input group ``g``). Within each group the rows are ranked by ``energy`` (ascending, ties by index)
+    and the rows of rank ``floor((i + 1/2) P / k)``, ``i = 0 .. k-1``, are taken (``k = per_group``): a systematic
+    sample of the energy distribution, so a ratio estimate ``sum_S d_r / sum_S E_r`` sees low- and high-energy rows
+    in their proportions.
+
+    Args:
+        energy: (R,) non-negative energy of each row (e.g. ``sum_j E[x_j^2] W_rj^2``).
+        per_group: rows to take from each group (``k >= 1``).
+        groups: row groups (``R`` must be a multiple).
+
+    Returns:
+        (groups * k,) int64 row indices, ascending (group by group), or None when ``k >= P`` (every row is taken:
+        fit the whole layer).
+
+    Raises:
+        ValueError: ``per_group < 1``, or ``groups`` does not divide the rows.
+
+    Example:
+        >>> stratified_rows(torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0, 0.0]), per_group=2).tolist()
+        [1, 2]
+    """
+    rows = energy.shape[0]
+    if per_group < 1:
+        raise ValueError(f"per_group={per_group} must be >= 1.")
+    if groups < 1 or rows % groups:
+        raise ValueError(f"{rows} rows do not split into {groups} equal groups.")
+    size = rows // groups
+    if per_group >= size:
+        return None
+    ranks = ((torch.arange(per_group, dtype=torch.float64) + 0.5) * size / per_group).floor().to(torch.int64)
+    by_group = energy.detach().reshape(groups, size).to(torch.float64).cpu()
+    order = torch.argsort(by_group, dim=1, stable=True)  # (G, P): row offsets by ascending energy
+    picked = order[:, ranks].sort(dim=1).values  # (G, k)
+    return (picked + torch.arange(groups)[:, None] * size).reshape(-1)

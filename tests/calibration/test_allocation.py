@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
+
 import pytest
 import torch
 
 from diffusers_otq import CalibrationConfig, OTQConfig, calibrate, plan_bits, quantize_model
-from diffusers_otq.calibration import measure_candidates
+from diffusers_otq.calibration import CandidateTable, LayerStatistics, allocation, estimate, measure_candidates
 from diffusers_otq.calibration.allocation import candidate_specs
+from diffusers_otq.calibration.fit import corrects_bias, quantize_calibrated
+from diffusers_otq.fitting import effective_weight
+from diffusers_otq.functional.allocation import stratified_rows
+from diffusers_otq.functional.error_feedback import output_error
+from diffusers_otq.functional.lowrank import weighted_lowrank
 from diffusers_otq.layers import OTQLayerMixin
 from diffusers_otq.options import LayerSpec
+from diffusers_otq.structure import LowRankBranch
 from tests.calibration.helpers import dit_pipeline, quick
 
 
@@ -18,10 +30,22 @@ def reached(model: torch.nn.Module) -> float:
     return sum(m.nbytes for m in layers) * 8 / sum(m.weight_shape.numel() for m in layers)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread, as the tests run (tests/calibration/conftest.py); module fixtures are set up before it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def calibrated():
     pipe = dit_pipeline()
-    return pipe, calibrate(pipe, OTQConfig(bits=3), quick(sensitivity="velocity"))
+    with one_thread():
+        return pipe, calibrate(pipe, OTQConfig(bits=3), quick(sensitivity="velocity"))
 
 
 @pytest.mark.parametrize("budget", [2.0, 3.0, 4.5])
@@ -139,7 +163,6 @@ def test_bits_per_weight_is_refused_by_quantize_on_load(tmp_path) -> None:
 def test_wide_layers_may_spend_bits_on_a_low_rank_branch_and_every_byte_counts(monkeypatch) -> None:
     """Rank candidates exist only where the 16-bit factors are cheap; a layer whose weight is mostly rank 8 then
     takes a branch, and the budget counts the factors."""
-    from diffusers_otq.calibration import allocation
 
     assert {s.rank for s in candidate_specs(LayerSpec(), 1024, 64, rows=1024)} == {0, 16}  # rank 32: 1 b/w
     assert all(s.rank == 0 for s in candidate_specs(LayerSpec(), 512, 64, rows=512))  # rank 16 would cost 1 b/w
@@ -156,3 +179,200 @@ def test_wide_layers_may_spend_bits_on_a_low_rank_branch_and_every_byte_counts(m
     assert first.spec.rank == 8 and "+ rank 8" in plan.table(), plan.table()
     quantize_model(model, config, progress=False)
     assert model[0].rank == 8 and abs(reached(model) - plan.bits_per_weight) < 1e-9 and reached(model) <= 3.0
+
+
+# --- Cheap candidate measurement: row samples, names, factor_fn, concat ---------------------------------------------
+
+SAMPLED = ("transformer_blocks.0.norm1.linear", "transformer_blocks.0.ff.net.0.proj", "proj_out_1")  # 192/128/64 rows
+
+
+@pytest.fixture(scope="module")
+def tables(calibrated):
+    """The tiny DiT's candidates measured exhaustively and from 16-row samples (most layers have 32-192 rows)."""
+    pipe, stats = calibrated
+    measure = partial(measure_candidates, pipe.transformer, OTQConfig(bits=3), stats, quick(), progress=False)
+    with one_thread():
+        return measure(estimate="exhaustive"), measure(sample_rows=16)
+
+
+def output_errors(delta: torch.Tensor, stats, centered: bool) -> torch.Tensor:
+    """(R,) ``delta_r H delta_r^T`` of each row (one input group)."""
+    return output_error(delta, stats.gram_blocks(0, centered))
+
+
+def test_stratified_rows_spread_the_sample_over_energy_within_every_group() -> None:
+    energy = torch.tensor([7.0, 0.0, 5.0, 2.0, 6.0, 1.0, 4.0, 3.0, 10.0, 17.0, 11.0, 16.0, 12.0, 15.0, 13.0, 14.0])
+    rows = stratified_rows(energy, per_group=2, groups=2)
+    # 8 rows per group, 2 taken: the rows of energy rank floor(0.5 * 4) = 2 and floor(1.5 * 4) = 6 in each group
+    assert rows.tolist() == [3, 4, 11, 12]
+    for group, picked in enumerate(rows.reshape(2, 2)):
+        ranks = torch.argsort(torch.argsort(energy[group * 8 : group * 8 + 8]))
+        assert sorted(ranks[picked - group * 8].tolist()) == [2, 6]
+    assert stratified_rows(energy, per_group=8, groups=2) is None  # the whole group: fit the whole layer
+    with pytest.raises(ValueError, match="do not split into 3 equal groups"):
+        stratified_rows(energy, per_group=2, groups=3)
+    with pytest.raises(ValueError, match="per_group=0"):
+        stratified_rows(energy, per_group=0)
+
+
+def test_sampled_estimate_is_the_default_and_keeps_sizes_exact(tables) -> None:
+    exhaustive, sampled = tables
+    assert (exhaustive.estimate, sampled.estimate) == ("exhaustive", "sampled")
+    assert inspect.signature(measure_candidates).parameters["estimate"].default == "sampled"
+    assert inspect.signature(plan_bits).parameters["estimate"].default == "sampled"
+    assert sampled.sizes == exhaustive.sizes and sampled.options == exhaustive.options
+    for layer, estimated, exact in zip(sampled.layers, sampled.errors, exhaustive.errors, strict=True):
+        if layer.module.weight.shape[0] <= 16:  # fitted whole: the same fits
+            assert estimated == exact, layer.name
+    pairs = zip(sum(sampled.errors, ()), sum(exhaustive.errors, ()), strict=True)
+    relative = [abs(e / x - 1) for e, x in pairs if x > 0]
+    assert sorted(relative)[len(relative) // 2] < 0.15, sorted(relative)
+
+
+@pytest.mark.parametrize("budget", [2.0, 2.5, 3.0])
+def test_sampled_plan_is_within_five_percent_of_the_exhaustive_plan(tables, budget: float) -> None:
+    exhaustive, sampled = tables
+    best = exhaustive.allocate(budget)
+    plan = sampled.allocate(budget)
+    assert plan.nbytes <= budget * plan.numel / 8
+    chosen = [options.index(c.spec) for options, c in zip(exhaustive.options, plan.choices, strict=True)]
+    true_error = sum(errors[i] for errors, i in zip(exhaustive.errors, chosen, strict=True))
+    assert true_error <= 1.05 * sum(c.distortion for c in best.choices), (true_error, best.table())
+
+
+def test_sampled_rows_get_the_codes_the_whole_fit_gives_them(calibrated, tables) -> None:
+    """Per-channel codes and the sweep treat rows independently: the estimate of a channel candidate is the whole
+    fit's output error on the sampled rows over their reference energy."""
+    pipe, stats = calibrated
+    _, sampled = tables
+    index = [layer.name for layer in sampled.layers].index("transformer_blocks.0.norm1.linear")
+    layer = sampled.layers[index]
+    weight = layer.module.weight
+    layer_stats = stats[layer.name]
+    centered = corrects_bias(layer, layer_stats, quick())
+    rows = estimate.row_sample(weight, layer_stats, 16, quick().damping, centered)
+    assert rows is not None and rows.numel() == 16
+    checked = 0
+    for spec, estimated in zip(sampled.options[index], sampled.errors[index], strict=True):
+        if spec.granularity != "channel" or spec.bits > 4:
+            continue
+        fit = quantize_calibrated(weight, replace(layer, spec=spec), layer_stats, quick(), refit_codebooks=False)
+        target = weight.detach().to(torch.float64)
+        delta = target - effective_weight(fit).reshape(target.shape)
+        expected = (
+            output_errors(delta[rows], layer_stats, centered).sum()
+            / output_errors(target[rows], layer_stats, centered).sum()
+        )
+        assert estimated == pytest.approx(float(expected), rel=1e-4), spec
+        checked += 1
+    assert checked == 4
+
+
+def test_names_restrict_the_measurement_to_those_layers(calibrated, tables) -> None:
+    pipe, stats = calibrated
+    _, sampled = tables
+    table = measure_candidates(pipe.transformer, OTQConfig(bits=3), stats, quick(), progress=False, sample_rows=16,
+                               names=list(reversed(SAMPLED)))  # fmt: skip
+    assert [layer.name for layer in table.layers] == list(SAMPLED)  # model order
+    full = {layer.name: errors for layer, errors in zip(sampled.layers, sampled.errors, strict=True)}
+    assert list(table.errors) == [full[name] for name in SAMPLED]
+    with pytest.raises(ValueError, match=r"names lists \['transformer_blocks.0.nope'\]"):
+        measure_candidates(pipe.transformer, OTQConfig(bits=3), stats, names=["transformer_blocks.0.nope"])
+
+
+def test_factor_fn_replaces_the_velocity_factor_with_the_whole_layer_fit(calibrated, tables) -> None:
+    pipe, stats = calibrated
+    exhaustive, _ = tables
+    calls = {}
+
+    def factor_fn(layer, effective: torch.Tensor, relative_error: float) -> float:
+        calls[layer.name] = (effective, relative_error)
+        return float(len(layer.name))
+
+    table = measure_candidates(pipe.transformer, OTQConfig(bits=3), stats, quick(sensitivity="velocity"),
+                               progress=False, sample_rows=16, names=SAMPLED, factor_fn=factor_fn)  # fmt: skip
+    assert table.sensitivity == "custom" and set(calls) == set(SAMPLED)
+    exact = {layer.name: (options, errors) for layer, options, errors in
+             zip(exhaustive.layers, exhaustive.options, exhaustive.errors, strict=True)}  # fmt: skip
+    for j, layer in enumerate(table.layers):
+        effective, relative_error = calls[layer.name]
+        assert effective.shape == layer.module.weight.shape  # the whole layer, not the sample
+        options, sizes, errors, distortions = table.options[j], table.sizes[j], table.errors[j], table.distortions[j]
+        probe = min((i for i, s in enumerate(options) if s.bits == 2), key=lambda i: (sizes[i], i))
+        whole_options, whole_errors = exact[layer.name]
+        assert relative_error == pytest.approx(whole_errors[whole_options.index(options[probe])], rel=1e-9)
+        assert distortions == tuple(len(layer.name) * e for e in errors)
+
+
+def test_concat_joins_per_block_tables_into_the_global_allocation(calibrated, tables) -> None:
+    pipe, stats = calibrated
+    _, sampled = tables
+    names = [layer.name for layer in sampled.layers]
+    measure = partial(measure_candidates, pipe.transformer, OTQConfig(bits=3), stats, quick(), progress=False,
+                      sample_rows=16)  # fmt: skip
+    head, tail = measure(names=names[:2]), measure(names=names[2:5])
+    joined = CandidateTable.concat([head, tail])
+    assert joined == measure(names=names[:5])  # every per-layer field, in order
+    assert joined.allocate(2.5) == measure(names=names[:5]).allocate(2.5)  # one budget over both tables
+    mixed = CandidateTable.concat([head, measure(names=names[2:5], estimate="exhaustive")])
+    assert mixed.estimate == "mixed" and [layer.name for layer in mixed.layers] == names[:5]
+    with pytest.raises(ValueError, match="disjoint layers.*pos_embed.proj"):
+        CandidateTable.concat([sampled, measure(names=names[:1])])
+    data_free = measure_candidates(pipe.transformer, OTQConfig(bits=3), progress=False, names=names[:1])
+    with pytest.raises(ValueError, match=r"one sensitivity, got \['output', 'weights'\]"):
+        CandidateTable.concat([measure(names=names[1:2]), data_free])
+    with pytest.raises(ValueError, match="at least one table"):
+        CandidateTable.concat([])
+
+
+def test_grouped_conv_rows_are_sampled_within_every_group() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 64, 3, padding=1, groups=2))
+    stats = calibrate(model, OTQConfig(bits=3), CalibrationConfig(
+        forward_fn=lambda i: model(torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(i))),
+        num_batches=2, progress=False))  # fmt: skip
+    layer_stats = stats["0"]
+    assert layer_stats.groups == 2
+    weight = model[0].weight
+    rows = estimate.row_sample(weight, layer_stats, 16, quick().damping, True)
+    assert ((rows < 32).sum(), (rows >= 32).sum()) == (8, 8)  # 8 rows of each group, each reading its own Gram
+    exhaustive = measure_candidates(model, OTQConfig(bits=3), stats, progress=False, estimate="exhaustive")
+    sampled = measure_candidates(model, OTQConfig(bits=3), stats, progress=False, sample_rows=16)
+    assert sampled.sizes == exhaustive.sizes
+    layer = exhaustive.layers[0]
+    spec = next(s for s in exhaustive.options[0] if s.granularity == "channel" and s.bits == 2)
+    fit = quantize_calibrated(
+        weight, replace(layer, spec=spec), layer_stats, CalibrationConfig(), refit_codebooks=False
+    )
+    target = weight.detach().to(torch.float64).reshape(64, -1)
+    delta = target - effective_weight(fit).reshape(64, -1)
+    grams = [layer_stats.gram_blocks(g, True) for g in range(2)]
+    num = sum(output_error(delta[rows[g * 8 : g * 8 + 8]], grams[g]).sum() for g in range(2))
+    den = sum(output_error(target[rows[g * 8 : g * 8 + 8]], grams[g]).sum() for g in range(2))
+    assert sampled.errors[0][exhaustive.options[0].index(spec)] == pytest.approx(float(num / den), rel=1e-4)
+    assert estimate.row_sample(weight, layer_stats, 64, quick().damping, True) is None  # 32 per group: whole
+
+
+def test_sampled_lowrank_branch_is_the_weighted_svd_of_the_whole_weight() -> None:
+    """The range sketch finds the same rank-8 branch as the SVD of the whole (weighted) weight."""
+    generator = torch.Generator().manual_seed(0)
+    left, _ = torch.linalg.qr(torch.randn(256, 256, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(96, 96, generator=generator, dtype=torch.float64))
+    weight = (left[:, :96] * 0.7 ** torch.arange(96, dtype=torch.float64)) @ right  # decaying spectrum
+    inputs = torch.randn(512, 96, generator=generator, dtype=torch.float64) * torch.linspace(0.2, 2, 96)
+    gram = [inputs.T @ inputs / 512]
+    stats = LayerStatistics(inputs.sum(0)[None], inputs.square().sum(0)[None], torch.tensor(512.0),
+                            (gram[0][None] * 512,), inputs.sum(0)[None], torch.tensor(512.0))  # fmt: skip
+    sketched = estimate.lowrank_product(weight, 8, stats, 0.01, False)
+    up, down = weighted_lowrank(weight, 8, gram, damping=0.01)
+    exact = LowRankBranch.from_factors(up, down, torch.float16).product(torch.float64)
+    assert estimate.range_basis(weight, 18, gram, None, 0.01).shape == (256, 18)
+    assert float((sketched - exact).norm() / exact.norm()) < 1e-3
+
+
+def test_bad_estimates_are_refused(calibrated) -> None:
+    pipe, stats = calibrated
+    with pytest.raises(ValueError, match=r"estimate='rows' is unknown; expected one of \['sampled', 'exhaustive'\]"):
+        measure_candidates(pipe.transformer, OTQConfig(bits=3), stats, estimate="rows")
+    with pytest.raises(ValueError, match="sample_rows=0 must be a positive int"):
+        plan_bits(pipe.transformer, OTQConfig(bits_per_weight=3.0), stats, sample_rows=0)

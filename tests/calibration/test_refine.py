@@ -23,9 +23,15 @@ from diffusers_otq.layers import OTQLayerMixin
 from .helpers import dit_pipeline, quick, sample, unet_pipeline
 
 
+def whole_model(**overrides):
+    """The whole-model path this file tests (refine_steps count for the whole model; block-by-block refinement,
+    the default, is tested in test_sequential.py)."""
+    return quick(sequential=False, **overrides)
+
+
 def _refined(steps: int = 12, **overrides):
     pipe = unet_pipeline()
-    calibration = quick(refine_steps=steps, refine_samples=4, refine_batch_size=4, refine_eval_every=4,
+    calibration = whole_model(refine_steps=steps, refine_samples=4, refine_batch_size=4, refine_eval_every=4,
                         refine_lr=1e-3, **overrides)  # fmt: skip
     quantize_pipeline(pipe, OTQConfig(bits=2), calibration, progress=False, compute_metrics=False)
     return pipe, pipe.transformer.config["quantization_config"].provenance["refinement"]
@@ -40,7 +46,7 @@ def test_refinement_lowers_the_reported_teacher_loss_and_keeps_the_format(tmp_pa
         assert bool((layer.codebook[:, 1:] >= layer.codebook[:, :-1]).all())
         assert layer.bias is None or layer.bias.grad is None  # no gradient left behind
     plain = unet_pipeline()
-    quantize_pipeline(plain, OTQConfig(bits=2), quick(), progress=False, compute_metrics=False)
+    quantize_pipeline(plain, OTQConfig(bits=2), whole_model(), progress=False, compute_metrics=False)
     assert any(not torch.equal(a.codebook, b.codebook) for a, b in zip(
         layers, [m for m in plain.transformer.modules() if isinstance(m, OTQLayerMixin)], strict=True))  # fmt: skip
     images = sample(pipe)
@@ -101,8 +107,8 @@ def test_refinement_without_a_teacher_is_refused() -> None:
     with pytest.raises(CalibrationError, match="recorded calls with their outputs"):
         TeacherCalls(ProbeInputs(), [])
     with pytest.raises(CalibrationError, match="no OTQ layer"):
-        teacher = TeacherCalls.record(model, record_teacher_calls(unet_pipeline(), quick(refine_samples=2)))
-        refine_model(model, teacher, quick(refine_steps=2))
+        teacher = TeacherCalls.record(model, record_teacher_calls(unet_pipeline(), whole_model(refine_samples=2)))
+        refine_model(model, teacher, whole_model(refine_steps=2))
 
 
 @pytest.mark.parametrize(
@@ -118,7 +124,7 @@ def test_bad_refinement_settings(kwargs: dict, match: str) -> None:
 @pytest.mark.parametrize("pipeline", [unet_pipeline, dit_pipeline])
 def test_block_by_block_refinement_trains_every_block_and_never_raises_the_loss(pipeline, tmp_path: Path) -> None:
     pipe = pipeline()
-    calibration = quick(refine_steps=6, refine_samples=4, refine_batch_size=4, refine_eval_every=3,
+    calibration = whole_model(refine_steps=6, refine_samples=4, refine_batch_size=4, refine_eval_every=3,
                         refine_lr=1e-3, refine_scope="blocks")  # fmt: skip
     quantize_pipeline(pipe, OTQConfig(bits=2), calibration, progress=False, compute_metrics=False)
     record = pipe.transformer.config["quantization_config"].provenance["refinement"]
@@ -136,7 +142,7 @@ def test_block_by_block_refinement_trains_every_block_and_never_raises_the_loss(
 def test_block_calls_hold_each_blocks_full_precision_inputs_and_outputs() -> None:
     pipe = unet_pipeline()
     model = pipe.transformer
-    calls = record_teacher_calls(pipe, quick(refine_samples=2))
+    calls = record_teacher_calls(pipe, whole_model(refine_samples=2))
     teacher = TeacherCalls.record(model, calls, blocks=True)
     assert list(teacher.blocks) == block_names(model) and "down_blocks.0" in teacher.blocks
     recorded = teacher.blocks["down_blocks.0"]
@@ -146,5 +152,5 @@ def test_block_calls_hold_each_blocks_full_precision_inputs_and_outputs() -> Non
         again = block_outputs(model.down_blocks[0](*args, **kwargs))
     assert all(torch.equal(a.float(), b) for a, b in zip(again, recorded.outputs[0], strict=True))
     with pytest.raises(CalibrationError, match="needs the teacher's block calls"):
-        quantize_model(model, OTQConfig(bits=2), calibration=quick(refine_steps=2, refine_scope="blocks"),
+        quantize_model(model, OTQConfig(bits=2), calibration=whole_model(refine_steps=2, refine_scope="blocks"),
                        teacher=TeacherCalls.record(unet_pipeline().transformer, calls), progress=False)  # fmt: skip
