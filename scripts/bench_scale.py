@@ -499,6 +499,14 @@ def render(run: dict[str, Any]) -> str:
             "API (`quantize_model(model, config, calibration=CalibrationConfig(forward_fn=...))`).",
             "",
         ]
+    if meta.get("api") == "one-call":
+        lines += [
+            "**One-call API**: calibrated variants run `quantize_model(model, config, calibration=CalibrationConfig("
+            "forward_fn=..., num_batches=..., refine_steps=...))`, which (block by block, with the library's "
+            "defaults) traces the float model's trajectories once, then gives each block its statistics, bits plan, "
+            "fits and refinement.",
+            "",
+        ]
     if meta.get("note"):
         lines += [meta["note"], ""]
     lines += [

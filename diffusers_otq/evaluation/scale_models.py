@@ -332,7 +332,8 @@ class VariantUnavailable(RuntimeError):
 class ScaleVariant:
     """One measured way to quantize: a fixed bit width or a bits/weight budget, calibrated or not, refined or not.
 
-    ``refine_steps`` are Adam steps per block (``CalibrationConfig(refine_scope="blocks")``).
+    ``refine_steps`` are Adam steps per block: the one-call (sequential) path refines each block as it goes, and
+    ``refine_scope="blocks"`` asks the same of a whole-model path.
     """
 
     name: str
