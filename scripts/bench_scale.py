@@ -85,6 +85,7 @@ COLUMNS: tuple[str, ...] = (
     "sampling s (calls)",
     "quantize s",
     "total s",
+    "CPU s",
     "vs data-free",
     "µs/weight",
     "peak RSS (MiB)",
@@ -251,7 +252,7 @@ def measure(args: argparse.Namespace, grid: list[GridPoint], log: Path) -> None:
                 logger.info("%s", {k: v for k, v in record.items() if k != "traceback"})
             _append(log, {"kind": "load", "load": os.getloadavg()[0]})
             if args.output:
-                args.output.write_text(render(read_log(log)))
+                args.output.write_text(render(read_log(log), args.basis))
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -291,18 +292,33 @@ def _status(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _results(run: dict[str, Any]) -> dict[tuple[int, int, str], dict[str, Any]]:
-    """(width, depth, variant) -> the measured dict, with ``us_per_weight`` and ``vs_data_free`` added."""
+BASES = {
+    "wall": ("seconds", "wall-clock seconds"),
+    "cpu": ("cpu_s", "CPU seconds (every thread of the process: on an oversubscribed machine wall-clock time mostly "
+            "measures waiting for a core)"),
+}  # fmt: skip
+
+
+def _results(run: dict[str, Any], basis: str = "wall") -> dict[tuple[int, int, str], dict[str, Any]]:
+    """(width, depth, variant) -> the measured dict, with ``us_per_weight`` and ``vs_data_free`` added, both from
+    the ``basis`` seconds (:data:`BASES`; None where the log has no such field)."""
+    field = BASES[basis][0]
     out = {}
     for key, record in run["variants"].items():
         if _status(record) is None:
             out[key] = dict(record["ok"])
     for (width, depth, _variant), r in out.items():
-        r["us_per_weight"] = r["seconds"] / r["weights"] * 1e6
+        seconds = r.get(field)
+        base = (out.get((width, depth, "data-free")) or {}).get(field)
+        r["us_per_weight"] = None if seconds is None else seconds / r["weights"] * 1e6
+        r["vs_data_free"] = None if seconds is None or not base else seconds / base
         r["extra_over_fp32"] = r["peak_extra_mib"] / r["float32_mib"]
-        base = out.get((width, depth, "data-free"))
-        r["vs_data_free"] = r["seconds"] / base["seconds"] if base else None
     return out
+
+
+def _timed(results: dict) -> dict:
+    """The results that have a time per weight in the report's basis."""
+    return {key: r for key, r in results.items() if r["us_per_weight"] is not None}
 
 
 def _main_table(run: dict[str, Any], results: dict) -> list[str]:
@@ -332,6 +348,7 @@ def _main_table(run: dict[str, Any], results: dict) -> list[str]:
                 f"{r['calibrate_s']:.1f} ({r.get('forward_calls', '?')})" if variant != "data-free" else "—",
                 _fmt(r["quantize_s"], 1),
                 _fmt(r["seconds"], 1),
+                _fmt(r.get("cpu_s"), 1),
                 _fmt(r["vs_data_free"]) + "x" if r["vs_data_free"] else "—",
                 _fmt(r["us_per_weight"], 3),
                 _fmt(r["peak_rss_mib"], 0),
@@ -345,6 +362,7 @@ def _main_table(run: dict[str, Any], results: dict) -> list[str]:
 
 
 def _depth_section(results: dict) -> list[str]:
+    results = _timed(results)
     lines = [
         "### Time per weight against depth and width",
         "",
@@ -415,7 +433,7 @@ def _ratio_section(run: dict[str, Any], results: dict) -> list[str]:
             if r is None or r["vs_data_free"] is None:
                 base = results.get((width, depth, "data-free"))
                 if record is not None and "timed_out" in record and base:
-                    cells.append(f"> {record['timed_out'] / base['seconds']:.1f}x (stopped)")
+                    cells.append(f"> {record['timed_out'] / base['seconds']:.1f}x wall-clock (stopped)")
                 else:
                     cells.append("n/a" if record is not None else "")
                 continue
@@ -431,6 +449,7 @@ def _ratio_section(run: dict[str, Any], results: dict) -> list[str]:
 
 
 def _extrapolation_section(run: dict[str, Any], results: dict) -> list[str]:
+    results = _timed(results)
     targets = run["targets"]
     if not targets or not results:
         return []
@@ -481,11 +500,12 @@ def _extrapolation_section(run: dict[str, Any], results: dict) -> list[str]:
     return lines
 
 
-def render(run: dict[str, Any]) -> str:
-    """The markdown report of a run (the records of :func:`read_log`)."""
+def render(run: dict[str, Any], basis: str = "wall") -> str:
+    """The markdown report of a run (the records of :func:`read_log`), ratios and times per weight in ``basis``
+    seconds (:data:`BASES`)."""
     meta = run["meta"]
     machine = meta.get("machine", {})
-    results = _results(run)
+    results = _results(run, basis)
     cal, held = meta.get("calibration", {}), meta.get("heldout", {})
     loads = [machine.get("load_start", math.nan), *run["loads"]]
     refs = [r["ok"] for r in run["references"].values() if "ok" in r]
@@ -529,7 +549,9 @@ def render(run: dict[str, Any]) -> str:
         "",
         "Columns: `sampling s (calls)` is the time spent inside `forward_fn` (the calibration sampling the library "
         "asked for, its statistics hooks included) and how many trajectories it ran; `quantize s` is the rest, `total "
-        "s` both; `µs/weight` is total seconds per quantized weight; `peak extra` is the process's peak "
+        f"s` both, `CPU s` the process's CPU time for the same span (all threads); **`vs data-free` and `µs/weight` "
+        f"(seconds per quantized weight), and every ratio and time per weight below, use {BASES[basis][1]}**; "
+        "`peak extra` is the process's peak "
         "RSS (VmHWM, reset after the float model is built) above its RSS at that point, and `extra / fp32` that over "
         "the float32 model's size; `bits/weight` counts every stored bit of the OTQ layers (codes, codebooks, scales); "
         "`velocity error` is `sum ||v_q - v_fp||² / sum ||v_fp||²` over the held-out calls.",
@@ -553,9 +575,9 @@ def render(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _summary(run: dict[str, Any]) -> str:
+def _summary(run: dict[str, Any], basis: str) -> str:
     """The main table alone, for the terminal."""
-    return "\n".join(_main_table(run, _results(run)))
+    return "\n".join(_main_table(run, _results(run, basis)))
 
 
 def main() -> None:
@@ -585,6 +607,12 @@ def main() -> None:
     parser.add_argument(
         "--note", default="", help="a paragraph for the report, under its title (with --render: replaces the run's)"
     )
+    parser.add_argument(
+        "--basis",
+        choices=sorted(BASES),
+        default="wall",
+        help="seconds behind the ratios and times per weight: wall-clock, or CPU (a busy machine)",
+    )
     parser.add_argument("--verbose", action="store_true", help="the library's INFO logs from every process")
     args = parser.parse_args()  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -603,9 +631,9 @@ def main() -> None:
         log.write_text("")
         measure(args, grid, log)
         run = read_log(log)
-    print(_summary(run))
+    print(_summary(run, args.basis))
     if args.output:
-        args.output.write_text(render(run))
+        args.output.write_text(render(run, args.basis))
         logger.info("wrote %s", args.output)
 
 

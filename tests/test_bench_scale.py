@@ -131,7 +131,7 @@ def _synthetic_log(path: Path) -> Path:
                 record["ok"] = {"unavailable": "needs the one-call API"}
             else:
                 seconds = us * factor * weights / 1e6
-                record["ok"] = {"seconds": seconds, "calibrate_s": 0.1 * seconds, "forward_calls": 2,
+                record["ok"] = {"seconds": seconds, "cpu_s": seconds * factor, "calibrate_s": 0.1 * seconds, "forward_calls": 2,
                                 "quantize_s": 0.9 * seconds, "weights": weights, "float32_mib": weights * 4 / 2**20,
                                 "peak_rss_mib": 1000.0, "peak_extra_mib": weights * 4 / 2**20 * 0.25 * factor,
                                 "bits_per_weight": 3.1, "velocity_error": 0.02 / factor}  # fmt: skip
@@ -156,3 +156,15 @@ def test_report_verdicts(tmp_path):
     alpha = math.log(1.75) / math.log(1.5)
     hours = [0.44 * (2432 / 1024) ** a * 8e9 / 1e6 / 3600 for a in (alpha, 1.0)]
     assert f"| data-free | 1024 x 24 | {alpha:.2f} | {hours[0]:.1f} h / {hours[1]:.1f} h |" in markdown
+
+
+def test_report_on_cpu_seconds(tmp_path):
+    """--basis cpu: ratios and times per weight from CPU seconds (here 3x the wall ratio for the calibrated rows)."""
+    script = _script()
+    run = script.read_log(_synthetic_log(tmp_path / "run.jsonl"))
+    markdown = script.render(run, "cpu")
+    assert "use CPU seconds" in markdown
+    assert "| 1024 | 6 | 9.00x **missed** | > " in markdown  # calibrated: 3x the wall time, 3x the CPU per second
+    del run["variants"][(1024, 2, "data-free")]["ok"]["cpu_s"]  # a log from before CPU seconds were recorded
+    rows = script._main_table(run, script._results(run, "cpu"))
+    assert any(row.startswith("| 1024 | 2 | ") and "| — | — |" in row for row in rows)
