@@ -67,7 +67,7 @@ REPO = Path(__file__).resolve().parent.parent
 VARIANTS: tuple[str, ...] = ("data-free", "calibrated-3bit", "budget-2.5", "budget-2.5+refine50")
 CHEAP = "data-free+calibrated-3bit"
 GRIDS = {
-    "hour": f"1024x2,1024x6,1536x2,1024x12:{CHEAP}",
+    "hour": f"1024x2,1536x2,1024x6,1024x12:{CHEAP}",
     "depth": f"1024x6:{CHEAP},1024x12:{CHEAP},1024x24:{CHEAP}",
     "full": "1024x2,1024x6,1024x12,1024x24,1536x2,1536x6,1536x12",
 }
