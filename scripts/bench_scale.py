@@ -366,7 +366,8 @@ def _depth_section(results: dict) -> list[str]:
     lines = [
         "### Time per weight against depth and width",
         "",
-        f"µs per quantized weight (total seconds, calibration included); in brackets the ratio to the same width's "
+        f"µs per quantized weight (total seconds in the report's basis, calibration included); in brackets the ratio "
+        "to the same width's "
         f"6-block value. Target: constant within ±{DEPTH_TOLERANCE:.0%} from 6 to 24 blocks, and at most linear in "
         "width (1536 / 1024 ≤ 1.5x at the same depth).",
         "",
