@@ -67,7 +67,7 @@ REPO = Path(__file__).resolve().parent.parent
 VARIANTS: tuple[str, ...] = ("data-free", "calibrated-3bit", "budget-2.5", "budget-2.5+refine50")
 CHEAP = "data-free+calibrated-3bit"
 GRIDS = {
-    "hour": f"1024x2,1024x6,1536x2,1024x12:{CHEAP}",
+    "hour": f"1024x2,1536x2,1024x6,1024x12:{CHEAP}",
     "depth": f"1024x6:{CHEAP},1024x12:{CHEAP},1024x24:{CHEAP}",
     "full": "1024x2,1024x6,1024x12,1024x24,1536x2,1536x6,1536x12",
 }
@@ -85,6 +85,7 @@ COLUMNS: tuple[str, ...] = (
     "sampling s (calls)",
     "quantize s",
     "total s",
+    "CPU s",
     "vs data-free",
     "µs/weight",
     "peak RSS (MiB)",
@@ -198,7 +199,9 @@ def measure(args: argparse.Namespace, grid: list[GridPoint], log: Path) -> None:
     api = args.api
     if api is None:
         probe = run_worker("probe", None, args, 600)
-        api = "one-call" if probe.get("ok", {}).get("one_call") else "two-step"
+        if "ok" not in probe:
+            logger.warning("the API probe failed, using the two-step API: %s", probe)
+        api = probe.get("ok", {}).get("api", "two-step")
     logger.info("API: %s", api)
     meta = {
         "kind": "meta",
@@ -249,7 +252,7 @@ def measure(args: argparse.Namespace, grid: list[GridPoint], log: Path) -> None:
                 logger.info("%s", {k: v for k, v in record.items() if k != "traceback"})
             _append(log, {"kind": "load", "load": os.getloadavg()[0]})
             if args.output:
-                args.output.write_text(render(read_log(log)))
+                args.output.write_text(render(read_log(log), args.basis))
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -289,18 +292,33 @@ def _status(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _results(run: dict[str, Any]) -> dict[tuple[int, int, str], dict[str, Any]]:
-    """(width, depth, variant) -> the measured dict, with ``us_per_weight`` and ``vs_data_free`` added."""
+BASES = {
+    "wall": ("seconds", "wall-clock seconds"),
+    "cpu": ("cpu_s", "CPU seconds (every thread of the process: on an oversubscribed machine wall-clock time mostly "
+            "measures waiting for a core)"),
+}  # fmt: skip
+
+
+def _results(run: dict[str, Any], basis: str = "wall") -> dict[tuple[int, int, str], dict[str, Any]]:
+    """(width, depth, variant) -> the measured dict, with ``us_per_weight`` and ``vs_data_free`` added, both from
+    the ``basis`` seconds (:data:`BASES`; None where the log has no such field)."""
+    field = BASES[basis][0]
     out = {}
     for key, record in run["variants"].items():
         if _status(record) is None:
             out[key] = dict(record["ok"])
     for (width, depth, _variant), r in out.items():
-        r["us_per_weight"] = r["seconds"] / r["weights"] * 1e6
+        seconds = r.get(field)
+        base = (out.get((width, depth, "data-free")) or {}).get(field)
+        r["us_per_weight"] = None if seconds is None else seconds / r["weights"] * 1e6
+        r["vs_data_free"] = None if seconds is None or not base else seconds / base
         r["extra_over_fp32"] = r["peak_extra_mib"] / r["float32_mib"]
-        base = out.get((width, depth, "data-free"))
-        r["vs_data_free"] = r["seconds"] / base["seconds"] if base else None
     return out
+
+
+def _timed(results: dict) -> dict:
+    """The results that have a time per weight in the report's basis."""
+    return {key: r for key, r in results.items() if r["us_per_weight"] is not None}
 
 
 def _main_table(run: dict[str, Any], results: dict) -> list[str]:
@@ -330,6 +348,7 @@ def _main_table(run: dict[str, Any], results: dict) -> list[str]:
                 f"{r['calibrate_s']:.1f} ({r.get('forward_calls', '?')})" if variant != "data-free" else "—",
                 _fmt(r["quantize_s"], 1),
                 _fmt(r["seconds"], 1),
+                _fmt(r.get("cpu_s"), 1),
                 _fmt(r["vs_data_free"]) + "x" if r["vs_data_free"] else "—",
                 _fmt(r["us_per_weight"], 3),
                 _fmt(r["peak_rss_mib"], 0),
@@ -343,10 +362,12 @@ def _main_table(run: dict[str, Any], results: dict) -> list[str]:
 
 
 def _depth_section(results: dict) -> list[str]:
+    results = _timed(results)
     lines = [
         "### Time per weight against depth and width",
         "",
-        f"µs per quantized weight (total seconds, calibration included); in brackets the ratio to the same width's "
+        f"µs per quantized weight (total seconds in the report's basis, calibration included); in brackets the ratio "
+        "to the same width's "
         f"6-block value. Target: constant within ±{DEPTH_TOLERANCE:.0%} from 6 to 24 blocks, and at most linear in "
         "width (1536 / 1024 ≤ 1.5x at the same depth).",
         "",
@@ -413,7 +434,7 @@ def _ratio_section(run: dict[str, Any], results: dict) -> list[str]:
             if r is None or r["vs_data_free"] is None:
                 base = results.get((width, depth, "data-free"))
                 if record is not None and "timed_out" in record and base:
-                    cells.append(f"> {record['timed_out'] / base['seconds']:.1f}x (stopped)")
+                    cells.append(f"> {record['timed_out'] / base['seconds']:.1f}x wall-clock (stopped)")
                 else:
                     cells.append("n/a" if record is not None else "")
                 continue
@@ -429,6 +450,7 @@ def _ratio_section(run: dict[str, Any], results: dict) -> list[str]:
 
 
 def _extrapolation_section(run: dict[str, Any], results: dict) -> list[str]:
+    results = _timed(results)
     targets = run["targets"]
     if not targets or not results:
         return []
@@ -479,11 +501,12 @@ def _extrapolation_section(run: dict[str, Any], results: dict) -> list[str]:
     return lines
 
 
-def render(run: dict[str, Any]) -> str:
-    """The markdown report of a run (the records of :func:`read_log`)."""
+def render(run: dict[str, Any], basis: str = "wall") -> str:
+    """The markdown report of a run (the records of :func:`read_log`), ratios and times per weight in ``basis``
+    seconds (:data:`BASES`)."""
     meta = run["meta"]
     machine = meta.get("machine", {})
-    results = _results(run)
+    results = _results(run, basis)
     cal, held = meta.get("calibration", {}), meta.get("heldout", {})
     loads = [machine.get("load_start", math.nan), *run["loads"]]
     refs = [r["ok"] for r in run["references"].values() if "ok" in r]
@@ -495,6 +518,14 @@ def render(run: dict[str, Any]) -> str:
             "statistics=statistics)` (all layers' statistics at once, then every layer's fit); refinement of a "
             "`forward_fn` calibration is not available there. This is the baseline for the block-by-block one-call "
             "API (`quantize_model(model, config, calibration=CalibrationConfig(forward_fn=...))`).",
+            "",
+        ]
+    if meta.get("api") == "one-call":
+        lines += [
+            "**One-call API**: calibrated variants run `quantize_model(model, config, calibration=CalibrationConfig("
+            "forward_fn=..., num_batches=..., refine_steps=...))`, which (block by block, with the library's "
+            "defaults) traces the float model's trajectories once, then gives each block its statistics, bits plan, "
+            "fits and refinement.",
             "",
         ]
     if meta.get("note"):
@@ -519,7 +550,9 @@ def render(run: dict[str, Any]) -> str:
         "",
         "Columns: `sampling s (calls)` is the time spent inside `forward_fn` (the calibration sampling the library "
         "asked for, its statistics hooks included) and how many trajectories it ran; `quantize s` is the rest, `total "
-        "s` both; `µs/weight` is total seconds per quantized weight; `peak extra` is the process's peak "
+        f"s` both, `CPU s` the process's CPU time for the same span (all threads); **`vs data-free` and `µs/weight` "
+        f"(seconds per quantized weight), and every ratio and time per weight below, use {BASES[basis][1]}**; "
+        "`peak extra` is the process's peak "
         "RSS (VmHWM, reset after the float model is built) above its RSS at that point, and `extra / fp32` that over "
         "the float32 model's size; `bits/weight` counts every stored bit of the OTQ layers (codes, codebooks, scales); "
         "`velocity error` is `sum ||v_q - v_fp||² / sum ||v_fp||²` over the held-out calls.",
@@ -543,9 +576,9 @@ def render(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _summary(run: dict[str, Any]) -> str:
+def _summary(run: dict[str, Any], basis: str) -> str:
     """The main table alone, for the terminal."""
-    return "\n".join(_main_table(run, _results(run)))
+    return "\n".join(_main_table(run, _results(run, basis)))
 
 
 def main() -> None:
@@ -572,12 +605,22 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="write the markdown report here")
     parser.add_argument("--log", type=Path, default=None, help="JSON lines of every process (default: output.jsonl)")
     parser.add_argument("--render", type=Path, default=None, help="only render the report of this log")
-    parser.add_argument("--note", default="", help="a paragraph for the report, under its title")
+    parser.add_argument(
+        "--note", default="", help="a paragraph for the report, under its title (with --render: replaces the run's)"
+    )
+    parser.add_argument(
+        "--basis",
+        choices=sorted(BASES),
+        default="wall",
+        help="seconds behind the ratios and times per weight: wall-clock, or CPU (a busy machine)",
+    )
     parser.add_argument("--verbose", action="store_true", help="the library's INFO logs from every process")
     args = parser.parse_args()  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.render:
         run = read_log(args.render)
+        if args.note:
+            run["meta"]["note"] = args.note
     else:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         grid = parse_grid(args.grid, tuple(filter(None, args.variants.split(","))))
@@ -589,9 +632,9 @@ def main() -> None:
         log.write_text("")
         measure(args, grid, log)
         run = read_log(log)
-    print(_summary(run))
+    print(_summary(run, args.basis))
     if args.output:
-        args.output.write_text(render(run))
+        args.output.write_text(render(run, args.basis))
         logger.info("wrote %s", args.output)
 
 

@@ -332,7 +332,8 @@ class VariantUnavailable(RuntimeError):
 class ScaleVariant:
     """One measured way to quantize: a fixed bit width or a bits/weight budget, calibrated or not, refined or not.
 
-    ``refine_steps`` are Adam steps per block (``CalibrationConfig(refine_scope="blocks")``).
+    ``refine_steps`` are Adam steps per block: the one-call (sequential) path refines each block as it goes, and
+    ``refine_scope="blocks"`` asks the same of a whole-model path.
     """
 
     name: str
@@ -401,7 +402,7 @@ def one_call_api_available() -> bool:
             compute_metrics=False,
         )
     except Exception as error:  # noqa: BLE001 - any failure means "not usable"; say why
-        logger.info("one-call API probe failed (%s: %s); using the two-step API", type(error).__name__, error)
+        logger.warning("one-call API probe failed (%s: %s); using the two-step API", type(error).__name__, error)
         return False
     return calls > 0
 
@@ -647,7 +648,7 @@ def run_worker(kind: str, spec: dict[str, Any] | None, threads: int, log_level: 
     """Entry point of one benchmark process: run ``kind`` and send ``{"ok": result}`` or ``{"error", "traceback"}``
     through ``connection`` (a ``multiprocessing`` pipe end).
 
-    ``kind``: ``"probe"`` (:func:`one_call_api_available`), ``"targets"`` (:func:`extrapolation_targets`),
+    ``kind``: ``"probe"`` (:func:`resolve_api` with no request), ``"targets"`` (:func:`extrapolation_targets`),
     ``"reference"`` (:func:`record_reference`) or ``"variant"`` (:func:`measure_variant`) of ``spec``.
     """
     import traceback
@@ -656,7 +657,7 @@ def run_worker(kind: str, spec: dict[str, Any] | None, threads: int, log_level: 
     torch.set_num_threads(threads)
     try:
         if kind == "probe":
-            result: Any = {"one_call": one_call_api_available()}
+            result: Any = {"api": resolve_api(None)}
         elif kind == "targets":
             result = extrapolation_targets()
         elif kind == "reference":

@@ -13,6 +13,15 @@ from diffusers_otq.evaluation import scale_models as sm
 TINY = sm.SamplerSettings(steps=2, batch_size=1, text_tokens=4)
 
 
+@pytest.fixture
+def one_thread():
+    """64-wide layers gain nothing from a second torch thread; on a busy machine it only adds synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_model() -> torch.nn.Module:
     return sm.build_sd3_style_model(sm.sd3_style_config(64, 1, sample_size=8))
@@ -95,7 +104,7 @@ def test_variants_and_api_choice(tiny_model):
         )
 
 
-def test_one_call_guard_matches_the_probe():
+def test_one_call_guard_matches_the_probe(one_thread):
     """--api one-call on a library that ignores forward_fn must fail loudly, never quantize data-free silently."""
     model = sm.build_sd3_style_model(sm.sd3_style_config(64, 1, sample_size=8))
     forward_fn = sm.calibration_forward_fn(model, TINY)
@@ -106,3 +115,12 @@ def test_one_call_guard_matches_the_probe():
     else:
         with pytest.raises(RuntimeError, match="two-step"):
             sm.quantize_scale_variant(model, variant, forward_fn, 1, api="one-call")
+
+
+def test_two_step_path_calibrates(one_thread):
+    """The old path (calibrate, then quantize_model(statistics=...)) the benchmark keeps as its baseline."""
+    model = sm.build_sd3_style_model(sm.sd3_style_config(64, 1, sample_size=8))
+    forward_fn = sm.calibration_forward_fn(model, TINY)
+    timings = sm.quantize_scale_variant(model, sm.SCALE_VARIANTS["calibrated-3bit"], forward_fn, 1, api="two-step")
+    assert timings["forward_calls"] == 1 and 0 < timings["calibrate_s"] <= timings["calibrate_call_s"]
+    assert "calibration" in model.hf_quantizer.quantization_config.provenance
