@@ -126,10 +126,28 @@ def parse_grid(text: str, variants: tuple[str, ...]) -> list[GridPoint]:
 # ------------------------------------------------------------------------------------------------- workers
 
 
-def _entry(kind: str, spec: dict[str, Any] | None, threads: int, level: int, connection: Any) -> None:
-    """The worker process: imports the package (already loaded in the fork server) and runs ``kind``."""
+def _exit_with(parent_pid: int, every: float = 5.0) -> None:
+    """Exit this process soon after ``parent_pid`` has gone (a stopped benchmark leaves no worker running on)."""
+    while True:
+        time.sleep(every)
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            os._exit(3)
+
+
+def _entry(
+    kind: str, spec: dict[str, Any] | None, threads: int, level: int, connection: Any, parent_pid: int | None = None
+) -> None:
+    """The worker process: imports the package (already loaded in the fork server) and runs ``kind``; with
+    ``parent_pid``, a watchdog thread ends it when that process (the benchmark) has gone. Forked from the fork server,
+    the worker would otherwise outlive a stopped benchmark."""
+    import threading
+
     from diffusers_otq.evaluation.scale_models import run_worker as entry
 
+    if parent_pid is not None:
+        threading.Thread(target=_exit_with, args=(parent_pid,), daemon=True).start()
     entry(kind, spec, threads, level, connection)
 
 
@@ -140,7 +158,7 @@ def run_worker(kind: str, spec: dict[str, Any] | None, args: argparse.Namespace,
     context = multiprocessing.get_context("forkserver")
     receive, send = context.Pipe(duplex=False)
     level = logging.INFO if args.verbose else logging.WARNING
-    process = context.Process(target=_entry, args=(kind, spec, args.threads, level, send), daemon=True)
+    process = context.Process(target=_entry, args=(kind, spec, args.threads, level, send, os.getpid()), daemon=True)
     start = time.perf_counter()
     process.start()
     send.close()
