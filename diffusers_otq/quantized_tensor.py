@@ -27,7 +27,7 @@ from functools import partial
 import torch
 
 from .functional.dequant_ops import dequantize_rows, reference_dequantize
-from .functional.fitters import fit_codebook, stretch_to_variance
+from .functional.fitters import EFFORTS, fit_codebook, stretch_to_variance
 from .functional.packing import pack_codes, packed_num_bytes, unpack_codes
 from .functional.parallel import fit_workers, run_tasks
 from .functional.scales import GroupScales, decode_group_scales, encode_group_scales
@@ -365,8 +365,10 @@ def _fit_rows(
     weights: torch.Tensor | None,
     storage_dtype: torch.dtype,
     what: str,
+    effort: str = "full",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit every row of ``values`` (R, n); return the stored codebook (R, K) and uint8 codes (R, n).
+    """Fit every row of ``values`` (R, n) with the fitter's ``effort``; return the stored codebook (R, K) and uint8
+    codes (R, n).
 
     Rows are fitted in chunks of about ``_ROWS_ELEMENTS_PER_TASK`` values, side by side on the CPU cores torch may
     use (:func:`~diffusers_otq.functional.parallel.run_tasks`). Every fitter treats rows independently, so the
@@ -386,7 +388,7 @@ def _fit_rows(
             chunk_codes.scatter_(1, order, torch.arange(n, device=x.device).expand_as(order))
         else:
             w = None if weights is None else weights[start : start + chunk]
-            fit = fit_codebook(x, levels, method, w)
+            fit = fit_codebook(x, levels, method, w, effort)
             codebook = fit.codebook
             chunk_codes = fit.codes
         if storage_dtype == torch.float16 and bool(codebook.abs().amax() > _FLOAT16_MAX):
@@ -410,6 +412,7 @@ def _fit_shared(
     weights: torch.Tensor | None,
     storage_dtype: torch.dtype,
     what: str,
+    effort: str = "full",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One codebook for all normalised values of the tensor; returns the (1, K) codebook and (R, n) codes.
 
@@ -421,10 +424,12 @@ def _fit_shared(
     flat_weights = None if weights is None else weights.reshape(1, -1)
     stride = -(-flat.shape[1] // _ELEMENTS_PER_CHUNK)
     if method not in ("ot", "ot-vp") or stride == 1 or flat.shape[1] <= (1 << bits):
-        codebook, codes = _fit_rows(flat, bits, method, flat_weights, storage_dtype, what)
+        codebook, codes = _fit_rows(flat, bits, method, flat_weights, storage_dtype, what, effort)
         return codebook, codes.view(values.shape)
     sample_weights = None if flat_weights is None else flat_weights[:, ::stride].contiguous()
-    codebook, _ = _fit_rows(flat[:, ::stride].contiguous(), bits, "ot", sample_weights, storage_dtype, what)
+    codebook, _ = _fit_rows(
+        flat[:, ::stride].contiguous(), bits, "ot", sample_weights, storage_dtype, what, effort
+    )
     codes = torch.empty(values.shape, dtype=torch.uint8, device=values.device)
     starts, chunk, workers = _row_chunks(values)
 
@@ -476,6 +481,7 @@ def quantize_tensor(
     codebook_scope: str = "tensor",
     importance: torch.Tensor | None = None,
     name: str | None = None,
+    effort: str = "full",
 ) -> QuantizedTensor:
     """Quantize a floating-point tensor to ``bits``-bit codes plus codebooks.
 
@@ -506,6 +512,9 @@ def quantize_tensor(
             variance stretch). It is divided by its mean first, so a constant importance gives exactly the
             unweighted fit.
         name: layer name used in error messages.
+        effort: ``"full"`` (default) or ``"start"``: a coarser, several times faster ``"ot"``/``"ot-vp"`` fit for
+            a result that only starts a calibrated fit (error feedback with codebook refits replaces codes and
+            codewords); see :data:`~diffusers_otq.functional.fitters.EFFORTS`.
 
     Returns:
         The :class:`QuantizedTensor` on the device of ``weight``.
@@ -523,6 +532,8 @@ def quantize_tensor(
     check_granularity(granularity)
     check_codebook_dtype(codebook_dtype)
     check_codebook_scope(codebook_scope)
+    if effort not in EFFORTS:
+        raise ValueError(f"{what}: effort={effort!r} is unknown; expected one of {list(EFFORTS)}.")
     weight = check_weight(weight, what)
     shape = tuple(weight.shape)
     rows, n = row_layout(shape, granularity)
@@ -558,9 +569,9 @@ def quantize_tensor(
         weights = relative_importance if weights is None else weights * relative_importance
 
     if granularity == "group" and codebook_scope == "tensor":
-        codebook, codes = _fit_shared(x, bits, method, weights, storage_dtype, what)
+        codebook, codes = _fit_shared(x, bits, method, weights, storage_dtype, what, effort)
     else:
-        codebook, codes = _fit_rows(x, bits, method, weights, storage_dtype, what)
+        codebook, codes = _fit_rows(x, bits, method, weights, storage_dtype, what, effort)
     return QuantizedTensor(
         packed=pack_codes(codes, bits),
         codebook=codebook,

@@ -51,6 +51,7 @@ from ..functional.lowrank import weighted_lowrank
 from ..functional.packing import pack_codes
 from ..functional.scales import decode_group_scales
 from ..quantized_tensor import QuantizedTensor, quantize_tensor
+from ..options import LayerSpec
 from ..structure import lowrank_dtype
 from .config import CalibrationConfig
 from .statistics import CalibrationStatistics, LayerStatistics
@@ -312,11 +313,23 @@ def _fit_codes(
     if layer.spec.granularity == "tensor":
         importance = importance.reshape(1, -1)
     use_importance = layer.spec.method in _WEIGHTED_METHODS
-    quantized = quantize_tensor(weight, name=layer.name, importance=importance if use_importance else None, **kwargs)
+    feedback = calibration.error_feedback and stats.gram_blocks() is not None
+    # codebooks the refits replace only need to be a good start (see functional.fitters.EFFORTS)
+    effort = "start" if feedback and _starts_coarse(layer.spec, refit_codebooks) else "full"
+    quantized = quantize_tensor(
+        weight, name=layer.name, importance=importance if use_importance else None, effort=effort, **kwargs
+    )
     lossless = quantized.codebook.shape[1] >= weight[0].numel() and quantized.codebook.shape[0] > 1
-    if calibration.error_feedback and stats.gram_blocks() is not None and not lossless:
+    if feedback and not lossless:
         quantized = _error_feedback(weight, quantized, stats, calibration, layer.name, centered, refit_codebooks)
     return quantized
+
+
+def _starts_coarse(spec: LayerSpec, refit_codebooks: bool) -> bool:
+    """Whether stage 1 of a layer fitted with ``spec`` may fit coarse codebooks: per-row codebooks that the
+    error feedback refits (one codebook per tensor costs little to fit well, and stays closer to its start)."""
+    per_row = spec.granularity == "channel" or (spec.granularity == "group" and spec.codebook_scope == "channel")
+    return refit_codebooks and per_row
 
 
 def _objective(delta: torch.Tensor, stats: LayerStatistics, calibration: CalibrationConfig, centered: bool) -> float:

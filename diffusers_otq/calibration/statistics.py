@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..functional.moments import ConvGeometry, NonFiniteInput, accumulate_moments, gram_block_sizes
+from ..functional.moments import ConvGeometry, InputMoments, NonFiniteInput, gram_block_sizes, input_moments
 from ..functional.rotation import rotate_channel_gram, rotate_channel_vector
 from .config import CalibrationConfig, CalibrationError
 from .probes import ProbeInputs
@@ -351,9 +351,11 @@ class StatisticsCollector:
         self.context = ""  # where we are, for error messages
         self._current: dict[str, LayerStatistics] = {}
         self._calls: dict[str, int] = {}
+        self._last_moments: tuple[torch.Tensor, tuple, InputMoments] | None = None
 
     def start_batch(self) -> None:
         """Fresh zero accumulators for the next batch."""
+        self._last_moments = None
         self._current = {}
         self._calls = {}
         for name, module in self.layers.items():
@@ -369,25 +371,38 @@ class StatisticsCollector:
     def _hook(self, name: str, module: nn.Module):
         geometry = _geometry(module)
         _, width = layer_input_width(module)
+        blocks = self.gram_blocks.get(name)
 
         def hook(_module: nn.Module, args: tuple) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            stats = self._current[name]
             try:
-                accumulate_moments(
-                    args[0], width, geometry, self.weight, stats.sum_x, stats.sum_sq, stats.count, stats.gram,
-                    stats.gram_sum, stats.gram_count, self.max_gram_rows, self._calls[name],
-                )  # fmt: skip
+                moments = self._moments(args[0], width, geometry, blocks, self._calls[name])
             except NonFiniteInput:
                 raise CalibrationError(
                     f"layer {name!r} received NaN/Inf inputs during calibration ({self.context}); the full-precision "
                     "model overflows on these inputs. Calibrate in float32 (torch_dtype=torch.float32), or exclude "
                     "the layers before it."
                 ) from None
+            stats = self._current[name]
+            moments.add_to(
+                self.weight, stats.sum_x, stats.sum_sq, stats.count, stats.gram, stats.gram_sum, stats.gram_count
+            )
             self._calls[name] += 1
 
         return hook
+
+    def _moments(
+        self, x: torch.Tensor, width: int, geometry: ConvGeometry | None, blocks: list[int] | None, call: int
+    ) -> InputMoments:
+        """:func:`input_moments` of ``x``, computed once for consecutive layers that read the same tensor with the
+        same geometry, Gram layout and call count (an attention's query, key and value projections)."""
+        key = (id(x), x._version, width, geometry, None if blocks is None else tuple(blocks), call)
+        if self._last_moments is not None and self._last_moments[0] is x and self._last_moments[1] == key:
+            return self._last_moments[2]
+        moments = input_moments(x, width, geometry, blocks, self.max_gram_rows, call)
+        self._last_moments = (x, key, moments)
+        return moments
 
     @contextmanager
     def attached(self) -> Iterator[StatisticsCollector]:
@@ -404,6 +419,7 @@ class StatisticsCollector:
         finally:
             for handle in handles:
                 handle.remove()
+            self._last_moments = None  # holds the last input and its scatter
 
 
 def plan_gram_blocks(

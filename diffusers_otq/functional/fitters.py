@@ -30,13 +30,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from .lloyd_max import accumulation_dtype, lloyd_max_codebook
+from .lloyd_max import FULL_EFFORT, START_EFFORT, LloydEffort, accumulation_dtype, lloyd_max_codebook
 
 
-__all__ = ["CodebookFit", "FITTERS", "METHODS", "fit_codebook", "stretch_to_variance"]
+__all__ = ["CodebookFit", "EFFORTS", "FITTERS", "METHODS", "fit_codebook", "stretch_to_variance"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,11 @@ class CodebookFit:
 Fitter = Callable[[torch.Tensor, int, "torch.Tensor | None"], CodebookFit]
 
 
-def fit_ot(values: torch.Tensor, num_levels: int, weights: torch.Tensor | None = None) -> CodebookFit:
-    """W2-optimal codebook with free atom masses (see :mod:`.lloyd_max`); nearest-codeword assignment."""
+def fit_ot(
+    values: torch.Tensor, num_levels: int, weights: torch.Tensor | None = None, effort: LloydEffort = FULL_EFFORT
+) -> CodebookFit:
+    """W2-optimal codebook with free atom masses (see :mod:`.lloyd_max`); nearest-codeword assignment.
+    ``effort`` sets how closely Lloyd-Max approaches the optimum."""
     if weights is None:
         sorted_values = values.sort(dim=1).values
         sorted_weights = None
@@ -64,11 +68,15 @@ def fit_ot(values: torch.Tensor, num_levels: int, weights: torch.Tensor | None =
         sorted_values, order = values.sort(dim=1)
         sorted_weights = weights.gather(1, order)
         del order
-    return CodebookFit(lloyd_max_codebook(sorted_values, num_levels, sorted_weights), None)
+    codebook = lloyd_max_codebook(
+        sorted_values, num_levels, sorted_weights, effort.max_iterations, effort.num_microbins,
+        refine_rounds=effort.refine_rounds,
+    )  # fmt: skip
+    return CodebookFit(codebook, None)
 
 
 def fit_ot_variance_preserving(
-    values: torch.Tensor, num_levels: int, weights: torch.Tensor | None = None
+    values: torch.Tensor, num_levels: int, weights: torch.Tensor | None = None, effort: LloydEffort = FULL_EFFORT
 ) -> CodebookFit:
     """Lloyd-Max cells with codewords stretched about the mean so that the quantized row keeps the row's variance.
 
@@ -86,7 +94,7 @@ def fit_ot_variance_preserving(
     Returns:
         :class:`CodebookFit` with the stretched (R, K) codebook and the (R, n) Lloyd-Max cell codes.
     """
-    fit = fit_ot(values, num_levels, weights)
+    fit = fit_ot(values, num_levels, weights, effort)
     midpoints = ((fit.codebook[:, 1:] + fit.codebook[:, :-1]) * 0.5).contiguous()
     codes = torch.searchsorted(midpoints, values.contiguous())  # nearest codeword of an ascending codebook
     return CodebookFit(stretch_to_variance(values, fit.codebook, codes, weights), codes)
@@ -225,14 +233,25 @@ FITTERS: dict[str, Fitter] = {
 METHODS: tuple[str, ...] = tuple(FITTERS)
 
 
+EFFORTS: tuple[str, ...] = ("full", "start")
+"""``"full"``: the method's own fit. ``"start"``: for ``"ot"``/``"ot-vp"`` a coarser, several times faster
+Lloyd-Max (:data:`~.lloyd_max.START_EFFORT`), for fits that only start from it (error feedback with codebook
+refits); the other methods have one effort."""
+
+
 def fit_codebook(
-    values: torch.Tensor, num_levels: int, method: str, weights: torch.Tensor | None = None
+    values: torch.Tensor, num_levels: int, method: str, weights: torch.Tensor | None = None, effort: str = "full"
 ) -> CodebookFit:
-    """Dispatch to the fitter of ``method`` (one of :data:`METHODS`); see the module docstring for the contract."""
+    """Dispatch to the fitter of ``method`` (one of :data:`METHODS`) with ``effort`` (one of :data:`EFFORTS`);
+    see the module docstring for the contract."""
     try:
         fitter = FITTERS[method]
     except KeyError:
         raise ValueError(f"method={method!r} is unknown; expected one of {list(METHODS)}.") from None
+    if effort not in EFFORTS:
+        raise ValueError(f"effort={effort!r} is unknown; expected one of {list(EFFORTS)}.")
+    if effort == "start" and fitter in (fit_ot, fit_ot_variance_preserving):
+        fitter = partial(fitter, effort=START_EFFORT)
     # Every fitter is equivariant to scaling a row, and scaling by a power of two is exact in floating point, so
     # rows (and weights) are brought to absmax in [0.5, 1) first: the same bits for ordinary rows, and rows at
     # 1e30 or 1e-40 no longer overflow or underflow the squares inside the fits.

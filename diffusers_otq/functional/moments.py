@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 
 
-__all__ = ["ConvGeometry", "NonFiniteInput", "accumulate_moments", "gram_block_sizes", "input_rows"]
+__all__ = [
+    "ConvGeometry",
+    "InputMoments",
+    "NonFiniteInput",
+    "accumulate_moments",
+    "gram_block_sizes",
+    "input_moments",
+    "input_rows",
+]
 
 _UNFOLD_ELEMENTS = 1 << 24  # unfold at most this many values at once (bounds the scratch of a conv)
 
@@ -139,6 +147,115 @@ def _conv_patches(
     return patches.transpose(0, 1)
 
 
+@dataclass(frozen=True)
+class InputMoments:
+    """The unweighted statistics of one layer input, ready to be added to any number of accumulators.
+
+    Layers fed with the same tensor (an attention's query, key and value projections) share one
+    :func:`input_moments`; each adds it with :meth:`add_to`. ``sums``/``squares`` are (G, n) float32 sums over
+    all ``total`` rows; the Gram part covers ``rows_used`` of them: ``scatters`` are the float32 diagonal blocks
+    (G, b, b) of ``sum (x - m)(x - m)^T`` about the float32 ``shift`` m (G, n), and ``row_sum`` (G, n) float64 is
+    ``sum x`` over those rows (None when no Gram was asked for).
+    """
+
+    sums: torch.Tensor
+    squares: torch.Tensor
+    total: int
+    scatters: tuple[torch.Tensor, ...] | None = None
+    shift: torch.Tensor | None = None
+    row_sum: torch.Tensor | None = None
+    rows_used: int = 0
+
+    def add_to(
+        self,
+        weight: float,
+        sum_x: torch.Tensor,
+        sum_sq: torch.Tensor,
+        count: torch.Tensor,
+        gram: Sequence[torch.Tensor] | None,
+        gram_sum: torch.Tensor,
+        gram_count: torch.Tensor,
+    ) -> None:
+        """Add ``weight`` times these statistics to the float64 accumulators, in place (see
+        :func:`accumulate_moments` for the fields).
+
+        The Gram blocks get ``sum x x^T = S + s m^T + m s^T - N m m^T`` (S the scatter about m, s the row sum):
+        the float32 scatter is well conditioned, and the shift back is one rank-3 float64 update per block.
+        """
+        if weight == 0 or self.total == 0:
+            return
+        sum_x.add_(self.sums, alpha=weight)
+        sum_sq.add_(self.squares, alpha=weight)
+        count += weight * self.total
+        if gram is None or self.scatters is None:
+            return
+        assert self.shift is not None and self.row_sum is not None
+        shift = self.shift.to(torch.float64)
+        start = 0
+        for block, scatter in zip(gram, self.scatters, strict=True):
+            width = scatter.shape[-1]
+            m, s = shift[:, start : start + width], self.row_sum[:, start : start + width]
+            left = torch.stack([s, m, m], dim=2)  # (G, b, 3)
+            right = torch.stack([m, s, -self.rows_used * m], dim=1)  # (G, 3, b)
+            block.add_(scatter, alpha=weight)
+            block.baddbmm_(left, right, alpha=weight)
+            start += width
+        gram_sum.add_(self.row_sum, alpha=weight)
+        gram_count += weight * self.rows_used
+
+
+def input_moments(
+    x: torch.Tensor,
+    in_features: int,
+    conv: ConvGeometry | None,
+    gram_blocks: Sequence[int] | None,
+    max_rows: int,
+    call_index: int,
+) -> InputMoments:
+    """The statistics of one layer input ``x`` (see :class:`InputMoments`), computed once.
+
+    Args:
+        x: the layer's input ((..., in_features) for a Linear, (B, C, H, W) for a Conv2d).
+        in_features: ``n`` of a Linear (ignored for a conv).
+        conv: the conv's geometry, or None for a Linear.
+        gram_blocks: diagonal Gram block sizes (summing to n), or None to skip the Gram.
+        max_rows: at most this many rows enter the Gram (every ``ceil(rows / max_rows)``-th row).
+        call_index: rotates the offset of that stride, so successive calls use different rows.
+
+    Raises:
+        NonFiniteInput: ``x`` holds NaN or Inf.
+    """
+    if conv is None:
+        rows = x.detach().reshape(-1, in_features).to(torch.float32)
+        total = rows.shape[0]
+        sums, squares = rows.sum(dim=0, keepdim=True), rows.square().sum(dim=0, keepdim=True)
+    else:
+        xp = _padded(x, conv)
+        sums, squares, total, (_, out_w) = _conv_moments(xp, conv)
+    if total and not bool(torch.isfinite(squares).all()):  # NaN or Inf anywhere in x reaches its sum of squares
+        raise NonFiniteInput("the input holds NaN or Inf values")
+    if gram_blocks is None or total == 0:
+        return InputMoments(sums, squares, total)
+    stride = -(-total // max_rows)
+    index = torch.arange(call_index % stride, total, stride, device=x.device)
+    if conv is None:
+        subset = rows[index].unsqueeze(0)  # (1, N, n)
+    else:
+        subset = _conv_patches(xp, conv, index, out_w, total // xp.shape[0])
+    # Scatter about the call's own mean (float32, well conditioned); InputMoments.add_to shifts it back in
+    # float64. Accumulating x x^T in float32 directly would lose the covariance to cancellation when the mean
+    # dominates.
+    row_sum = subset.sum(dim=1, dtype=torch.float64)  # (G, n)
+    shift = (row_sum / subset.shape[1]).to(torch.float32)  # (G, n)
+    centred = subset - shift[:, None, :]
+    scatters, start = [], 0
+    for width in gram_blocks:
+        part = centred[:, :, start : start + width]
+        scatters.append(torch.bmm(part.transpose(1, 2), part))
+        start += width
+    return InputMoments(sums, squares, total, tuple(scatters), shift, row_sum, subset.shape[1])
+
+
 def accumulate_moments(
     x: torch.Tensor,
     in_features: int,
@@ -157,11 +274,10 @@ def accumulate_moments(
 
     The result equals accumulating over :func:`input_rows` (the tests check it), but a conv's input is never
     unfolded as a whole: its moments are sums over shifted windows, and only the Gram's rows are gathered.
+    Equivalent to ``input_moments(...).add_to(...)``.
 
     Args:
-        x: the layer's input ((..., in_features) for a Linear, (B, C, H, W) for a Conv2d).
-        in_features: ``n`` of a Linear (ignored for a conv).
-        conv: the conv's geometry, or None for a Linear.
+        x, in_features, conv, max_rows, call_index: as for :func:`input_moments`.
         weight: weight of this call (e.g. a timestep weight); 0 adds nothing.
         sum_x: (G, n) float64, += weight * sum over rows of x.
         sum_sq: (G, n) float64, += weight * sum over rows of x^2.
@@ -169,52 +285,12 @@ def accumulate_moments(
         gram: diagonal blocks (G, b_i, b_i) float64 with sum b_i = n, or None to skip the Gram.
         gram_sum: (G, n) float64, += weight * sum of the rows used for the Gram.
         gram_count: () float64, += weight * (rows used for the Gram).
-        max_rows: at most this many rows per call enter the Gram (every ``ceil(rows / max_rows)``-th row).
-        call_index: rotates the offset of that stride, so successive calls use different rows.
 
     Raises:
-        NonFiniteInput: ``x`` holds NaN or Inf (nothing is added).
+        NonFiniteInput: ``x`` holds NaN or Inf values (nothing is added).
     """
     if weight == 0:
         return
-    if conv is None:
-        rows = x.detach().reshape(-1, in_features).to(torch.float32)
-        total = rows.shape[0]
-        sums, squares = rows.sum(dim=0), rows.square().sum(dim=0)
-    else:
-        xp = _padded(x, conv)
-        sums, squares, total, (_, out_w) = _conv_moments(xp, conv)
-    if total == 0:
-        return
-    if not bool(torch.isfinite(squares).all()):  # NaN or Inf anywhere in x reaches its sum of squares
-        raise NonFiniteInput("the input holds NaN or Inf values")
-    sum_x += weight * sums.to(torch.float64)
-    sum_sq += weight * squares.to(torch.float64)
-    count += weight * total
-    if gram is None:
-        return
-    stride = -(-total // max_rows)
-    index = torch.arange(call_index % stride, total, stride, device=x.device)
-    if conv is None:
-        subset = rows[index].unsqueeze(0)  # (1, N, n)
-    else:
-        subset = _conv_patches(xp, conv, index, out_w, total // xp.shape[0])
-    # Scatter about the call's own mean (float32, well conditioned), shifted back in float64:
-    # sum x x^T = S + s m^T + m s^T - N m m^T with S = sum (x - m)(x - m)^T and s = sum x. Accumulating
-    # x x^T in float32 directly would lose the covariance to cancellation when the mean dominates.
-    sub_sum = subset.sum(dim=1, dtype=torch.float64)  # (G, n)
-    shift = (sub_sum / subset.shape[1]).to(torch.float32)  # (G, n)
-    centred = subset - shift[:, None, :]
-    shift64, rows_used = shift.to(torch.float64), subset.shape[1]
-    start = 0
-    for block in gram:
-        width = block.shape[-1]
-        part = centred[:, :, start : start + width]
-        m, s = shift64[:, start : start + width], sub_sum[:, start : start + width]
-        scatter = torch.bmm(part.transpose(1, 2), part).to(torch.float64)
-        cross = s[:, :, None] * m[:, None, :]
-        scatter += cross + cross.transpose(1, 2) - rows_used * m[:, :, None] * m[:, None, :]
-        block += weight * scatter
-        start += width
-    gram_sum += weight * sub_sum
-    gram_count += weight * rows_used
+    blocks = None if gram is None else [block.shape[-1] for block in gram]
+    moments = input_moments(x, in_features, conv, blocks, max_rows, call_index)
+    moments.add_to(weight, sum_x, sum_sq, count, gram, gram_sum, gram_count)

@@ -265,3 +265,30 @@ def test_the_calibrated_fit_is_the_same_bits_for_one_and_two_threads(monkeypatch
         torch.set_num_threads(previous)
     for one, two in zip(*results, strict=True):
         assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("spec", [LayerSpec(bits=2), LayerSpec(bits=3), LayerSpec(bits=4, granularity="group",
+                         group_size=32, codebook_scope="channel")], ids=["2-bit", "3-bit", "4-bit group"])  # fmt: skip
+def test_a_fit_that_refits_its_codebooks_starts_from_a_coarse_codebook(
+    spec: LayerSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Error feedback with codebook refits replaces stage 1's per-row codebooks: stage 1 fits coarse ones
+    ("start" effort), and the result is as good as from the full stage-1 fit (within 2%); without refits, or with
+    one codebook per tensor, the full fit."""
+    from diffusers_otq.calibration import fit as fit_module
+
+    layer, x = correlated_layer(n=256, out=64, mean=0.5)
+    stats = statistics_of(layer, x)
+    efforts: list[str] = []
+    original = fit_module.quantize_tensor
+    monkeypatch.setattr(fit_module, "quantize_tensor", lambda *a, **k: efforts.append(k["effort"]) or original(*a, **k))
+    coarse, bias = fit(layer, stats, spec)
+    fit(layer, stats, spec, error_feedback=False)
+    fit(layer, stats, LayerSpec(bits=3, granularity="tensor"))
+    assert efforts == ["start", "full", "full"]
+    monkeypatch.setattr(fit_module, "_starts_coarse", lambda *a: False)
+    full, full_bias = fit(layer, stats, spec)
+    assert efforts[-1] == "full"
+    coarse_error = output_error(layer, coarse.dequantize(), bias, x)
+    full_error = output_error(layer, full.dequantize(), full_bias, x)
+    assert coarse_error < 1.02 * full_error, (coarse_error, full_error)

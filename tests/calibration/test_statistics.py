@@ -81,3 +81,36 @@ def _read_meta(path: Path) -> dict:
 
     with safe_open(str(path), framework="pt") as handle:
         return handle.metadata()
+
+
+def test_layers_reading_one_tensor_share_its_moments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Query, key and value projections read the same tensor: its statistics are computed once and each layer
+    gets exactly what accumulating its own input gives."""
+    from torch import nn
+
+    from diffusers_otq.calibration import statistics as module
+    from diffusers_otq.functional.moments import accumulate_moments
+
+    torch.manual_seed(0)
+    layers = {"q": nn.Linear(12, 6), "k": nn.Linear(12, 6), "v": nn.Linear(12, 6), "out": nn.Linear(6, 4)}
+    blocks = {name: [layer.in_features] for name, layer in layers.items()}
+    collector = module.StatisticsCollector(layers, blocks, max_gram_rows=7)
+    computed = []
+    original = module.input_moments
+    monkeypatch.setattr(module, "input_moments", lambda x, *a: computed.append(x) or original(x, *a))
+    inputs = [torch.randn(3, 5, 12) + 2.0 for _ in range(2)]
+    collector.start_batch()
+    with collector.attached():
+        for x in inputs:
+            attention = layers["q"](x) + layers["k"](x) * layers["v"](x)
+            layers["out"](attention)
+    assert len(computed) == 2 * len(inputs)  # one per distinct tensor, not one per layer
+    for name, layer in layers.items():
+        expected = module.LayerStatistics.zeros(1, layer.in_features, blocks[name])
+        for call, x in enumerate(inputs):
+            x = x if name != "out" else layers["q"](x) + layers["k"](x) * layers["v"](x)
+            e = expected
+            accumulate_moments(x, layer.in_features, None, 1.0, e.sum_x, e.sum_sq, e.count, e.gram, e.gram_sum,
+                               e.gram_count, max_rows=7, call_index=call)  # fmt: skip
+        for got, want in zip(collector.batch()[name].tensors(), expected.tensors(), strict=True):
+            assert torch.equal(got, want), name

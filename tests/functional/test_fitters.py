@@ -262,6 +262,34 @@ def test_ot_unit_weights_match_unweighted() -> None:
     assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["ot", "ot-vp"])
+@pytest.mark.parametrize("bits", [2, 3, 4], ids=lambda b: f"{b}bit")
+def test_start_effort_is_a_close_valid_codebook(method: str, bits: int) -> None:
+    """The coarse start of a calibrated fit: ascending codebooks within 3% of the full fit's MSE, and never the
+    full fit itself at 3 and 4 bits (a cheaper search, not a relabelled one)."""
+    x = gaussian_rows(rows=8)
+    full = fit_codebook(x, 1 << bits, method)
+    start = fit_codebook(x, 1 << bits, method, effort="start")
+    assert torch.all(start.codebook[:, 1:] >= start.codebook[:, :-1])
+    full_mse = mse(x, dequantize(x, 1 << bits, method))
+    codes = start.codes if start.codes is not None else nearest_codes(x, start.codebook)
+    start_mse = mse(x, start.codebook.gather(1, codes))
+    assert full_mse <= start_mse * (1 + 1e-9) and start_mse < 1.03 * full_mse, (full_mse, start_mse)
+    if bits > 2:
+        assert not torch.equal(full.codebook, start.codebook)
+
+
+def test_start_effort_leaves_other_methods_alone() -> None:
+    x = gaussian_rows(rows=2)
+    for method in ("ot-equal-mass", "uniform", "piecewise", "log2"):
+        assert torch.equal(fit_codebook(x, 8, method).codebook, fit_codebook(x, 8, method, effort="start").codebook)
+
+
+def test_unknown_effort_is_refused() -> None:
+    with pytest.raises(ValueError, match="effort='quick'.*'full', 'start'"):
+        fit_codebook(torch.randn(1, 10), 4, "ot", effort="quick")
+
+
 def test_unknown_method_lists_methods() -> None:
     with pytest.raises(ValueError) as info:
         fit_codebook(torch.randn(1, 10), 4, "kmeans")
