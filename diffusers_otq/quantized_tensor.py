@@ -427,9 +427,7 @@ def _fit_shared(
         codebook, codes = _fit_rows(flat, bits, method, flat_weights, storage_dtype, what, effort)
         return codebook, codes.view(values.shape)
     sample_weights = None if flat_weights is None else flat_weights[:, ::stride].contiguous()
-    codebook, _ = _fit_rows(
-        flat[:, ::stride].contiguous(), bits, "ot", sample_weights, storage_dtype, what, effort
-    )
+    codebook, _ = _fit_rows(flat[:, ::stride].contiguous(), bits, "ot", sample_weights, storage_dtype, what, effort)
     codes = torch.empty(values.shape, dtype=torch.uint8, device=values.device)
     starts, chunk, workers = _row_chunks(values)
 

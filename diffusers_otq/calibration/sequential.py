@@ -5,13 +5,13 @@
 1. **Trace** (:mod:`.trace`): the float model runs over the calibration batches once (its own trajectories, from
    a pipeline or your ``forward_fn``). Every block invocation's inputs are recorded as links to earlier blocks'
    outputs or as external tensors (the denoiser's inputs, what the model computes between blocks).
+   With ``bits_per_weight``, a first pass over the blocks measures every block's candidate settings on its
+   statistics (tables only) and one knapsack allocates the budget over the whole model (:meth:`_Run.allocate`).
 2. **Per block**, in the order the model runs them:
 
    a. *statistics* of the block's selected layers, from its cached inputs (batch by batch, as
       :func:`~.sampling.collect_statistics` sums them);
-   b. *bits plan* (with ``bits_per_weight``): the block's candidate settings measured on those statistics and
-      allocated to the block's share of the budget (what earlier blocks left over is carried forward, so the
-      whole model meets the budget);
+   b. *bits plan*: the block's settings (with a budget: from the plan of step 1);
    c. *fits*: every layer of the block by :func:`~.fit.quantize_calibrated` (activation-weighted codebooks and
       error feedback);
    d. *refinement* (``refine_steps`` per block): codes frozen, the block's float parameters trained to map its
@@ -21,7 +21,8 @@
       blocks that read them (``block_inputs="quantized"``: each fit also absorbs the error arriving from earlier
       blocks, as GPTQ does);
    f. *checkpoint* (with ``work_dir``): the block's stored tensors, its plan and the cached activations still
-      needed go to the work folder; a rerun of the same call resumes after the last finished block.
+      needed go to the work folder (:mod:`.work_folder`); a rerun of the same call resumes after the last
+      finished block.
 3. **Finish**: the plan becomes the saved config's ``module_overrides``, and a diffusers model gets its quantizer
    and config entry, as :func:`~diffusers_otq.api.quantize_model` gives.
 
@@ -34,17 +35,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
@@ -53,7 +51,6 @@ from ..api import attach_quantizer
 from ..config import OTQConfig
 from ..convert import LayerReport, PlannedLayer, convert_model, plan_layers, set_submodule
 from ..layers import OTQLayerMixin
-from ..options import LayerSpec
 from .activations import ActivationStore
 from .allocation import BitsPlan, CandidateTable, LayerChoice, candidate_specs, measure_candidates, spec_nbytes
 from .blocks import BlockCalls, block_outputs
@@ -64,13 +61,12 @@ from .processes import add_flat, all_gather_objects, barrier, gather_in_order, r
 from .refine import CallShard, RefineReport, refine_block
 from .statistics import CalibrationStatistics, LayerStatistics, StatisticsCollector, plan_gram_blocks
 from .trace import BlockTrace, External, Output, trace_blocks
+from .work_folder import Progress, WorkFolder
 
 
 __all__ = ["SequentialReport", "quantize_sequentially"]
 
 logger = logging.getLogger(__name__)
-
-_WORK_FORMAT = 1
 
 
 @dataclass
@@ -174,12 +170,12 @@ class _Run:
         if self.budget is not None:
             _check_budget_reachable(unique, self.budget, self.numel, config.group_size or 64)
         self.quantized: dict[int, str] = {}  # id(float module) -> the name it was converted under
-        self.work = None if calibration.work_dir is None else Path(calibration.work_dir)
-        self.store_folder = None if self.work is None else self.work / "spill"
+        self.rank, self.world = rank_and_world()
+        self.work = None if calibration.work_dir is None else WorkFolder(calibration.work_dir, self.rank, self.world)
+        self.store_folder = None if self.work is None else self.work.spill
         self.store = ActivationStore(calibration.max_activation_bytes, self.store_folder)
         self.chosen: dict[str, LayerChoice] = {}  # the budget's plan by layer name (:meth:`allocate`)
         self.report = SequentialReport()
-        self.rank, self.world = rank_and_world()
         self.converted: list[PlannedLayer] = []  # planned layers with their final specs, in conversion order
         self.original_dtype = getattr(model, "dtype", None)
         # the float model's block outputs are streamed when blocks read float inputs, and as refinement targets
@@ -213,9 +209,9 @@ class _Run:
         allocates the budget over every layer, as the whole-model allocator does. (A per-block share of the budget
         cost 7 dB of sample PSNR on the bundled DiT at 2.5 bits/weight: the sensitive blocks need more than their
         share.) The plan is kept in the work folder, so a resumed run skips this pass."""
-        saved = None if self.work is None else self.work / "plan.json"
-        if saved is not None and saved.exists():
-            self.chosen = {c.name: c for c in map(_choice_from_dict, json.loads(saved.read_text())["choices"])}
+        saved = None if self.work is None else self.work.plan()
+        if saved is not None:
+            self.chosen = {choice.name: choice for choice in saved}
             return
         started = time.perf_counter()
         trace = self.trace(run_batch, num_batches, weight_of)
@@ -236,9 +232,8 @@ class _Run:
         self.store.close()
         self.store = ActivationStore(self.calibration.max_activation_bytes, self.store_folder)
         self.report.seconds["plan"] += time.perf_counter() - started
-        if saved is not None and self.rank == 0:
-            self.work.mkdir(parents=True, exist_ok=True)
-            _write_json(saved, {"choices": [_choice_to_dict(c) for c in plan.choices]})
+        if self.work is not None:
+            self.work.save_plan(plan.choices)
 
     # --------------------------------------------------------------------------------------- 2. blocks
 
@@ -553,7 +548,6 @@ class _Run:
 
     def _fingerprint(self, trace: BlockTrace) -> dict[str, Any]:
         return {
-            "format": _WORK_FORMAT,
             "model": type(self.model).__name__,
             "layers": [[layer.name, list(layer.module.weight.shape)] for layer in self.plan],
             "config": json.loads(json.dumps(self.config.to_dict(), default=str)),
@@ -568,42 +562,28 @@ class _Run:
         """With a work folder: check it belongs to this run and restore its finished blocks; returns how many."""
         if self.work is None:
             return 0
-        self.work.mkdir(parents=True, exist_ok=True)
-        progress_file = self.work / "progress.json"
-        fingerprint = self._fingerprint(trace)
-        if not progress_file.exists():
-            if self.rank == 0:
-                _write_json(self.work / "run.json", fingerprint)
-            barrier(self.world)
+        progress = self.work.open(self._fingerprint(trace))
+        if progress is None:
             return 0
-        saved = json.loads((self.work / "run.json").read_text())
-        if saved != fingerprint:
-            differs = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-            raise CalibrationError(
-                f"the work folder {self.work} holds another run (its {', '.join(differs)} differ); resume with the "
-                "same model, config and calibration settings, or pass another work_dir (or delete that folder)."
-            )
-        state = json.loads(progress_file.read_text())
-        done = int(state["done"])
-        self.report.choices = [_choice_from_dict(c) for c in state["choices"]]
-        self.report.reports = [LayerReport(**r) for r in state["reports"]]
-        self.report.refinement = state["refinement"]
+        done = progress.done
+        self.report.choices = progress.choices
+        self.report.reports = [LayerReport(**r) for r in progress.reports]
+        self.report.refinement = progress.refinement
         chosen = {c.name: c.spec for c in self.report.choices}
         for position in range(done):
-            tensors = load_file(str(self.work / f"block-{position:04d}.safetensors"))
-            names = json.loads((self.work / f"block-{position:04d}.json").read_text())["layers"]
+            tensors, names = self.work.block(position)
             for layer in [layer for layer in self.plan if layer.name in names]:
                 layer = replace(layer, spec=chosen.get(layer.name, layer.spec))
                 prefix = f"{layer.name}."
                 self._restore_layer(layer, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
                 self.quantized.setdefault(id(layer.module), layer.name)
                 self.converted.append(layer)
-        self.store.load(self.work / self._streams_file(done - 1))
+        self.store.load(self.work.streams(done - 1))
         for position in range(done):  # externals the finished blocks were the last to read
             for key in self.external_last.get(position, ()):
                 self.store.pop(key)
         self.report.resumed_blocks = done
-        logger.info("Resuming from %s after %d of %d blocks", self.work, done, len(trace.order))
+        logger.info("Resuming from %s after %d of %d blocks", self.work.path, done, len(trace.order))
         return done
 
     def _restore_layer(self, layer: PlannedLayer, tensors: dict[str, torch.Tensor]) -> None:
@@ -617,33 +597,17 @@ class _Run:
         set_submodule(self.model, layer.name, quantized)
 
     def _checkpoint(self, trace: BlockTrace, position: int, names: list[str]) -> None:
-        """Step f: the block's layers, the live cached activations, then the progress record (each written to a
-        temporary name and renamed, so an interruption leaves the previous state intact)."""
+        """Step f: the live cached activations (every process), then the block's layers and the progress record
+        (see :mod:`.work_folder`)."""
         streams = [key for key in self.store.keys() if not key.startswith("x.")]
-        self.store.save(self.work / self._streams_file(position), streams)
+        self.store.save(self.work.streams(position), streams)
         barrier(self.world)  # every process's activations are written before the progress record moves on
-        if self.rank == 0:
-            tensors: dict[str, torch.Tensor] = {}
-            for layer_name in names:
-                tensors.update({f"{layer_name}.{k}": v for k, v in _layer_tensors(self._module(layer_name)).items()})
-            _atomic_save(tensors, self.work / f"block-{position:04d}.safetensors")
-            _write_json(self.work / f"block-{position:04d}.json", {"block": trace.order[position], "layers": names})
-            state = {
-                "done": position + 1,
-                "choices": [_choice_to_dict(c) for c in self.report.choices],
-                "reports": [asdict(r) for r in self.report.reports],
-                "refinement": self.report.refinement,
-            }
-            _write_json(self.work / "progress.json", state)
+        progress = Progress(position + 1, self.report.choices, [asdict(r) for r in self.report.reports],
+                            self.report.refinement)  # fmt: skip
+        layers = {name: _layer_tensors(self._module(name)) for name in names}
+        self.work.finish_block(position, trace.order[position], layers, progress)
         barrier(self.world)
-        (self.work / self._streams_file(position - 1)).unlink(missing_ok=True)
-
-    def _streams_file(self, position: int) -> str:
-        return (
-            f"streams-{position:04d}.safetensors"
-            if self.world == 1
-            else f"streams-r{self.rank}-{position:04d}.safetensors"
-        )
+        self.work.streams(position - 1).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -734,31 +698,3 @@ def _unseen_error(names: list[str]) -> CalibrationError:
         "never runs them (or only with zero timestep weight). Exclude them with modules_to_not_convert, or pass "
         "CalibrationConfig(unseen_layers='data-free') to quantize them without statistics."
     )
-
-
-def _choice_to_dict(choice: LayerChoice) -> dict[str, Any]:
-    spec = choice.spec
-    return {
-        "name": choice.name, "numel": choice.numel, "nbytes": choice.nbytes, "relative_error": choice.relative_error,
-        "distortion": choice.distortion, "fixed": choice.fixed, "spec": json.loads(json.dumps(asdict(spec), default=str)),
-    }  # fmt: skip
-
-
-def _choice_from_dict(data: dict[str, Any]) -> LayerChoice:
-    spec = dict(data["spec"])
-    dtype = spec.get("codebook_dtype")
-    spec["codebook_dtype"] = None if dtype in (None, "None") else getattr(torch, str(dtype).removeprefix("torch."))
-    return LayerChoice(data["name"], LayerSpec(**spec), data["numel"], data["nbytes"], data["relative_error"],
-                       data["distortion"], data["fixed"])  # fmt: skip
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    temporary = path.with_suffix(".tmp")
-    save_file(tensors, str(temporary))
-    os.replace(temporary, path)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(temporary, path)

@@ -281,7 +281,9 @@ def test_a_fit_that_refits_its_codebooks_starts_from_a_coarse_codebook(
     stats = statistics_of(layer, x)
     efforts: list[str] = []
     original = fit_module.quantize_tensor
-    monkeypatch.setattr(fit_module, "quantize_tensor", lambda *a, **k: efforts.append(k["effort"]) or original(*a, **k))
+    monkeypatch.setattr(
+        fit_module, "quantize_tensor", lambda *a, **k: efforts.append(k["effort"]) or original(*a, **k)
+    )
     coarse, bias = fit(layer, stats, spec)
     fit(layer, stats, spec, error_feedback=False)
     fit(layer, stats, LayerSpec(bits=3, granularity="tensor"))
