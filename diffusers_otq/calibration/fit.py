@@ -50,8 +50,8 @@ from ..functional.error_feedback import (
 from ..functional.lowrank import weighted_lowrank
 from ..functional.packing import pack_codes
 from ..functional.scales import decode_group_scales
-from ..quantized_tensor import QuantizedTensor, quantize_tensor
 from ..options import LayerSpec
+from ..quantized_tensor import QuantizedTensor, quantize_tensor
 from ..structure import lowrank_dtype
 from .config import CalibrationConfig
 from .statistics import CalibrationStatistics, LayerStatistics

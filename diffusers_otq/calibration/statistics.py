@@ -376,6 +376,9 @@ class StatisticsCollector:
         def hook(_module: nn.Module, args: tuple) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
+            if self.weight == 0:  # a call that adds nothing (e.g. a timestep weighted 0) is not even read
+                self._calls[name] += 1
+                return
             try:
                 moments = self._moments(args[0], width, geometry, blocks, self._calls[name])
             except NonFiniteInput:

@@ -114,3 +114,24 @@ def test_layers_reading_one_tensor_share_its_moments(monkeypatch: pytest.MonkeyP
                                e.gram_count, max_rows=7, call_index=call)  # fmt: skip
         for got, want in zip(collector.batch()[name].tensors(), expected.tensors(), strict=True):
             assert torch.equal(got, want), name
+
+
+def test_a_call_weighted_zero_is_not_read() -> None:
+    """A timestep weighted 0 adds nothing and is not even inspected (its NaN does not stop the calibration), but
+    it still advances the call counter that rotates the Gram's row offset."""
+    from torch import nn
+
+    from diffusers_otq.calibration import statistics as module
+
+    layer = nn.Linear(4, 2)
+    collector = module.StatisticsCollector({"layer": layer}, {"layer": [4]}, max_gram_rows=1)
+    collector.start_batch()
+    with collector.attached():
+        collector.weight = 0.0
+        layer(torch.full((3, 4), float("nan")))
+        collector.weight = 1.0
+        x = torch.arange(12.0).reshape(3, 4)
+        layer(x)
+    stats = collector.batch()["layer"]
+    assert float(stats.count) == 3 and float(stats.gram_count) == 1
+    assert torch.equal(stats.gram_sum[0], x[1].double())  # call 1's offset: row 1, not row 0
