@@ -313,7 +313,7 @@ def _fit_codes(
     if layer.spec.granularity == "tensor":
         importance = importance.reshape(1, -1)
     use_importance = layer.spec.method in _WEIGHTED_METHODS
-    feedback = calibration.error_feedback and stats.gram_blocks() is not None
+    feedback = calibration.error_feedback and stats.has_gram  # (gram_blocks() would copy every block)
     # codebooks the refits replace only need to be a good start (see functional.fitters.EFFORTS)
     effort = "start" if feedback and _starts_coarse(layer.spec, refit_codebooks) else "full"
     quantized = quantize_tensor(

@@ -115,6 +115,11 @@ class LayerStatistics:
         """Whether any input reached the layer."""
         return bool(self.count > 0)
 
+    @property
+    def has_gram(self) -> bool:
+        """Whether :meth:`gram_blocks` gives blocks (a Gram was recorded, from at least one row)."""
+        return self.gram is not None and bool(self.gram_count > 0)
+
     def tensors(self) -> list[torch.Tensor]:
         """The accumulators in a fixed order (what distributed merging exchanges)."""
         return [self.sum_x, self.sum_sq, self.count, *(self.gram or ()), self.gram_sum, self.gram_count]
@@ -136,7 +141,7 @@ class LayerStatistics:
     def gram_blocks(self, group: int = 0, centered: bool = False) -> list[torch.Tensor] | None:
         """Diagonal blocks of ``E[x x^T]`` (or the covariance when ``centered``) of input group ``group``
         (float64), or None without a Gram."""
-        if self.gram is None or not bool(self.gram_count > 0):
+        if not self.has_gram:
             return None
         blocks = [block[group] / self.gram_count for block in self.gram]
         if not centered:
@@ -400,7 +405,7 @@ class StatisticsCollector:
     ) -> InputMoments:
         """:func:`input_moments` of ``x``, computed once for consecutive layers that read the same tensor with the
         same geometry, Gram layout and call count (an attention's query, key and value projections)."""
-        key = (id(x), x._version, width, geometry, None if blocks is None else tuple(blocks), call)
+        key = (x._version, width, geometry, None if blocks is None else tuple(blocks), call)
         if self._last_moments is not None and self._last_moments[0] is x and self._last_moments[1] == key:
             return self._last_moments[2]
         moments = input_moments(x, width, geometry, blocks, self.max_gram_rows, call)
