@@ -222,6 +222,7 @@ def _config_from_args(args: argparse.Namespace) -> OTQConfig:
             method=args.method,
             granularity=args.granularity,
             group_size=args.group_size,
+            vector_dim=args.vector_dim,
             modules_to_not_convert=args.modules_to_not_convert or None,
             bits_per_weight=args.bits_per_weight,
             rank=args.rank,
@@ -527,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
     quantize.add_argument("--granularity", default="channel", choices=GRANULARITIES)
     quantize.add_argument("--group-size", type=int, default=None)
+    quantize.add_argument(
+        "--vector-dim",
+        type=int,
+        default=1,
+        choices=(1, 2, 4, 8),
+        help="codeword dimension: D consecutive inputs share one bits*D-bit code (vector codebooks; default 1)",
+    )
     quantize.add_argument("--modules-to-not-convert", nargs="*", default=None)
     quantize.add_argument(
         "--components", nargs="+", default=None, help="pipeline components (default: transformer/unet)"

@@ -10,7 +10,7 @@ It is saved as ``quantization_config`` in each quantized model's ``config.json``
 >>> print(repr(OTQConfig(bits=2)))  # as diffusers prints its configs: class name and the JSON of what differs
 OTQConfig {
   "bits": 2,
-  "format_version": 4,
+  "format_version": 5,
   "quant_method": "otq"
 }
 <BLANKLINE>
@@ -49,15 +49,17 @@ except ImportError:  # pragma: no cover - transformers is a dependency of this p
 
 __all__ = ["FORMAT_VERSION", "OTQConfig", "OTQMethod"]
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """Version of the packed checkpoint layout (see :mod:`diffusers_otq.quantized_tensor`); bumped on any change.
 
 1: codes, codebooks, group scales. 2: adds the optional low-rank branch (``lowrank_up``, ``lowrank_down``) and
 input rotation (``rotation_signs``) of :mod:`diffusers_otq.structure`. 3: the packed codes are stored as
 ``<layer>.weight`` (was ``<layer>.packed``), where diffusers' LoRA loaders look for a layer's weight, and the header
 checksums cover every tensor with its dtype and shape. 4: the headers also carry the checksums of the config.json
-fields (:mod:`diffusers_otq.config_checksums`), compared with config.json on load. Checkpoints of versions 1-3 load
-unchanged (their ``packed`` entries are read as ``weight``; they have no config checksums to compare)."""
+fields (:mod:`diffusers_otq.config_checksums`), compared with config.json on load. 5: vector codebooks
+(``vector_dim``: ``(C, K, d)`` codebooks, one ``bits * d``-bit code per ``d`` consecutive inputs). Checkpoints of
+versions 1-4 load unchanged (their ``packed`` entries are read as ``weight``; versions 1-3 have no config checksums
+to compare; without ``vector_dim`` a layer is scalar)."""
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in CODEBOOK_DTYPES}
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
@@ -193,6 +195,11 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         codebook_dtype: codebook storage dtype (``"float16"``, ``"bfloat16"``, ``"float32"`` or a torch dtype);
             None picks float16 (bfloat16 for bfloat16 weights).
         codebook_scope: with groups, ``"tensor"`` (one shared normalised codebook, default) or ``"channel"``.
+        vector_dim: codeword dimension ``d`` (1, 2, 4 or 8; default 1, scalar): ``d`` consecutive inputs of a row share
+            one ``bits * d``-bit code into a codebook of ``2**(bits * d)`` vectors fitted by weighted k-means
+            (``bits * d <= 8``: 2-D up to 4 bits, 4-D up to 2 bits, 8-D at 1 bit; methods ``"ot"``/``"ot-vp"``).
+            With ``granularity="group"`` and the default ``codebook_scope="tensor"`` one codebook of 16 pairs (2 bits,
+            ``d=2``) costs 512 bits per layer. Layers whose rows ``d`` does not divide stay scalar.
         module_overrides: ``{pattern: {option: value}}`` for mixed precision, e.g. ``{"attn*": {"bits": 4}}``;
             options are any of ``bits, method, granularity, group_size, codebook_dtype, codebook_scope, rank,
             rotation, rotation_block``; the
@@ -233,6 +240,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         modules_to_not_convert: list[str] | None = None,
         codebook_dtype: str | torch.dtype | None = None,
         codebook_scope: str = "tensor",
+        vector_dim: int = 1,
         module_overrides: Mapping[str, Mapping[str, Any]] | Sequence[Sequence[Any]] | None = None,
         rank: int = 0,
         rotation: bool = False,
@@ -279,6 +287,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
         self.codebook_dtype = _dtype_name(codebook_dtype, "codebook_dtype")
         self.codebook_scope = codebook_scope
+        self.vector_dim = vector_dim
         _check_structure({"rank": rank, "rotation": rotation, "rotation_block": rotation_block}, "OTQConfig")
         if isinstance(rotation_seed, bool) or not isinstance(rotation_seed, int) or rotation_seed < 0:
             raise ValueError(f"rotation_seed={rotation_seed!r} must be an int >= 0.")
@@ -289,7 +298,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         self.module_overrides = self._check_overrides(module_overrides)
         self.bits_per_weight = self._check_budget(bits_per_weight)
         self.provenance = self._check_provenance(provenance)
-        self.base_spec()  # validates bits, method, granularity, group_size, codebook_scope
+        self.base_spec()  # validates bits, method, granularity, group_size, codebook_scope, vector_dim
 
     @staticmethod
     def _check_budget(value: object) -> float | None:
@@ -346,7 +355,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
                 raise ValueError(f"{what}={options!r} must be a dict of options keyed by a str pattern.")
             try:  # values too, now: a bad override is refused even if it never matches a layer
                 base = LayerSpec(bits=self.bits, method=self.method, granularity=self.granularity,
-                                 group_size=self.group_size)  # fmt: skip
+                                 group_size=self.group_size, vector_dim=self.vector_dim)  # fmt: skip
                 replace(base, **_spec_kwargs(options, what))
             except ValueError as err:
                 raise ValueError(f"{what}: {err}") from None
@@ -368,6 +377,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
             codebook_dtype=_DTYPE_NAMES.get(self.codebook_dtype) if self.codebook_dtype else None,
             codebook_scope=self.codebook_scope,
             rotation_seed=self.rotation_seed,
+            vector_dim=self.vector_dim,
         )
 
     def warn_unmatched_overrides(self, names: Sequence[str]) -> list[str]:
@@ -439,6 +449,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
             "modules_to_not_convert": copy.deepcopy(self.modules_to_not_convert),
             "codebook_dtype": self.codebook_dtype,
             "codebook_scope": self.codebook_scope,
+            "vector_dim": self.vector_dim,
             # [pattern, options] pairs: the first match wins, and config.json is written with sorted keys, so a
             # dict would lose the order on reload (OTQConfig accepts both forms).
             "module_overrides": (

@@ -144,10 +144,12 @@ def plan_layers(model: nn.Module, spec_fn: SpecFn, *, warn: bool = True) -> list
     Works on meta models (only shapes are read). A group spec whose ``group_size`` does not divide the layer's
     input dimension (e.g. a 3x3 conv on 1 channel) falls back to per-channel codebooks, with one warning that
     names those layers (``warn=False`` silences it when rebuilding a saved checkpoint's skeleton); the fallback
-    is deterministic, so that skeleton matches the saved layout.
+    is deterministic, so that skeleton matches the saved layout. Likewise a vector spec whose ``vector_dim`` does
+    not divide the input dimension falls back to scalar codebooks (``vector_dim=1``).
     """
     planned: list[PlannedLayer] = []
     per_channel_fallback: list[str] = []
+    scalar_fallback: list[str] = []
     for name, module in model.named_modules(remove_duplicate=False):
         target = _target_class(module)
         if not name or target is None or (spec := spec_fn(name, module)) is None:
@@ -155,6 +157,9 @@ def plan_layers(model: nn.Module, spec_fn: SpecFn, *, warn: bool = True) -> list
         if spec.granularity == "group" and _input_dim(module) % spec.group_size != 0:
             spec = replace(spec, granularity="channel", group_size=None)
             per_channel_fallback.append(name)
+        if spec.vector_dim > 1 and _input_dim(module) % spec.vector_dim != 0:
+            spec = replace(spec, vector_dim=1)
+            scalar_fallback.append(name)
         planned.append(PlannedLayer(name, module, target, spec))
     if per_channel_fallback and warn:
         logger.warning(
@@ -162,6 +167,12 @@ def plan_layers(model: nn.Module, spec_fn: SpecFn, *, warn: bool = True) -> list
             "codebooks: %s",
             len(per_channel_fallback),
             ", ".join(per_channel_fallback),
+        )
+    if scalar_fallback and warn:
+        logger.warning(
+            "%d layer(s) have an input dimension that their vector_dim does not divide and use scalar codebooks: %s",
+            len(scalar_fallback),
+            ", ".join(scalar_fallback),
         )
     return planned
 

@@ -96,6 +96,7 @@ def describe_spec(layer: PlannedLayer) -> str:
     spec = layer.spec
     text = f"bits={spec.bits}, granularity={spec.granularity!r}"
     text += f", group_size={spec.group_size}" if spec.group_size else ""
+    text += f", vector_dim={spec.vector_dim}" if spec.vector_dim > 1 else ""
     text += f", rank={spec.rank}" if spec.rank else ""
     return text + (f", rotation_block={spec.rotation_block}" if spec.rotation_block else "")
 
@@ -429,11 +430,12 @@ class CheckpointVerifier:
 def _check_codes(name: str, module: OTQLayerMixin) -> None:
     """Codes must index existing codewords (only possible to violate when a codebook has < 2**bits entries)."""
     levels = module.codebook.shape[1]
-    if levels >= 1 << module.bits:
+    dim = getattr(module, "vector_dim", 1)
+    if levels >= 1 << (module.bits * dim):
         return
-    numel = module.weight_shape.numel()
+    count = module.weight_shape.numel() // dim
     codes = stored_value(module, "weight")  # an offloaded layer's codes: from its hook's weights map
-    largest = int(unpack_codes(codes, module.bits, numel).max()) if numel else 0
+    largest = int(unpack_codes(codes, module.bits * dim, count).max()) if count else 0
     if largest >= levels:
         raise CheckpointError(
             f"Layer {name!r}: a stored code is {largest}, but its codebooks have only {levels} entries; "

@@ -89,6 +89,7 @@ class OTQLayerMixin:
     method: str
     granularity: str
     group_size: int | None
+    vector_dim: int
     weight_shape: torch.Size
     weight_dtype: torch.dtype
     rank: int
@@ -113,6 +114,7 @@ class OTQLayerMixin:
         self.method = quantized.method
         self.granularity = quantized.granularity
         self.group_size = quantized.group_size
+        self.vector_dim = quantized.vector_dim
         self.weight_shape = torch.Size(quantized.shape)
         self.weight_dtype = quantized.dtype
         for key, tensor in quantized.tensors().items():
@@ -239,6 +241,7 @@ class OTQLayerMixin:
             scale_codes=getattr(self, "scale_codes", None),
             scale_max=getattr(self, "scale_max", None),
             scale_step=getattr(self, "scale_step", None),
+            vector_dim=self.vector_dim,
         )
 
     def lowrank_branch(self) -> LowRankBranch | None:
@@ -326,6 +329,8 @@ class OTQLayerMixin:
         text = f"bits={self.bits}, method={self.method}, granularity={self.granularity}"
         if self.group_size is not None:
             text += f", group_size={self.group_size}"
+        if self.vector_dim > 1:
+            text += f", vector_dim={self.vector_dim}"
         if self.rank:
             text += f", rank={self.rank}"
         if self.rotation_block:
@@ -388,7 +393,7 @@ class OTQLinear(OTQLayerMixin, nn.Linear):
         x2d = x.reshape(-1, self.in_features)
         bias = x2d.new_empty(0) if bias is None else bias
         out = tiled_linear(x2d, self.packed, *self.quantized_weight().kernel_inputs(), bias, self.out_features,
-                           self.in_features, self.bits)  # fmt: skip
+                           self.in_features, self.bits, self.vector_dim)  # fmt: skip
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> nn.Linear:

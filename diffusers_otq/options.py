@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .functional.fitters import METHODS
+from .functional.vector_codebooks import VECTOR_DIMS, check_vector_layout
 
 
 __all__ = [
@@ -25,7 +26,11 @@ __all__ = [
     "check_codebook_scope",
     "check_codebook_dtype",
     "check_group_size",
+    "check_vector_dim",
 ]
+
+VECTOR_METHODS: tuple[str, ...] = ("ot", "ot-vp")
+"""The fitters with a vector form (weighted k-means in ``d`` dimensions, and its variance-preserving stretch)."""
 
 DEFAULT_METHOD = "ot-vp"
 """The default codebook fitter. ``results/evaluation/report.md`` (both bundled reference models, deploy scope,
@@ -105,6 +110,29 @@ def check_group_size(granularity: str, group_size: object, input_dim: int | None
     return group_size
 
 
+def check_vector_dim(vector_dim: object, bits: int, method: str, granularity: str, group_size: int | None) -> int:
+    """Return ``vector_dim`` if a vector codebook of that dimension fits ``bits``, ``method`` and the groups.
+
+    Raises:
+        ValueError: an unsupported dimension, codes wider than 8 bits, a method without a vector form, or a
+            ``group_size`` that is not a multiple of ``vector_dim`` (a vector never straddles two scale groups).
+    """
+    if isinstance(vector_dim, bool) or not isinstance(vector_dim, int):
+        raise ValueError(f"vector_dim={vector_dim!r} must be an int, one of {list(VECTOR_DIMS)}.")
+    check_vector_layout(bits, vector_dim)
+    if vector_dim > 1 and method not in VECTOR_METHODS:
+        raise ValueError(
+            f"method={method!r} has no vector form; vector_dim={vector_dim} needs one of {list(VECTOR_METHODS)} "
+            "(or vector_dim=1)."
+        )
+    if vector_dim > 1 and granularity == "group" and group_size is not None and group_size % vector_dim:
+        raise ValueError(
+            f"group_size={group_size} is not a multiple of vector_dim={vector_dim}; a vector may not straddle two "
+            f"scale groups: pick group_size={group_size - group_size % vector_dim or vector_dim}."
+        )
+    return vector_dim
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """How one weight is quantized: the arguments of :func:`~diffusers_otq.quantize_tensor`, validated.
@@ -120,6 +148,8 @@ class LayerSpec:
         rotation_block: Hadamard block of the randomized input rotation (a power of two dividing the input
             channels), 0 for none.
         rotation_seed: the seed the rotation's random signs are drawn from (they are stored with the layer).
+        vector_dim: codeword dimension ``d`` (1: scalar codebooks); ``d`` consecutive inputs of a row share one
+            ``bits * d``-bit code into a codebook of ``2**(bits * d)`` vectors.
     """
 
     bits: int = 4
@@ -131,6 +161,7 @@ class LayerSpec:
     rank: int = 0
     rotation_block: int = 0
     rotation_seed: int = 0
+    vector_dim: int = 1
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -139,6 +170,7 @@ class LayerSpec:
         check_group_size(self.granularity, self.group_size)
         check_codebook_dtype(self.codebook_dtype)
         check_codebook_scope(self.codebook_scope)
+        check_vector_dim(self.vector_dim, self.bits, self.method, self.granularity, self.group_size)
         for name in ("rank", "rotation_block", "rotation_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -160,4 +192,5 @@ class LayerSpec:
             "group_size": self.group_size,
             "codebook_dtype": self.codebook_dtype,
             "codebook_scope": self.codebook_scope,
+            "vector_dim": self.vector_dim,
         }

@@ -13,6 +13,11 @@ Layout of a weight of shape ``S`` with ``numel`` elements, ``b`` bits and ``K = 
   scale before fitting (the codebook holds normalised values); scales are 8-bit log codes ``(R, n / group_size)``
   plus ``(R,)`` fp32 row maxima and one fp32 step (:mod:`diffusers_otq.functional.scales`).
 
+Vector codebooks (``vector_dim = d > 1``, format version 5): each row is cut into ``n / d`` consecutive vectors,
+``packed`` holds ``R * n / d`` codes of ``b * d`` bits and ``codebook`` is ``(C, K, d)`` with
+``K = min(2**(b * d), vectors per codebook)`` (:mod:`diffusers_otq.functional.vector_codebooks`); group sizes are
+multiples of ``d``, so a vector shares one scale.
+
 ``dequantize()`` is ``codebook[c, code] * scale`` reshaped to ``S``. Every byte of these tensors is counted
 in :attr:`QuantizedTensor.nbytes`.
 """
@@ -31,6 +36,13 @@ from .functional.fitters import EFFORTS, fit_codebook, stretch_to_variance
 from .functional.packing import pack_codes, packed_num_bytes, unpack_codes
 from .functional.parallel import fit_workers, run_tasks
 from .functional.scales import GroupScales, decode_group_scales, encode_group_scales
+from .functional.vector_codebooks import (
+    FULL_KMEANS,
+    START_KMEANS,
+    nearest_codewords,
+    scalar_view_codes,
+    weighted_kmeans,
+)
 from .options import (
     DEFAULT_METHOD,
     LayerSpec,
@@ -40,6 +52,7 @@ from .options import (
     check_granularity,
     check_group_size,
     check_method,
+    check_vector_dim,
 )
 
 
@@ -97,13 +110,15 @@ def storage_layout(
         ((32, 8), torch.float16)
     """
     rows, n = row_layout(shape, spec.granularity)
+    d = spec.vector_dim
     if spec.granularity == "group" and spec.codebook_scope == "tensor":
         codebook_rows, values_per_codebook = 1, rows * n
     else:
         codebook_rows, values_per_codebook = rows, n
+    levels = min(1 << (spec.bits * d), values_per_codebook // d)
     layout = {
-        "packed": ((packed_num_bytes(rows * n, spec.bits),), torch.uint8),
-        "codebook": ((codebook_rows, min(1 << spec.bits, values_per_codebook)), codebook_dtype),
+        "packed": ((packed_num_bytes(rows * n // d, spec.bits * d),), torch.uint8),
+        "codebook": ((codebook_rows, levels) + ((d,) if d > 1 else ()), codebook_dtype),
     }
     if spec.granularity == "group":
         layout["scale_codes"] = ((rows, n // spec.group_size), torch.uint8)
@@ -117,8 +132,8 @@ class QuantizedTensor:
     """A weight stored as packed low-bit codes plus codebooks (and group scales).
 
     Attributes:
-        packed: (ceil(numel * bits / 8),) uint8 bit-packed codes.
-        codebook: (C, K) codewords, ascending along dim 1.
+        packed: (ceil(numel * bits / 8),) uint8 bit-packed codes (one ``bits * vector_dim``-bit code per vector).
+        codebook: (C, K) codewords, ascending along dim 1; (C, K, d) vectors with ``vector_dim = d > 1``.
         shape: shape of the original weight.
         dtype: dtype of the original weight (the default of :meth:`dequantize`).
         bits: code width, 1..8.
@@ -128,6 +143,7 @@ class QuantizedTensor:
         scale_codes: (R, n / group_size) uint8 log-domain scale codes (granularity "group" only).
         scale_max: (R,) float32 largest group scale of each row (granularity "group" only).
         scale_step: (1,) float32 log2 step between scale codes (granularity "group" only).
+        vector_dim: codeword dimension ``d`` (1: scalar codebooks).
 
     Example:
         >>> import torch
@@ -150,6 +166,18 @@ class QuantizedTensor:
     scale_codes: torch.Tensor | None = None
     scale_max: torch.Tensor | None = None
     scale_step: torch.Tensor | None = None
+    vector_dim: int = 1
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of one stored code: ``bits * vector_dim``."""
+        return self.bits * self.vector_dim
+
+    @property
+    def flat_codebook(self) -> torch.Tensor:
+        """(C, K * d) the codebook with each row's vectors laid end to end (the codebook itself when d = 1):
+        value ``i`` of vector ``k`` is entry ``k * d + i``, where :func:`scalar_view_codes` points."""
+        return self.codebook.reshape(self.codebook.shape[0], -1)
 
     @property
     def numel(self) -> int:
@@ -177,19 +205,23 @@ class QuantizedTensor:
         return self.nbytes * 8 / self.numel
 
     def codes(self) -> torch.Tensor:
-        """(R, n) uint8 codeword indices, unpacked."""
+        """(R, n / d) uint8 codeword indices, unpacked (one per vector of ``d`` consecutive values)."""
         rows, n = self.rows
-        return unpack_codes(self.packed, self.bits, self.numel).view(rows, n)
+        return unpack_codes(self.packed, self.code_bits, self.numel // self.vector_dim).view(
+            rows, n // self.vector_dim
+        )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Reconstruct the weight: ``codebook[c, code] * scale``, shape :attr:`shape`, dtype ``dtype`` or :attr:`dtype`."""
         out_dtype = self.dtype if dtype is None else dtype
         rows, n = self.rows
         if self.needs_grad:  # refinement trains codebooks/scales: the differentiable reference path
-            weight = reference_dequantize(self.packed, self.codebook, self.decoded_scales(), rows, n, self.bits,
-                                          out_dtype)  # fmt: skip
+            weight = reference_dequantize(self.packed, self.flat_codebook, self.decoded_scales(), rows, n, self.bits,
+                                          out_dtype, self.vector_dim)  # fmt: skip
         else:
-            weight = dequantize_rows(self.packed, *self.kernel_inputs(), rows, n, self.bits, out_dtype)
+            weight = dequantize_rows(
+                self.packed, *self.kernel_inputs(), rows, n, self.bits, out_dtype, self.vector_dim
+            )
         return weight.reshape(self.shape)
 
     @property
@@ -199,9 +231,10 @@ class QuantizedTensor:
         return torch.is_grad_enabled() and any(t.requires_grad for t in trained)
 
     def kernel_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codebook, scales)`` as the fused ops take them: float32, ``scales`` (R, G) or empty without groups."""
+        """``(codebook, scales)`` as the fused ops take them: float32, the codebook flat (C, K * d), ``scales``
+        (R, G) or empty without groups."""
         scales = self.decoded_scales()
-        codebook = self.codebook.to(torch.float32)
+        codebook = self.flat_codebook.to(torch.float32)
         return codebook, codebook.new_empty(0) if scales is None else scales
 
     def decoded_scales(self) -> torch.Tensor | None:
@@ -239,6 +272,7 @@ class QuantizedTensor:
             method=spec.method,
             granularity=spec.granularity,
             group_size=spec.group_size,
+            vector_dim=spec.vector_dim,
             **tensors,
         )
 
@@ -440,6 +474,63 @@ def _fit_shared(
     return codebook, codes
 
 
+_KMEANS_SAMPLE_VECTORS = 1 << 18  # a shared vector codebook is fitted on at most this many (strided) vectors
+
+
+def _fit_vectors(
+    values: torch.Tensor,
+    bits: int,
+    vector_dim: int,
+    method: str,
+    weights: torch.Tensor | None,
+    storage_dtype: torch.dtype,
+    shared: bool,
+    effort: str = "full",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vector codebooks of the rows of ``values`` (R, n): ``(codebook (C, K, d) in storage_dtype, codes (R, n / d)
+    uint8)``, one codebook per row or (``shared``) one for all rows (fitted on a strided sample of at most
+    ``_KMEANS_SAMPLE_VECTORS`` vectors, assigned on all).
+
+    Weighted k-means (:func:`~diffusers_otq.functional.vector_codebooks.weighted_kmeans`) with ``weights`` per
+    value; ``"ot-vp"`` then stretches the codewords about the mean to keep the variance (as its scalar form does).
+    Codes are assigned against the codebook rounded to its storage dtype. Rows are independent, so row chunks run
+    side by side with the same bits for any thread count.
+    """
+    rows, n = values.shape
+    d = vector_dim
+    m = n // d
+    kmeans_effort = START_KMEANS if effort == "start" else FULL_KMEANS
+    points = values.reshape(rows, m, d)
+    point_weights = None if weights is None else weights.reshape(rows, m, d)
+    if shared:
+        flat = points.reshape(1, rows * m, d)
+        flat_weights = None if point_weights is None else point_weights.reshape(1, rows * m, d)
+        stride = max(1, -(-(rows * m) // _KMEANS_SAMPLE_VECTORS))
+        sample_weights = None if flat_weights is None else flat_weights[:, ::stride]
+        levels = min(1 << (bits * d), rows * m)
+        codebook = weighted_kmeans(flat[:, ::stride], levels, sample_weights, kmeans_effort).to(storage_dtype)
+        codes = nearest_codewords(flat, codebook.to(values.dtype), flat_weights).reshape(rows, m)
+    else:
+        levels = min(1 << (bits * d), m)
+        codebook = torch.empty(rows, levels, d, dtype=storage_dtype, device=values.device)
+        codes = torch.empty(rows, m, dtype=torch.int64, device=values.device)
+        starts, chunk, workers = _row_chunks(values)
+
+        def fit_chunk(start: int) -> None:
+            part = slice(start, start + chunk)
+            w = None if point_weights is None else point_weights[part]
+            stored = weighted_kmeans(points[part], levels, w, kmeans_effort).to(storage_dtype)
+            codebook[part] = stored  # disjoint rows per task
+            codes[part] = nearest_codewords(points[part], stored.to(values.dtype), w)
+
+        run_tasks([partial(fit_chunk, start) for start in starts], workers)
+    if method == "ot-vp":
+        flat_book = codebook.reshape(codebook.shape[0], -1).to(values.dtype)
+        stretched = stretch_to_variance(values, flat_book, scalar_view_codes(codes, d), weights)
+        codebook = stretched.reshape(codebook.shape).to(storage_dtype)
+    return codebook, codes.to(torch.uint8)
+
+
 def _relative_importance(
     importance: torch.Tensor | None, method: str, rows: int, n: int, what: str
 ) -> torch.Tensor | None:
@@ -480,6 +571,7 @@ def quantize_tensor(
     importance: torch.Tensor | None = None,
     name: str | None = None,
     effort: str = "full",
+    vector_dim: int = 1,
 ) -> QuantizedTensor:
     """Quantize a floating-point tensor to ``bits``-bit codes plus codebooks.
 
@@ -513,6 +605,10 @@ def quantize_tensor(
         effort: ``"full"`` (default) or ``"start"``: a coarser, several times faster ``"ot"``/``"ot-vp"`` fit for
             a result that only starts a calibrated fit (error feedback with codebook refits replaces codes and
             codewords); see :data:`~diffusers_otq.functional.fitters.EFFORTS`.
+        vector_dim: codeword dimension ``d`` in (1, 2, 4, 8): ``d`` consecutive values of a row share one
+            ``bits * d``-bit code into a codebook of ``2**(bits * d)`` vectors fitted by weighted k-means
+            (:mod:`diffusers_otq.functional.vector_codebooks`); ``bits * d <= 8``, methods ``"ot"``/``"ot-vp"``,
+            and ``d`` must divide the row length and ``group_size``.
 
     Returns:
         The :class:`QuantizedTensor` on the device of ``weight``.
@@ -530,6 +626,10 @@ def quantize_tensor(
     check_granularity(granularity)
     check_codebook_dtype(codebook_dtype)
     check_codebook_scope(codebook_scope)
+    try:
+        check_vector_dim(vector_dim, bits, method, granularity, group_size)
+    except ValueError as err:
+        raise ValueError(f"{_describe(name)}: {err}") from None
     if effort not in EFFORTS:
         raise ValueError(f"{what}: effort={effort!r} is unknown; expected one of {list(EFFORTS)}.")
     weight = check_weight(weight, what)
@@ -539,6 +639,11 @@ def quantize_tensor(
         check_group_size(granularity, group_size, n)
     except ValueError as err:
         raise ValueError(f"{what} (shape {shape}): {err}") from None
+    if n % vector_dim:
+        raise ValueError(
+            f"{what} (shape {shape}) has rows of {n} values, not a multiple of vector_dim={vector_dim}; use a "
+            "vector_dim that divides it (or 1), or leave this layer out (modules_to_not_convert)."
+        )
     relative_importance = _relative_importance(importance, method, rows, n, what)
 
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -566,12 +671,16 @@ def quantize_tensor(
         relative_importance = relative_importance.to(work_dtype).expand(rows, n)
         weights = relative_importance if weights is None else weights * relative_importance
 
-    if granularity == "group" and codebook_scope == "tensor":
+    shared = granularity == "group" and codebook_scope == "tensor"
+    if vector_dim > 1:
+        codebook, codes = _fit_vectors(x, bits, vector_dim, method, weights, storage_dtype, shared or rows == 1,
+                                       effort)  # fmt: skip
+    elif shared:
         codebook, codes = _fit_shared(x, bits, method, weights, storage_dtype, what, effort)
     else:
         codebook, codes = _fit_rows(x, bits, method, weights, storage_dtype, what, effort)
     return QuantizedTensor(
-        packed=pack_codes(codes, bits),
+        packed=pack_codes(codes, bits * vector_dim),
         codebook=codebook,
         shape=torch.Size(shape),
         dtype=weight.dtype,
@@ -582,4 +691,5 @@ def quantize_tensor(
         scale_codes=None if scales is None else scales.codes,
         scale_max=None if scales is None else scales.row_max,
         scale_step=None if scales is None else scales.step,
+        vector_dim=vector_dim,
     )

@@ -108,6 +108,8 @@ def test_quantize_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture) ->
                 "group",
                 "--group-size",
                 "8",
+                "--vector-dim",
+                "2",
             ]
         )
         == 0
@@ -115,6 +117,7 @@ def test_quantize_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert "'group'" in capsys.readouterr().out
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"]["granularity"] == "group"
+    assert config["quantization_config"]["vector_dim"] == 2
 
 
 def test_generate_writes_pngs(bundle: Path, tmp_path: Path) -> None:

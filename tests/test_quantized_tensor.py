@@ -353,3 +353,74 @@ def test_float8_weights_are_refused_with_the_conversion_to_do(dtype: torch.dtype
     weight = torch.randn(8, 16).to(dtype)
     with pytest.raises(TypeError, match=r"already quantized.*weight\.to\(torch\.bfloat16\)"):
         quantize_tensor(weight, 3, name="proj")
+
+
+_VECTOR_CASES = [  # bits, vector_dim, granularity, group_size, codebook_scope
+    (2, 2, "channel", None, "tensor"),
+    (2, 2, "group", 16, "tensor"),
+    (3, 2, "group", 16, "channel"),
+    (2, 4, "tensor", None, "tensor"),
+    (1, 8, "group", 32, "tensor"),
+]
+
+
+@pytest.mark.parametrize(("bits", "dim", "granularity", "group_size", "scope"), _VECTOR_CASES)
+def test_vector_codebooks_store_one_code_per_vector(
+    bits: int, dim: int, granularity: str, group_size: int | None, scope: str
+) -> None:
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(bits * dim))
+    spec = LayerSpec(bits=bits, granularity=granularity, group_size=group_size, codebook_scope=scope, vector_dim=dim)
+    q = quantize_tensor(weight, **spec.quantize_kwargs())
+    rows = 1 if granularity == "tensor" else 24
+    assert q.vector_dim == dim and q.codes().shape == (rows, 24 * 64 // dim // rows)
+    assert q.packed.numel() == 24 * 64 // dim * bits * dim // 8  # bits per weight of codes, exactly
+    shared = granularity == "tensor" or (granularity == "group" and scope == "tensor")
+    vectors_per_codebook = (24 * 64 if shared else 64) // dim
+    assert q.codebook.shape == ((1 if shared else 24), min(1 << (bits * dim), vectors_per_codebook), dim)
+    empty = QuantizedTensor.empty((24, 64), torch.float32, spec)
+    assert {k: (v.shape, v.dtype) for k, v in empty.tensors().items()} == {
+        k: (v.shape, v.dtype) for k, v in q.tensors().items()
+    }
+    # dequantize (fused CPU kernel when built) = the codewords of the codes, laid end to end, times the scales
+    codes = q.codes().long()
+    book = q.codebook.float()
+    vectors = book[0][codes] if book.shape[0] == 1 else book[torch.arange(book.shape[0])[:, None], codes]
+    expected = vectors.reshape(rows, -1)
+    scales = q.decoded_scales()
+    if scales is not None:
+        expected = (expected.view(24, scales.shape[1], -1) * scales[:, :, None]).reshape(24, 64)
+    assert torch.equal(q.dequantize(), expected.reshape(24, 64))
+    assert q.nbytes == sum(t.numel() * t.element_size() for t in q.tensors().values())
+
+
+def test_vector_codebooks_beat_scalar_ones_at_equal_stored_bits() -> None:
+    weight = torch.randn(256, 512, generator=torch.Generator().manual_seed(7))
+
+    def relative_error(**kwargs: object) -> tuple[float, float]:
+        q = quantize_tensor(weight, method="ot", granularity="group", group_size=64, **kwargs)
+        return float((q.dequantize() - weight).square().sum() / weight.square().sum()), q.bits_per_weight
+
+    scalar, scalar_bits = relative_error(bits=2)
+    pairs, pair_bits = relative_error(bits=2, vector_dim=2)
+    quads, quad_bits = relative_error(bits=2, vector_dim=4)
+    assert pair_bits - scalar_bits < 0.01 and quad_bits - scalar_bits < 0.15  # the codebooks: 512 and 16384 bits
+    assert quads < pairs < 0.96 * scalar
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"bits": 3, "vector_dim": 4}, "12-bit codes"),
+        ({"bits": 2, "vector_dim": 3}, "vector_dim=3 is not supported"),
+        ({"bits": 2, "vector_dim": 2, "method": "uniform"}, "no vector form"),
+        ({"bits": 2, "vector_dim": 4, "granularity": "group", "group_size": 6}, "not a multiple of vector_dim"),
+    ],
+)
+def test_bad_vector_options_are_refused_with_the_fix(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        quantize_tensor(torch.randn(8, 24), **kwargs)
+
+
+def test_rows_that_vectors_do_not_tile_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"rows of 6 values, not a multiple of vector_dim=4"):
+        quantize_tensor(torch.randn(8, 6), bits=2, vector_dim=4, name="proj")

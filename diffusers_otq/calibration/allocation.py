@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..config import OTQConfig
 from ..convert import PlannedLayer, matches_module_name, plan_layers
 from ..functional.allocation import allocate
-from ..options import LayerSpec
+from ..options import VECTOR_METHODS, LayerSpec
 from ..quantized_tensor import resolve_codebook_dtype, storage_layout
 from ..structure import structure_nbytes
 from .config import CalibrationConfig
@@ -64,6 +64,11 @@ FITTED_BITS: tuple[int, ...] = (1, 2, 3, 4)  # candidates fitted and measured
 EXTRAPOLATED_BITS: tuple[int, ...] = (5, 6, 7, 8)  # error of 4 bits * 4**-(b - 4): high-resolution MSE ~ 2**-2b
 TENSOR_BITS: tuple[int, ...] = (2, 3)  # one codebook per weight: no per-row metadata at all
 PROBE_BITS = 2  # the velocity sensitivity is measured at the cheapest 2-bit candidate
+VECTOR_CANDIDATES: tuple[tuple[int, int], ...] = ((2, 1), (2, 2), (2, 3), (4, 1), (4, 2))
+"""(vector_dim, bits) of the vector-codebook candidates: one codebook per tensor, and with group scales (2-3 bits
+in 2-D) where groups apply; offered for the ``"ot"``/``"ot-vp"`` fitters where the codebook costs at most
+:data:`MAX_VECTOR_CODEBOOK_BITS` bits/weight."""
+MAX_VECTOR_CODEBOOK_BITS = 0.25
 RANK_CANDIDATES: tuple[int, ...] = (16, 32)  # low-rank branches offered with 1-3 bit per-channel codes ...
 MAX_RANK_BITS = 0.5  # ... where the 16-bit factors cost at most this many bits per weight (wide layers)
 # Candidates are ranked after one error-feedback sweep without codebook refits; the final fit runs the refits.
@@ -93,6 +98,7 @@ class LayerChoice:
         spec = self.spec
         text = f"{spec.bits}-bit {spec.granularity}"
         text += f" {spec.group_size}" if spec.group_size else ""
+        text += f" {spec.vector_dim}-D" if spec.vector_dim > 1 else ""
         return text + (f" + rank {spec.rank}" if spec.rank else "")
 
 
@@ -132,6 +138,7 @@ class BitsPlan:
                 "bits": choice.spec.bits,
                 "granularity": choice.spec.granularity,
                 "group_size": choice.spec.group_size,
+                "vector_dim": choice.spec.vector_dim,
             }
             if choice.spec.rank:
                 out[choice.name]["rank"] = choice.spec.rank
@@ -177,13 +184,15 @@ class BitsPlan:
 
 def candidate_specs(base: LayerSpec, input_width: int, group_size: int, rows: int | None = None) -> list[LayerSpec]:
     """The settings the allocator may choose for one layer: bits 1-8 with per-channel codebooks, bits 2-8 with
-    group scales (when ``group_size`` divides the input width), bits 2-3 with one codebook per tensor, and
+    group scales (when ``group_size`` divides the input width), bits 2-3 with one codebook per tensor,
     1-3 bit per-channel codes with a low-rank branch (:data:`RANK_CANDIDATES`) on layers of ``rows`` outputs
-    wide enough that the branch costs at most :data:`MAX_RANK_BITS` bits/weight. ``base``'s own rank and
-    rotation stay as they are on every candidate.
+    wide enough that the branch costs at most :data:`MAX_RANK_BITS` bits/weight, and vector codebooks
+    (:data:`VECTOR_CANDIDATES`) where they fit. ``base``'s own rank and rotation stay as they are on every
+    candidate; its ``vector_dim`` does not (every candidate sets its own).
 
-    Ordered as fitted first (:data:`FITTED_BITS`, :data:`TENSOR_BITS`, ranks), extrapolated last.
+    Ordered as fitted first (:data:`FITTED_BITS`, :data:`TENSOR_BITS`, ranks, vectors), extrapolated last.
     """
+    base = replace(base, vector_dim=1)
     groups = input_width % group_size == 0 and input_width > group_size
     fitted = [replace(base, bits=b, granularity="channel", group_size=None) for b in FITTED_BITS]
     if rows is not None and not base.rank:
@@ -193,6 +202,13 @@ def candidate_specs(base: LayerSpec, input_width: int, group_size: int, rows: in
     if groups:
         fitted += [replace(base, bits=b, granularity="group", group_size=group_size) for b in FITTED_BITS if b > 1]
     fitted += [replace(base, bits=b, granularity="tensor", group_size=None) for b in TENSOR_BITS]
+    if rows is not None and base.method in VECTOR_METHODS:
+        for dim, bits in VECTOR_CANDIDATES:
+            if input_width % dim or (1 << (bits * dim)) * dim * 16 > MAX_VECTOR_CODEBOOK_BITS * rows * input_width:
+                continue
+            fitted.append(replace(base, bits=bits, granularity="tensor", group_size=None, vector_dim=dim))
+            if groups and dim == 2 and bits > 1 and group_size % dim == 0:
+                fitted.append(replace(base, bits=bits, granularity="group", group_size=group_size, vector_dim=dim))
     extrapolated = [replace(base, bits=b, granularity="channel", group_size=None) for b in EXTRAPOLATED_BITS]
     if groups:
         extrapolated += [replace(base, bits=b, granularity="group", group_size=group_size) for b in EXTRAPOLATED_BITS]

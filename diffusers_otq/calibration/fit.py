@@ -50,6 +50,8 @@ from ..functional.error_feedback import (
 from ..functional.lowrank import weighted_lowrank
 from ..functional.packing import pack_codes
 from ..functional.scales import decode_group_scales
+from ..functional.vector_codebooks import scalar_view_codes
+from ..functional.vector_feedback import vector_error_feedback_codes, vector_sweep_factors
 from ..options import LayerSpec
 from ..quantized_tensor import QuantizedTensor, quantize_tensor
 from ..structure import lowrank_dtype
@@ -94,18 +96,22 @@ a dozen) sweeps with the same ones, so they are computed once per layer (one ent
 
 
 def _sweep_operators(
-    stats: LayerStatistics, centered: bool, calibration: CalibrationConfig
-) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], list[list[torch.Tensor]]]:
-    """Per input group: the sweep's ``(order, F)`` factors of each Gram block (:func:`ordered_factors`), and the
-    objective's float32 Gram blocks ``H + weight_ridge * mean(diag H) I`` (the ridge keeps directions ``H`` never
-    excites from absorbing large weight changes)."""
+    stats: LayerStatistics, centered: bool, calibration: CalibrationConfig, vector_dim: int = 1
+) -> tuple[list[list], list[list[torch.Tensor]]]:
+    """Per input group: the sweep's factors of each Gram block (scalar codes: ``(order, F)`` of
+    :func:`ordered_factors`; vector codes: :func:`~diffusers_otq.functional.vector_feedback.vector_sweep_factors`),
+    and the objective's float32 Gram blocks ``H + weight_ridge * mean(diag H) I`` (the ridge keeps directions ``H``
+    never excites from absorbing large weight changes)."""
     global _last_operators
-    key = (centered, calibration.damping, calibration.act_order, calibration.weight_ridge)
+    key = (centered, calibration.damping, calibration.act_order, calibration.weight_ridge, vector_dim)
     last = _last_operators
     if last is not None and last[0]() is stats and last[1] == key:
         return last[2]
     grams64 = [stats.gram_blocks(g, centered) for g in range(stats.groups)]
-    factors = [ordered_factors(g, calibration.damping, calibration.act_order) for g in grams64]
+    if vector_dim > 1:
+        factors = [vector_sweep_factors(g, vector_dim, calibration.damping, calibration.act_order) for g in grams64]
+    else:
+        factors = [ordered_factors(g, calibration.damping, calibration.act_order) for g in grams64]
     grams = [[ridge_gram(block, calibration.weight_ridge).to(torch.float32) for block in g] for g in grams64]
     _last_operators = (weakref.ref(stats), key, (factors, grams))
     return factors, grams
@@ -124,18 +130,24 @@ def _error_feedback(
 
     Per-row codebooks are kept row by row (each row's codes and codebook from the round where that row's output
     error was lowest; rows are independent given the Gram); a shared codebook is kept whole.
+
+    Vector codebooks (``d > 1``) are handled through their scalar view: (R, n) codes ``k * d + i`` into the flat
+    (C, K * d) codebook (:func:`~diffusers_otq.functional.vector_codebooks.scalar_view_codes`), with which the
+    output errors and the least-squares refits are those of the scalar case; only the sweep differs (block by
+    block, :mod:`diffusers_otq.functional.vector_feedback`), and codewords are not sorted.
     """
     rows = weight.shape[0]
     n = weight[0].numel()
+    dim = start.vector_dim
     target = weight.detach().reshape(rows, n).to(torch.float32)
     storage = start.codebook.dtype
     scales = _row_scales(start, rows, n) if start.granularity == "group" else None
     scales = None if scales is None else scales.to(torch.float32)
-    codes = start.codes().to(torch.int64).reshape(rows, n)
-    codebook = start.codebook.to(torch.float32)
+    codes = scalar_view_codes(start.codes().reshape(rows, n // dim), dim)
+    codebook = start.flat_codebook.to(torch.float32)
     groups = stats.groups
     per_group = rows // groups
-    factors, grams = _sweep_operators(stats, centered, calibration)
+    factors, grams = _sweep_operators(stats, centered, calibration, dim)
     shared = codebook.shape[0] == 1
     refit = refit_codebooks and not (shared and groups > 1)  # one codebook over several input groups: sweep only
 
@@ -156,6 +168,23 @@ def _error_feedback(
         )  # fmt: skip
 
     def sweep(book: torch.Tensor) -> torch.Tensor:
+        if dim > 1:
+            vectors = book.reshape(book.shape[0], -1, dim)
+            return torch.cat(
+                [
+                    scalar_view_codes(
+                        vector_error_feedback_codes(
+                            target[group_rows(g)],
+                            factors[g],
+                            group_book(vectors, g),
+                            group_scales(g),
+                            calibration.sweep_block,
+                        ),
+                        dim,
+                    )  # fmt: skip
+                    for g in range(groups)
+                ]
+            )
         return torch.cat(
             [
                 error_feedback_codes_in_order(
@@ -184,6 +213,8 @@ def _error_feedback(
         errors = torch.cat([fit.errors for fit in fits])
         if shared:
             start_errors = start_errors.sum(dim=0, keepdim=True)
+        if dim > 1:  # a vector's entries are not interchangeable: no sorting
+            return start_errors, solved, c, errors
         return start_errors, *sort_codebook(solved, c), errors
 
     best_codes, best_book = codes.clone(), codebook.clone()
@@ -222,7 +253,12 @@ def _error_feedback(
         if STOP_WHEN_REFIT_STALLS and stalled:
             break  # the refit barely moved the codebook: the next sweep would find the same codes
     logger.debug("%s: output error %.4g -> %.4g with error feedback", name, first_error, float(best_errors.sum()))
-    return replace(start, packed=pack_codes(best_codes.to(torch.uint8), start.bits), codebook=best_book.to(storage))
+    stored_codes = best_codes[:, ::dim] // dim  # the scalar view's first entry of each vector -> vector codes
+    return replace(
+        start,
+        packed=pack_codes(stored_codes.to(torch.uint8), start.code_bits),
+        codebook=best_book.reshape(start.codebook.shape).to(storage),
+    )
 
 
 def corrects_bias(layer: PlannedLayer, stats: LayerStatistics | None, calibration: CalibrationConfig) -> bool:
@@ -274,7 +310,9 @@ def quantize_calibrated(
     centered = corrects_bias(layer, stats, calibration)
 
     def fit_codes(residual: torch.Tensor) -> QuantizedTensor:
-        return _fit_codes(residual, layer, stats, calibration, centered, refit_codebooks)
+        return _fit_codes(
+            residual, layer, stats, calibration, centered, refit_codebooks and calibration.refit_codebooks
+        )
 
     quantized, branch = alternate_lowrank(
         target,
@@ -319,7 +357,9 @@ def _fit_codes(
     quantized = quantize_tensor(
         weight, name=layer.name, importance=importance if use_importance else None, effort=effort, **kwargs
     )
-    lossless = quantized.codebook.shape[1] >= weight[0].numel() and quantized.codebook.shape[0] > 1
+    lossless = (
+        quantized.codebook.shape[1] * quantized.vector_dim >= weight[0].numel() and quantized.codebook.shape[0] > 1
+    )
     if feedback and not lossless:
         quantized = _error_feedback(weight, quantized, stats, calibration, layer.name, centered, refit_codebooks)
     return quantized

@@ -11,7 +11,9 @@ Two kernels read the packed bit stream (layout in :mod:`.packing`: blocks of 8 c
   token sums, ``y[t, r] = sum_g scale[r, g] * sum_{j in g} codebook[r, code_rj] * x[t, j]`` (float32 within a
   group, float64 across groups).
 
-Both decode whole blocks of 8 codes with compile-time shifts (one kernel instance per bit width).
+Both decode whole blocks of 8 codes with compile-time shifts (one kernel instance per bit width). With vector
+codebooks (``dim > 1``, flat codebook rows of ``K * dim`` floats) each ``bits * dim``-bit code writes (or
+multiplies) the ``dim`` values of its codeword.
 
 ``linear`` multiplies tile by tile with those decoders (see :mod:`.dequant_ops`). ``dp_cuts`` is the exact
 micro-bin DP of :func:`~.lloyd_max.lloyd_max_codebook`'s initialisation (rows in parallel, no (R, M, M) tensors),
@@ -119,6 +121,67 @@ void dequantize_impl(const uint8_t* packed, int64_t nbytes, const float* codeboo
   });
 }
 
+template <int BITS, typename out_t>
+// Vector codebooks: rows first_row .. first_row+rows of W into out (rows, n); each code (n / dim per row) writes
+// dim values of its codeword, k = K * dim floats per (flat) codebook row.
+void dequantize_vector_impl(const uint8_t* packed, int64_t nbytes, const float* codebook, int64_t cb_rows, int64_t k,
+                            int64_t dim, const float* scales, int64_t groups, int64_t rows, int64_t n, out_t* out,
+                            int64_t first_row = 0) {
+  const int64_t parts = groups ? groups : 1, group = n / parts, vectors = n / dim, group_vectors = group / dim;
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<out_t> table(static_cast<size_t>(k));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = first_row + i;
+      const float* cb = codebook + (cb_rows == 1 ? 0 : r) * k;
+      for (int64_t p = 0; p < parts; ++p) {
+        out_t* dst = out + i * n + p * group;
+        if (groups) {
+          const float s = scales[r * groups + p];
+          for (int64_t c = 0; c < k; ++c) table[c] = static_cast<out_t>(cb[c] * s);
+        } else {
+          for (int64_t c = 0; c < k; ++c) table[c] = static_cast<out_t>(cb[c]);
+        }
+        for_codes<BITS>(packed, nbytes, r * vectors + p * group_vectors, group_vectors, [&](int64_t j, int code) {
+          const out_t* v = table.data() + static_cast<int64_t>(code) * dim;
+          out_t* o = dst + j * dim;
+          for (int64_t e = 0; e < dim; ++e) o[e] = v[e];
+        });
+      }
+    }
+  });
+}
+
+template <int BITS>
+void gemv_vector_impl(const float* xs, int64_t tokens, const uint8_t* packed, int64_t nbytes, const float* codebook,
+                      int64_t cb_rows, int64_t k, int64_t dim, const float* scales, int64_t groups, int64_t rows,
+                      int64_t n, float* ys) {
+  const int64_t parts = groups ? groups : 1, group = n / parts, vectors = n / dim, group_vectors = group / dim;
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> part(static_cast<size_t>(tokens));
+    std::vector<double> acc(static_cast<size_t>(tokens));
+    for (int64_t r = begin; r < end; ++r) {
+      const float* cb = codebook + (cb_rows == 1 ? 0 : r) * k;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t p = 0; p < parts; ++p) {
+        std::fill(part.begin(), part.end(), 0.0f);
+        const int64_t col0 = p * group;
+        for_codes<BITS>(packed, nbytes, r * vectors + p * group_vectors, group_vectors, [&](int64_t j, int code) {
+          const float* v = cb + static_cast<int64_t>(code) * dim;
+          for (int64_t t = 0; t < tokens; ++t) {
+            const float* x = xs + t * n + col0 + j * dim;
+            float sum = 0.0f;
+            for (int64_t e = 0; e < dim; ++e) sum += v[e] * x[e];
+            part[t] += sum;
+          }
+        });
+        const double s = groups ? scales[r * groups + p] : 1.0;
+        for (int64_t t = 0; t < tokens; ++t) acc[t] += s * part[t];
+      }
+      for (int64_t t = 0; t < tokens; ++t) ys[t * rows + r] = static_cast<float>(acc[t]);
+    }
+  });
+}
+
 template <int BITS>
 void gemv_impl(const float* xs, int64_t tokens, const uint8_t* packed, int64_t nbytes, const float* codebook,
                int64_t cb_rows, int64_t k, const float* scales, int64_t groups, int64_t rows, int64_t n, float* ys) {
@@ -170,32 +233,44 @@ void with_bits(int64_t bits, F&& f) {
 }  // namespace
 
 torch::Tensor dequantize(torch::Tensor packed, torch::Tensor codebook, torch::Tensor scales, int64_t rows,
-                         int64_t n, int64_t bits, torch::ScalarType dtype) {
+                         int64_t n, int64_t bits, torch::ScalarType dtype, int64_t dim) {
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous(), "packed must be contiguous uint8");
   TORCH_CHECK(codebook.dtype() == torch::kFloat32 && codebook.is_contiguous(), "codebook must be contiguous float32");
   const int64_t groups = scales.numel() ? scales.size(1) : 0;
   auto out = torch::empty({rows, n}, torch::TensorOptions().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "otq_dequantize", [&] {
-    with_bits(bits, [&](auto b) {
-      dequantize_impl<decltype(b)::value, scalar_t>(packed.data_ptr<uint8_t>(), packed.numel(),
-          codebook.data_ptr<float>(), codebook.size(0), codebook.size(1), groups ? scales.data_ptr<float>() : nullptr,
-          groups, rows, n, out.data_ptr<scalar_t>());
+    with_bits(bits * dim, [&](auto b) {
+      if (dim == 1) {
+        dequantize_impl<decltype(b)::value, scalar_t>(packed.data_ptr<uint8_t>(), packed.numel(),
+            codebook.data_ptr<float>(), codebook.size(0), codebook.size(1), groups ? scales.data_ptr<float>() : nullptr,
+            groups, rows, n, out.data_ptr<scalar_t>());
+      } else {
+        dequantize_vector_impl<decltype(b)::value, scalar_t>(packed.data_ptr<uint8_t>(), packed.numel(),
+            codebook.data_ptr<float>(), codebook.size(0), codebook.size(1), dim,
+            groups ? scales.data_ptr<float>() : nullptr, groups, rows, n, out.data_ptr<scalar_t>());
+      }
     });
   });
   return out;
 }
 
 torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, torch::Tensor scales,
-                   int64_t rows, int64_t n, int64_t bits) {
+                   int64_t rows, int64_t n, int64_t bits, int64_t dim) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 && x.size(1) == n,
               "x must be contiguous float32 (T, n)");
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous(), "packed must be contiguous uint8");
   const int64_t groups = scales.numel() ? scales.size(1) : 0;
   auto y = torch::empty({x.size(0), rows}, x.options());
-  with_bits(bits, [&](auto b) {
-    gemv_impl<decltype(b)::value>(x.data_ptr<float>(), x.size(0), packed.data_ptr<uint8_t>(), packed.numel(),
-        codebook.data_ptr<float>(), codebook.size(0), codebook.size(1), groups ? scales.data_ptr<float>() : nullptr,
-        groups, rows, n, y.data_ptr<float>());
+  with_bits(bits * dim, [&](auto b) {
+    if (dim == 1) {
+      gemv_impl<decltype(b)::value>(x.data_ptr<float>(), x.size(0), packed.data_ptr<uint8_t>(), packed.numel(),
+          codebook.data_ptr<float>(), codebook.size(0), codebook.size(1), groups ? scales.data_ptr<float>() : nullptr,
+          groups, rows, n, y.data_ptr<float>());
+    } else {
+      gemv_vector_impl<decltype(b)::value>(x.data_ptr<float>(), x.size(0), packed.data_ptr<uint8_t>(), packed.numel(),
+          codebook.data_ptr<float>(), codebook.size(0), codebook.size(1), dim,
+          groups ? scales.data_ptr<float>() : nullptr, groups, rows, n, y.data_ptr<float>());
+    }
   });
   return y;
 }
@@ -203,7 +278,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook
 // x (T, n) @ W^T + bias -> (T, rows) in x's dtype (bias empty: none): W is dequantized `tile` rows at a time into a scratch buffer that is
 // reused across tiles and calls (no fresh full-size weight, no page faults), each tile multiplied by at::mm.
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, torch::Tensor scales,
-                     torch::Tensor bias, int64_t rows, int64_t n, int64_t bits, int64_t tile) {
+                     torch::Tensor bias, int64_t rows, int64_t n, int64_t bits, int64_t tile, int64_t dim) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == n && x.is_contiguous(), "x must be contiguous (T, n)");
   const int64_t groups = scales.numel() ? scales.size(1) : 0;
   auto y = torch::empty({x.size(0), rows}, x.options());
@@ -215,10 +290,16 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, torch::Tensor codebo
     const int64_t count = std::min(tile, rows - r0);
     auto w = scratch.narrow(0, 0, count * n).view({count, n});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "otq_linear_tile", [&] {
-      with_bits(bits, [&](auto b) {  // rows r0 .. r0+count of W into the scratch
-        dequantize_impl<decltype(b)::value, scalar_t>(packed.data_ptr<uint8_t>(), packed.numel(),
-            codebook.data_ptr<float>(), codebook.size(0), codebook.size(1), groups ? scales.data_ptr<float>() : nullptr,
-            groups, count, n, w.data_ptr<scalar_t>(), r0);
+      with_bits(bits * dim, [&](auto b) {  // rows r0 .. r0+count of W into the scratch
+        if (dim == 1) {
+          dequantize_impl<decltype(b)::value, scalar_t>(packed.data_ptr<uint8_t>(), packed.numel(),
+              codebook.data_ptr<float>(), codebook.size(0), codebook.size(1),
+              groups ? scales.data_ptr<float>() : nullptr, groups, count, n, w.data_ptr<scalar_t>(), r0);
+        } else {
+          dequantize_vector_impl<decltype(b)::value, scalar_t>(packed.data_ptr<uint8_t>(), packed.numel(),
+              codebook.data_ptr<float>(), codebook.size(0), codebook.size(1), dim,
+              groups ? scales.data_ptr<float>() : nullptr, groups, count, n, w.data_ptr<scalar_t>(), r0);
+        }
       });
     });
     // as F.linear: addmm with the bias (same rounding), mm without

@@ -29,6 +29,7 @@ from .cpu_kernels import load, loaded
 from .kernel_check import CheckLayer, kernel_verified
 from .packing import unpack_codes
 from .triton_kernels import triton_available, triton_linear
+from .vector_codebooks import scalar_view_codes
 
 
 __all__ = [
@@ -55,9 +56,15 @@ def reference_dequantize(
     n: int,
     bits: int,
     dtype: torch.dtype,
+    vector_dim: int = 1,
 ) -> torch.Tensor:
-    """Pure-PyTorch dequantization (differentiable in ``codebook`` and ``scales``); shapes as in the module doc."""
-    codes = unpack_codes(packed, bits, rows * n).view(rows, n).to(torch.int64)
+    """Pure-PyTorch dequantization (differentiable in ``codebook`` and ``scales``); shapes as in the module doc.
+
+    With ``vector_dim = d > 1``, ``packed`` holds ``rows * n / d`` codes of ``bits * d`` bits and ``codebook`` is
+    the flat (C, K * d) vector codebook (vector ``k`` at entries ``k * d .. k * d + d - 1``)."""
+    count = rows * n // vector_dim
+    vector_codes = unpack_codes(packed, bits * vector_dim, count).view(rows, n // vector_dim)
+    codes = scalar_view_codes(vector_codes, vector_dim)
     values = codebook[0][codes] if codebook.shape[0] == 1 else codebook.gather(1, codes)
     if scales is None or scales.numel() == 0:
         return values.to(dtype)
@@ -108,26 +115,27 @@ def _check_inputs(layer: CheckLayer, dtype: torch.dtype) -> tuple[torch.Tensor, 
 def _exact_linear(layer: CheckLayer, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``F.linear`` on the reference weight in float64, from operands rounded to ``x``'s dtype as the kernels get
     them: the exact result the kernels approximate."""
-    weight = reference_dequantize(layer.packed, layer.codebook, layer.scales, layer.rows, layer.n, layer.bits, x.dtype)
+    weight = reference_dequantize(layer.packed, layer.codebook, layer.scales, layer.rows, layer.n, layer.bits, x.dtype,
+                                  layer.vector_dim)  # fmt: skip
     bias = bias.double() if bias.numel() else None
     return torch.nn.functional.linear(x.double(), weight.double(), bias)
 
 
 def _compare_cpu_dequantize(layer: CheckLayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (layer.packed, layer.codebook, layer.scales, layer.rows, layer.n, layer.bits, dtype)
+    args = (layer.packed, layer.codebook, layer.scales, layer.rows, layer.n, layer.bits, dtype, layer.vector_dim)
     return load().dequantize(*args), reference_dequantize(*args)
 
 
 def _compare_cpu_linear(layer: CheckLayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     x, bias = _check_inputs(layer, dtype)
     out = load().linear(x, layer.packed, layer.codebook, layer.scales, bias, layer.rows, layer.n, layer.bits,
-                        _CHECK_TILE_ROWS)  # fmt: skip
+                        _CHECK_TILE_ROWS, layer.vector_dim)  # fmt: skip
     return out, _exact_linear(layer, x, bias)
 
 
 def _compare_cpu_gemv(layer: CheckLayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     x, _ = _check_inputs(layer, torch.float32)
-    out = load().gemv(x, layer.packed, layer.codebook, layer.scales, layer.rows, layer.n, layer.bits)
+    out = load().gemv(x, layer.packed, layer.codebook, layer.scales, layer.rows, layer.n, layer.bits, layer.vector_dim)
     return out, _exact_linear(layer, x, x.new_empty(0))
 
 
@@ -146,35 +154,45 @@ def dequantize_rows(
     n: int,
     bits: int,
     dtype: torch.dtype,
+    vector_dim: int = 1,
 ) -> torch.Tensor:
     """The ``(rows, n)`` weight in ``dtype`` (see module doc); ``codebook``/``scales`` float32."""
     device = packed.device
     if fast_path_available(device) and kernel_verified(
         "cpu_kernels.dequantize", device, dtype, _compare_cpu_dequantize
     ):
-        return load().dequantize(packed.contiguous(), codebook.contiguous(), scales.contiguous(), rows, n, bits, dtype)
-    return reference_dequantize(packed, codebook, scales, rows, n, bits, dtype)
+        return load().dequantize(packed.contiguous(), codebook.contiguous(), scales.contiguous(), rows, n, bits, dtype,
+                                 vector_dim)  # fmt: skip
+    return reference_dequantize(packed, codebook, scales, rows, n, bits, dtype, vector_dim)
 
 
 @dequantize_rows.register_fake
-def _(packed, codebook, scales, rows, n, bits, dtype):  # noqa: ANN001, ANN202 - torch.library fake signature
+def _(packed, codebook, scales, rows, n, bits, dtype, vector_dim=1):  # noqa: ANN001, ANN202 - torch.library fake signature
     return packed.new_empty((rows, n), dtype=dtype)
 
 
 @torch.library.custom_op("diffusers_otq::lut_gemv", mutates_args=())
 def lut_gemv(
-    x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor, rows: int, n: int, bits: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    codebook: torch.Tensor,
+    scales: torch.Tensor,
+    rows: int,
+    n: int,
+    bits: int,
+    vector_dim: int = 1,
 ) -> torch.Tensor:
     """``x (T, n) @ W^T -> (T, rows)`` in float32 without building ``W`` on the CPU (see module doc)."""
     x = x.to(torch.float32).contiguous()
     device = packed.device
     if fast_path_available(device) and kernel_verified("cpu_kernels.gemv", device, torch.float32, _compare_cpu_gemv):
-        return load().gemv(x, packed.contiguous(), codebook.contiguous(), scales.contiguous(), rows, n, bits)
-    return x @ reference_dequantize(packed, codebook, scales, rows, n, bits, torch.float32).T
+        return load().gemv(x, packed.contiguous(), codebook.contiguous(), scales.contiguous(), rows, n, bits,
+                           vector_dim)  # fmt: skip
+    return x @ reference_dequantize(packed, codebook, scales, rows, n, bits, torch.float32, vector_dim).T
 
 
 @lut_gemv.register_fake
-def _(x, packed, codebook, scales, rows, n, bits):  # noqa: ANN001, ANN202 - torch.library fake signature
+def _(x, packed, codebook, scales, rows, n, bits, vector_dim=1):  # noqa: ANN001, ANN202 - torch.library fake signature
     return x.new_empty((x.shape[0], rows), dtype=torch.float32)
 
 
@@ -188,19 +206,25 @@ def tiled_linear(
     rows: int,
     n: int,
     bits: int,
+    vector_dim: int = 1,
 ) -> torch.Tensor:
     """``x (T, n) @ W^T + bias -> (T, rows)`` in ``x``'s dtype (``bias`` empty: none), ``W`` dequantized tile by tile
-    (see module doc); equal to ``F.linear(x, W, bias)``."""
+    (see module doc); equal to ``F.linear(x, W, bias)``. Vector codebooks (``vector_dim > 1``) take the CPU kernel
+    or the reference path (the Triton kernel decodes scalar codes only)."""
     device = packed.device
-    if triton_available(device) and kernel_verified("triton_kernels.linear", device, x.dtype, _compare_triton_linear):
+    if (
+        vector_dim == 1
+        and triton_available(device)
+        and kernel_verified("triton_kernels.linear", device, x.dtype, _compare_triton_linear, vectors=False)
+    ):
         return triton_linear(x, packed, codebook, scales, bias, rows, n, bits)
     if fast_path_available(device) and kernel_verified("cpu_kernels.linear", device, x.dtype, _compare_cpu_linear):
         return load().linear(x.contiguous(), packed.contiguous(), codebook.contiguous(), scales.contiguous(),
-                             bias.contiguous(), rows, n, bits, LINEAR_TILE_ROWS[x.dtype])  # fmt: skip
-    weight = reference_dequantize(packed, codebook, scales, rows, n, bits, x.dtype)
+                             bias.contiguous(), rows, n, bits, LINEAR_TILE_ROWS[x.dtype], vector_dim)  # fmt: skip
+    weight = reference_dequantize(packed, codebook, scales, rows, n, bits, x.dtype, vector_dim)
     return torch.nn.functional.linear(x, weight, bias if bias.numel() else None)
 
 
 @tiled_linear.register_fake
-def _(x, packed, codebook, scales, bias, rows, n, bits):  # noqa: ANN001, ANN202 - torch.library fake signature
+def _(x, packed, codebook, scales, bias, rows, n, bits, vector_dim=1):  # noqa: ANN001, ANN202 - torch.library fake signature
     return x.new_empty((x.shape[0], rows))

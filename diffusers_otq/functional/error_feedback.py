@@ -57,6 +57,7 @@ __all__ = [
     "output_error",
     "output_errors",
     "refit_codebook",
+    "reversed_cholesky",
     "ridge_gram",
     "row_chunks",
     "sort_codebook",
@@ -161,6 +162,17 @@ def sweep_factor(gram: torch.Tensor, damping: float, order: torch.Tensor | None 
     Raises:
         ValueError: the damped matrix is not positive definite (NaN/Inf statistics, or ``damping`` too small).
     """
+    a = reversed_cholesky(gram, damping, order)
+    return (a / a.diagonal()[:, None]).to(torch.float32)
+
+
+def reversed_cholesky(gram: torch.Tensor, damping: float, order: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, n) lower-triangular ``A`` with ``A^T A = P (H + damping * mean(diag H) I) P^T`` (see
+    :func:`sweep_factor`), in float32 (float64 where float32 fails).
+
+    Raises:
+        ValueError: the damped matrix is not positive definite.
+    """
     n = gram.shape[0]
     reverse = torch.arange(n - 1, -1, -1, device=gram.device) if order is None else order.flip(0)
     damped = damped_gram(gram, damping)
@@ -169,8 +181,7 @@ def sweep_factor(gram: torch.Tensor, damping: float, order: torch.Tensor | None 
         h = damped.to(dtype).index_select(0, reverse).T.contiguous().index_select(0, reverse)
         lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0 and bool(torch.isfinite(lower.diagonal()).all()):
-            a = lower.flip(0, 1).T  # (n, n) lower triangular, A^T A = P H P^T
-            return (a / a.diagonal()[:, None]).to(torch.float32)
+            return lower.flip(0, 1).T  # (n, n) lower triangular, A^T A = P H P^T
     raise ValueError(
         f"the damped Gram matrix ({n} inputs, damping={damping}) is not positive definite; increase "
         "damping (e.g. 0.1) or check the calibration statistics for NaN/Inf."

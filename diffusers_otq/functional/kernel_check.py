@@ -36,7 +36,10 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 1e-2, torc
 the dtype at the output's scale, plus (float32) room for TF32 matmuls. The faults this catches (wrong codes,
 scales, rows, a miscompiled kernel) are of order 1. Other dtypes get the bfloat16 value."""
 
-_CASES = ((1, False, False), (3, False, True), (4, True, True), (8, False, False))  # bits, shared book, groups
+_CASES = ((1, False, False, 1), (3, False, True, 1), (4, True, True, 1), (8, False, False, 1))
+"""(bits, shared codebook, group scales, vector_dim) of the scalar check layers."""
+_VECTOR_CASES = ((2, True, True, 2), (1, False, False, 4))
+"""The vector-codebook check layers (4-bit codes of 2 and 4 values), for kernels that decode them."""
 _ROWS, _COLUMNS, _GROUPS = 70, 100, 2  # no multiple of 8 (code blocks) or 64 (GPU tiles); groups of 50 codes
 
 
@@ -50,31 +53,36 @@ class CheckLayer:
     rows: int
     n: int
     bits: int
+    vector_dim: int = 1
 
 
 Compare = Callable[[CheckLayer, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 """``compare(layer, dtype) -> (kernel output, reference output)`` for one check layer."""
 
 
-def check_layers(device: torch.device) -> list[CheckLayer]:
+def check_layers(device: torch.device, vectors: bool = True) -> list[CheckLayer]:
     """The self-test layers on ``device``: random codes, sorted random codebooks and scales in [0.5, 1.5), seeded.
 
     Args:
         device: where the kernel under test runs.
+        vectors: include the vector-codebook layers (for kernels that decode them).
 
     Returns:
         One :class:`CheckLayer` per case: (1 bit, per-row codebook), (3 bits, per-row, group scales),
-        (4 bits, shared codebook, group scales), (8 bits, per-row), each 70 x 100.
+        (4 bits, shared codebook, group scales), (8 bits, per-row), each 70 x 100; with ``vectors`` also
+        (2 bits in 2-D, shared, group scales) and (1 bit in 4-D, per-row), flat (C, K * d) codebooks.
     """
     generator = torch.Generator().manual_seed(0)
     layers = []
-    for bits, shared, grouped in _CASES:
-        codes = torch.randint(0, 2**bits, (_ROWS * _COLUMNS,), generator=generator)
-        codebook = torch.randn(1 if shared else _ROWS, 2**bits, generator=generator).sort(dim=1).values
+    for bits, shared, grouped, dim in _CASES + (_VECTOR_CASES if vectors else ()):
+        code_bits = bits * dim
+        codes = torch.randint(0, 2**code_bits, (_ROWS * _COLUMNS // dim,), generator=generator)
+        codebook = torch.randn(1 if shared else _ROWS, 2**code_bits * dim, generator=generator)
+        codebook = codebook if dim > 1 else codebook.sort(dim=1).values
         scales = torch.rand(_ROWS, _GROUPS, generator=generator) + 0.5 if grouped else torch.empty(0)
-        packed = pack_codes(codes, bits)
+        packed = pack_codes(codes, code_bits)
         tensors = (t.to(device) for t in (packed, codebook, scales))
-        layers.append(CheckLayer(*tensors, rows=_ROWS, n=_COLUMNS, bits=bits))
+        layers.append(CheckLayer(*tensors, rows=_ROWS, n=_COLUMNS, bits=bits, vector_dim=dim))
     return layers
 
 
@@ -91,7 +99,9 @@ _verdicts: dict[tuple[str, str, int | None, torch.dtype], bool] = {}
 _lock = threading.Lock()
 
 
-def kernel_verified(kernel: str, device: torch.device, dtype: torch.dtype, compare: Compare) -> bool:
+def kernel_verified(
+    kernel: str, device: torch.device, dtype: torch.dtype, compare: Compare, vectors: bool = True
+) -> bool:
     """Whether ``kernel`` may serve ``dtype`` on ``device``: self-tested on first use, remembered after.
 
     Args:
@@ -99,6 +109,7 @@ def kernel_verified(kernel: str, device: torch.device, dtype: torch.dtype, compa
         device: the device it is about to serve.
         dtype: the output dtype it is about to serve.
         compare: runs the kernel and the reference on one :class:`CheckLayer` (see :data:`Compare`).
+        vectors: the kernel decodes vector codebooks too (their check layers are included).
 
     Returns:
         True when it matched the reference on every check layer; False (one warning logged) otherwise, or while
@@ -112,15 +123,15 @@ def kernel_verified(kernel: str, device: torch.device, dtype: torch.dtype, compa
         return False
     with _lock:
         if key not in _verdicts:
-            _verdicts[key] = _self_test(kernel, device, dtype, compare)
+            _verdicts[key] = _self_test(kernel, device, dtype, compare, vectors)
         return _verdicts[key]
 
 
-def _self_test(kernel: str, device: torch.device, dtype: torch.dtype, compare: Compare) -> bool:
+def _self_test(kernel: str, device: torch.device, dtype: torch.dtype, compare: Compare, vectors: bool) -> bool:
     tolerance = TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16])
     try:
         with torch.no_grad():
-            errors = [mismatch(*compare(layer, dtype)) for layer in check_layers(device)]
+            errors = [mismatch(*compare(layer, dtype)) for layer in check_layers(device, vectors)]
     except Exception as err:  # noqa: BLE001 - a kernel that raises is as unusable as one that is wrong
         logger.warning(
             "The OTQ kernel %s failed its self-test on %s for %s (%s: %s); that combination uses the PyTorch "

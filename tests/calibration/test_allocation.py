@@ -144,6 +144,20 @@ def test_candidates() -> None:
     assert all(s.granularity != "group" for s in candidate_specs(LayerSpec(bits=3), 72, 64))
 
 
+def test_vector_candidates_where_their_codebook_is_cheap() -> None:
+    vectors = {(s.vector_dim, s.bits, s.granularity) for s in candidate_specs(LayerSpec(bits=3), 128, 64, 128)
+               if s.vector_dim > 1}  # fmt: skip
+    # 128 x 128: a 256-entry 4-D codebook (16384 bits) would cost 1 bit/weight, a 16-entry 2-D one 0.03
+    assert vectors == {(2, 1, "tensor"), (2, 2, "tensor"), (2, 3, "tensor"), (4, 1, "tensor"),
+                       (2, 2, "group"), (2, 3, "group")}  # fmt: skip
+    wide = {(s.vector_dim, s.bits) for s in candidate_specs(LayerSpec(bits=3), 512, 64, 512) if s.vector_dim > 1}
+    assert (4, 2) in wide
+    assert all(s.vector_dim == 1 for s in candidate_specs(LayerSpec(bits=3, method="uniform"), 128, 64, 128))
+    assert all(s.vector_dim == 1 for s in candidate_specs(LayerSpec(bits=3), 128, 64))  # no row count: no vectors
+    odd = candidate_specs(LayerSpec(bits=2, vector_dim=2), 129, 64, 128)  # the base's vector_dim is not inherited
+    assert all(s.vector_dim == 1 for s in odd)
+
+
 def test_bits_per_weight_is_refused_by_quantize_on_load(tmp_path) -> None:
     from diffusers import DiTTransformer2DModel
 

@@ -54,8 +54,11 @@ def fit(layer: nn.Linear, stats: LayerStatistics | None, spec: LayerSpec, **cali
 @pytest.mark.parametrize(
     "spec",
     [LayerSpec(bits=2), LayerSpec(bits=3), LayerSpec(bits=3, granularity="group", group_size=32),
-     LayerSpec(bits=3, granularity="tensor"), LayerSpec(bits=3, method="uniform")],
-    ids=["2-bit", "3-bit", "3-bit group", "3-bit tensor", "3-bit uniform"],
+     LayerSpec(bits=3, granularity="tensor"), LayerSpec(bits=3, method="uniform"),
+     LayerSpec(bits=2, granularity="group", group_size=32, vector_dim=2), LayerSpec(bits=2, vector_dim=2),
+     LayerSpec(bits=1, granularity="tensor", vector_dim=4)],
+    ids=["2-bit", "3-bit", "3-bit group", "3-bit tensor", "3-bit uniform", "2-bit 2-D group", "2-bit 2-D channel",
+         "1-bit 4-D tensor"],
 )  # fmt: skip
 def test_calibration_lowers_the_output_error_on_correlated_inputs(spec: LayerSpec) -> None:
     layer, x = correlated_layer(mean=0.5)
@@ -232,8 +235,8 @@ def test_structured_calibrated_fit_keeps_the_output_optimal_and_the_bias_exact(s
     assert float(shift.abs().max()) < 1e-4  # bias correction saw U V + Q, through the rotation
 
 
-@pytest.mark.parametrize("spec", [LayerSpec(bits=3), LayerSpec(bits=2, granularity="group", group_size=32)],
-                         ids=["channel", "group"])  # fmt: skip
+@pytest.mark.parametrize("spec", [LayerSpec(bits=3), LayerSpec(bits=2, granularity="group", group_size=32),
+                                  LayerSpec(bits=2, vector_dim=2)], ids=["channel", "group", "2-D channel"])  # fmt: skip
 def test_every_row_ends_at_most_at_its_stage_one_output_error(spec: LayerSpec) -> None:
     """Rows are kept one by one: no row's output error (the fit's objective) exceeds its stage-1 error."""
     layer, x = correlated_layer(n=96, out=64)
@@ -250,7 +253,10 @@ def test_every_row_ends_at_most_at_its_stage_one_output_error(spec: LayerSpec) -
     assert float(after.sum()) < 0.8 * float(before.sum())
 
 
-def test_the_calibrated_fit_is_the_same_bits_for_one_and_two_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("spec", [LayerSpec(bits=3), LayerSpec(bits=2, vector_dim=2)], ids=["scalar", "2-D"])
+def test_the_calibrated_fit_is_the_same_bits_for_one_and_two_threads(
+    monkeypatch: pytest.MonkeyPatch, spec: LayerSpec
+) -> None:
     monkeypatch.setattr(error_feedback, "_TASK_ROWS", 24)  # four row chunks
     layer, x = correlated_layer(n=256, out=96, mean=0.5)  # a 256-wide Gram: LAPACK would use both threads
     stats = statistics_of(layer, x)
@@ -259,7 +265,7 @@ def test_the_calibrated_fit_is_the_same_bits_for_one_and_two_threads(monkeypatch
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            quantized, bias = fit(layer, stats, LayerSpec(bits=3))
+            quantized, bias = fit(layer, stats, spec)
             results.append((quantized.packed, quantized.codebook, bias))
     finally:
         torch.set_num_threads(previous)

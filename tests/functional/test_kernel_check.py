@@ -188,12 +188,15 @@ def test_while_tracing_an_undecided_kernel_is_not_used(monkeypatch: pytest.Monke
 
 def test_check_layers_cover_bit_widths_codebooks_and_scales() -> None:
     layers = check_layers(torch.device("cpu"))
-    assert [layer.bits for layer in layers] == [1, 3, 4, 8]
+    assert [(layer.bits, layer.vector_dim) for layer in layers] == [(1, 1), (3, 1), (4, 1), (8, 1), (2, 2), (1, 4)]
+    assert [layer.vector_dim for layer in check_layers(torch.device("cpu"), vectors=False)] == [1, 1, 1, 1]
     assert {layer.codebook.shape[0] == 1 for layer in layers} == {True, False}
     assert {layer.scales.numel() > 0 for layer in layers} == {True, False}
     for layer in layers:
         assert layer.n % 8 and layer.n % 64 and layer.rows % 64  # ragged for the code blocks and GPU tiles
-        assert layer.packed.dtype == torch.uint8 and layer.codebook.shape[1] == 2**layer.bits
+        code_bits = layer.bits * layer.vector_dim
+        assert layer.packed.dtype == torch.uint8 and layer.codebook.shape[1] == 2**code_bits * layer.vector_dim
+        assert layer.packed.numel() == (layer.rows * layer.n // layer.vector_dim * code_bits + 7) // 8
 
 
 def test_mismatch_is_relative_to_the_output_scale() -> None:
