@@ -2,7 +2,8 @@
 """Train the :class:`~diffusers_otq.evaluation.classifier.FashionClassifier` used to score generated samples.
 
 Trains on the train split with augmentation (random shifts by up to 2 pixels and, for Fashion-MNIST, horizontal
-flips), AdamW with a one-cycle learning rate, and reports accuracy on the test split. Writes ``model.safetensors``
+flips; ``--no-augment`` turns it off, for the second, stricter judge of generated samples), AdamW with a one-cycle
+learning rate, and reports accuracy on the test split. Writes ``model.safetensors``
 and ``config.json`` (architecture, test accuracy, training arguments) to ``--output``.
 
 Example::
@@ -41,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=32, help="Channels of the first conv stage.")
     p.add_argument("--dropout", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="Train on the images as they are (no shifts or flips): a classifier that is less lenient with "
+        "degraded or off-centre samples.",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's choice.")
     p.add_argument(
         "--bf16",
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=10, leave=False)
         for i in bar:
             idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
-            x = augment(x_train[idx], generator, flip=flip)
+            x = x_train[idx] if args.no_augment else augment(x_train[idx], generator, flip=flip)
             with autocast:
                 loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=0.05)
             optimizer.zero_grad(set_to_none=True)

@@ -77,6 +77,9 @@ class CalibrationConfig:
             the directions the calibration inputs never excite (e.g. a timestep embedding seen at few timesteps:
             without it such weights can drift by orders of magnitude and break other step counts).
         refit_rounds: at most this many sweep/refit alternations of the error feedback (the best result is kept).
+        refit_codebooks: refit the codewords between sweeps (default). False keeps the stage-1 codebook and runs
+            one sweep: with ``method="uniform"`` that is GPTQ (a min-max grid per row, error feedback, no refits),
+            the calibrated peer of the evaluation.
         refit_tolerance: stop alternating once a round lowers the layer's output error by less than this
             fraction (rounds after the second).
         sweep_block: columns per lazy update of the sweep.
@@ -145,6 +148,7 @@ class CalibrationConfig:
     damping: float = 0.01
     weight_ridge: float = 0.001
     refit_rounds: int = 4
+    refit_codebooks: bool = True
     refit_tolerance: float = 0.01
     sweep_block: int = 128
     act_order: bool = True
@@ -233,7 +237,7 @@ class CalibrationConfig:
         _positive_int(self.refit_rounds, "refit_rounds", 4)
         _non_negative_float(self.refit_tolerance, "refit_tolerance", 0.01)
         _positive_int(self.sweep_block, "sweep_block", 128)
-        for flag in ("act_order", "bias_correction"):
+        for flag in ("act_order", "bias_correction", "refit_codebooks"):
             if not isinstance(getattr(self, flag), bool):
                 raise CalibrationError(f"{flag}={getattr(self, flag)!r} must be True or False.")
         if self.sensitivity not in SENSITIVITIES:
@@ -298,6 +302,7 @@ class CalibrationConfig:
             "damping": self.damping,
             "weight_ridge": self.weight_ridge,
             "refit_rounds": self.refit_rounds if self.error_feedback else 0,
+            "refit_codebooks": self.refit_codebooks,
             "act_order": self.act_order,
             "bias_correction": self.bias_correction,
             "refine_steps": self.refine_steps,

@@ -26,6 +26,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "FashionClassifier",
+    "JUDGES",
     "load_classifier",
     "reference_classifier",
     "save_classifier",
@@ -136,15 +137,27 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Fas
     return model.to(device).eval()
 
 
-def reference_classifier(source: str | os.PathLike) -> nn.Module | None:
-    """The classifier of a bundled pipeline's dataset (``classifiers/<dataset>/`` next to it), in eval mode, or
-    None for pipelines that are not bundled or have no classifier.
+JUDGES: dict[str, str] = {"bundled": "", "plain": "-plain"}
+"""The classifiers that judge a bundled model's samples, by name -> folder suffix: ``"bundled"`` (trained with
+shifts and flips, the protocol's class accuracy) and ``"plain"`` (trained without augmentation and with another
+seed by ``scripts/train_classifier.py --no-augment``: a second, less lenient judge)."""
+
+
+def reference_classifier(source: str | os.PathLike, judge: str = "bundled") -> nn.Module | None:
+    """A classifier of a bundled pipeline's dataset (``classifiers/<dataset><suffix>/`` next to it), in eval mode,
+    or None for pipelines that are not bundled or have no such classifier.
 
     Args:
         source: a bundled short name (``"otq/fashion-mnist-unet"``) or its folder.
+        judge: which classifier, one of :data:`JUDGES`.
+
+    Raises:
+        ValueError: an unknown ``judge``.
     """
+    if judge not in JUDGES:
+        raise ValueError(f"judge={judge!r} is unknown; expected one of {list(JUDGES)}.")
     info = reference_info(source)
     if info is None:
         return None
-    folder = Path(resolve_reference(source)).parent / "classifiers" / info["dataset"]
+    folder = Path(resolve_reference(source)).parent / "classifiers" / f"{info['dataset']}{JUDGES[judge]}"
     return load_classifier(folder).eval() if folder.is_dir() else None

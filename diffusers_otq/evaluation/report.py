@@ -38,6 +38,9 @@ from diffusers_otq.evaluation.rows import (
     BPW,
     CALIB_TIME,
     CLASS_ACC,
+    CLASS_ACC_PLAIN,
+    CLASS_AGREE,
+    CLASS_AGREE_PLAIN,
     FAMILY_ORDER,
     FID_FP,
     FID_TEST,
@@ -87,9 +90,11 @@ PARITY_BITS = tuple(range(2, 9))  # the paper's tables run from 2 to 8 code bits
 _CSV_IDENTITY = (*REQUIRED_FIELDS, "error", "elapsed_s")
 _MAX_ERROR_CHARS = 400  # keeps a traceback-sized error from swamping the failed-rows table
 
-HEADLINE_METRICS = (BPW, SIZE, SAMPLE_PSNR, SAMPLE_SSIM, CLASS_ACC, FID_FP, FID_TEST, VEL_PSNR, QUANT_TIME)
+HEADLINE_METRICS = (BPW, SIZE, SAMPLE_PSNR, SAMPLE_SSIM, CLASS_AGREE, CLASS_AGREE_PLAIN, CLASS_ACC, CLASS_ACC_PLAIN,
+                    FID_FP, FID_TEST, VEL_PSNR, QUANT_TIME)  # fmt: skip
 GRID_METRICS = (BPW, REL_MSE, W2, VEL_PSNR, SAMPLE_PSNR, SAMPLE_SSIM, CLASS_ACC)
-ABLATION_METRICS = (BPW, SAMPLE_PSNR, CLASS_ACC, FID_FP, VEL_PSNR, CALIB_TIME, QUANT_TIME)
+ABLATION_METRICS = (BPW, SAMPLE_PSNR, CLASS_AGREE, CLASS_AGREE_PLAIN, CLASS_ACC, FID_FP, VEL_PSNR, CALIB_TIME,
+                    QUANT_TIME)  # fmt: skip
 PARITY_METRICS = (VEL_PSNR, VEL_SSIM, PCA_MEAN_VAR, PCA_COLLAPSED, LATENT_COSINE)
 RD_PLOTS = (  # (file-name part, metric, log y axis, largest nominal code bits plotted or None for all)
     ("sample-psnr-2-4bit", SAMPLE_PSNR, False, 4),  # the headline region, where the methods differ
@@ -99,6 +104,7 @@ RD_PLOTS = (  # (file-name part, metric, log y axis, largest nominal code bits p
     ("velocity-psnr", VEL_PSNR, False, None),
     ("rel-mse", REL_MSE, True, None),
     ("class-accuracy", CLASS_ACC, False, None),
+    ("class-agreement", CLASS_AGREE, False, None),
 )
 # The metric that picks a method's granularity in the headline table, keyed by headline_table's metric_set.
 _RANK_METRICS = {"samples": SAMPLE_PSNR, "probe": VEL_PSNR, "fid": FID_FP, "weights": REL_MSE}

@@ -30,6 +30,9 @@ __all__ = [
     "BPW",
     "CALIB_TIME",
     "CLASS_ACC",
+    "CLASS_ACC_PLAIN",
+    "CLASS_AGREE",
+    "CLASS_AGREE_PLAIN",
     "FAMILY_ORDER",
     "FID_FP",
     "FID_TEST",
@@ -64,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 FP_METHOD = "fp"
 MIXED = "mixed"  # per-layer bits under a bits/weight budget; the row's bits is the budget
-FAMILY_ORDER = {"otq": 0, "paper": 1, "peer": 2, "reference": 3}
+FAMILY_ORDER = {"otq": 0, "paper": 1, "calibrated-peer": 2, "peer": 3, "reference": 4}
 GRANULARITY_ORDER = {"channel": 0, "group": 1, MIXED: 2, "tensor": 3, "native": 4, "none": 5}
 # The calibration ablation in order: data-free ot-vp, then its calibrated fits (evaluation.variants.CALIBRATED).
 ABLATION_METHODS: tuple[str, ...] = ("ot-vp", "ot-vp+aw", "ot-vp+ef", "ot-vp+cal", "ot-vp+ref")
@@ -111,6 +114,9 @@ LATENT_COSINE = Metric("probe", "latent_cosine", "Latent cosine vs fp", ".4f")
 SAMPLE_PSNR = Metric("samples", "psnr", "Sample PSNR (dB)", ".2f")
 SAMPLE_SSIM = Metric("samples", "ssim", "Sample SSIM", ".4f")
 CLASS_ACC = Metric("samples", "class_accuracy", "Class acc. (%)", ".1f", scale=100)
+CLASS_AGREE = Metric("samples", "class_agreement", "Class agreement w/ fp (%)", ".1f", scale=100)
+CLASS_ACC_PLAIN = Metric("samples", "class_accuracy_plain", "Class acc., plain judge (%)", ".1f", scale=100)
+CLASS_AGREE_PLAIN = Metric("samples", "class_agreement_plain", "Agreement, plain judge (%)", ".1f", scale=100)
 FID_FP = Metric("fid", "fid_vs_fp", "FID vs fp", ".2f", lower_is_better=True)
 FID_TEST = Metric("fid", "fid_vs_test", "FID vs test", ".2f", lower_is_better=True)
 

@@ -309,17 +309,36 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------------------ metrics
 
-    def _class_accuracy(self, model: str, images: torch.Tensor) -> float:
+    def _classes(self, model: str, images: torch.Tensor, judge: str) -> torch.Tensor | None:
+        """(N,) classes ``judge`` (one of :data:`~.classifier.JUDGES`) predicts for ``images``, or None without that
+        classifier (or a class-conditional model)."""
         from .classifier import reference_classifier
 
-        classifier = reference_classifier(model)
-        classes = self.pipeline(model).num_classes
-        if classifier is None or not classes:
-            return math.nan
+        classifier = reference_classifier(model, judge)
+        if classifier is None or not self.pipeline(model).num_classes:
+            return None
         with torch.no_grad():
-            predicted = torch.cat([classifier(b * 2 - 1).argmax(1) for b in images.split(500)])
-        labels = torch.arange(len(images)) % classes
-        return (predicted == labels).double().mean().item()
+            return torch.cat([classifier(b * 2 - 1).argmax(1) for b in images.split(500)])
+
+    def _class_metrics(self, model: str, images: torch.Tensor, reference: torch.Tensor | None) -> dict[str, float]:
+        """Per judge: ``class_accuracy`` (the label the sample was generated for) and, against the float model's
+        samples from the same noise (``reference``), ``class_agreement`` (the class predicted for both is the same);
+        the ``"plain"`` judge's keys end in ``_plain``. NaN where a classifier is missing."""
+        metrics = {}
+        for judge in ("bundled", "plain"):
+            suffix = "" if judge == "bundled" else f"_{judge}"
+            predicted = self._classes(model, images, judge)
+            if predicted is None:
+                metrics[f"class_accuracy{suffix}"] = math.nan
+                if reference is not None:
+                    metrics[f"class_agreement{suffix}"] = math.nan
+                continue
+            labels = torch.arange(len(images)) % self.pipeline(model).num_classes
+            metrics[f"class_accuracy{suffix}"] = (predicted == labels).double().mean().item()
+            if reference is not None:
+                agreed = predicted == self._classes(model, reference, judge)
+                metrics[f"class_agreement{suffix}"] = agreed.double().mean().item()
+        return metrics
 
     def _test_statistics(self, model: str) -> tuple[np.ndarray, np.ndarray]:
         from .fid import dataset_statistics
@@ -423,13 +442,9 @@ class Evaluator:
             images = generated[seed]
         if metric == "samples":
             images = images[: sizes.samples]
-            result = {
-                "class_accuracy": self._class_accuracy(model, images),
-                "num_samples": len(images),
-                "steps": steps,
-            }
-            if unit.variant is not None:
-                reference = self._reference(model, seed, steps, len(images))
+            reference = None if unit.variant is None else self._reference(model, seed, steps, len(images))
+            result = {**self._class_metrics(model, images, reference), "num_samples": len(images), "steps": steps}
+            if reference is not None:
                 result["psnr"] = _batch_psnr(images, reference)
                 result["ssim"] = ssim(images, reference).mean().item()
             if seed == 0:

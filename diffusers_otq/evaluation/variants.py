@@ -7,7 +7,9 @@ that variant in place and measures what it stored:
   ``nn.Linear``/``nn.Conv2d`` weight, via :func:`diffusers_otq.quantize_model`).
 * ``scope="deploy"`` with a calibrated method (:data:`CALIBRATED`: ``ot-vp+aw``, ``ot-vp+ef``, ``ot-vp+cal``):
   the ``ot-vp`` fitter on the model's calibration statistics (:func:`diffusers_otq.calibrate`), with the fit
-  switches of :class:`CalibratedFit`; same packed layers.
+  switches of :class:`CalibratedFit`; same packed layers. The calibrated peer ``gptq-uniform``
+  (:data:`CALIBRATED_PEERS`: GPTQ's uniform grid with error feedback on the same statistics) runs the same way,
+  its bits counted in GPTQ's own format.
 * ``granularity="mixed"`` (deploy scope, our methods): ``bits`` is a bits/weight *budget* (a float, e.g. 2.5),
   and :func:`diffusers_otq.quantize_model` with ``OTQConfig(bits_per_weight=bits)`` chooses per-layer bits and
   granularity under it (every code, codebook and scale counted), from the statistics for calibrated methods
@@ -46,7 +48,9 @@ from .peers import PEER_FORMATS, PeerNotApplicable, peer_format
 __all__ = [
     "CALIBRATED",
     "EVAL_METHODS",
+    "CALIBRATED_PEERS",
     "FAMILIES",
+    "NATIVE_METADATA_BITS",
     "MIXED",
     "MIXED_METHODS",
     "SCOPES",
@@ -67,12 +71,17 @@ class CalibratedFit:
     error_feedback: bool
     bias_correction: bool
     refine: bool = False  # then train against the fp velocity (base.refine_steps, or REFINE_STEPS)
+    refit_codebooks: bool = True  # False: the stage-1 codebook (a uniform grid for GPTQ) is never refitted
 
     def calibration(self, base: CalibrationConfig) -> CalibrationConfig:
         """``base`` (sampling sizes, seed, damping, ...) with this method's fit switches."""
         steps = (base.refine_steps or REFINE_STEPS) if self.refine else 0
         return replace(
-            base, error_feedback=self.error_feedback, bias_correction=self.bias_correction, refine_steps=steps
+            base,
+            error_feedback=self.error_feedback,
+            bias_correction=self.bias_correction,
+            refine_steps=steps,
+            refit_codebooks=self.refit_codebooks,
         )
 
 
@@ -87,10 +96,22 @@ CALIBRATED: dict[str, CalibratedFit] = {
     "ot-vp+cal": CalibratedFit("ot-vp", error_feedback=True, bias_correction=True),  # CalibrationConfig() defaults
     "ot-vp+ref": CalibratedFit("ot-vp", error_feedback=True, bias_correction=True, refine=True),
 }
+CALIBRATED_PEERS: dict[str, CalibratedFit] = {
+    # GPTQ (Frantar et al. 2210.17323) on the same statistics: a min-max uniform grid per output channel (or per
+    # group), the act-order error-feedback sweep, no codebook refits, no bias correction. Its bits are counted in
+    # GPTQ's own format (codes plus a 16-bit scale and zero per row or group, NATIVE_METADATA_BITS), not in the
+    # codebook layout it is stored in here.
+    "gptq-uniform": CalibratedFit("uniform", error_feedback=True, bias_correction=False, refit_codebooks=False),
+}
+NATIVE_METADATA_BITS: dict[str, int] = {"gptq-uniform": 32}
+"""Bits of metadata per row (or group) in a calibrated peer's own format."""
+CALIBRATED.update(CALIBRATED_PEERS)
 EVAL_METHODS: tuple[str, ...] = (*METHODS, *CALIBRATED)  # every method name a block may list
 MIXED = "mixed"  # the granularity of a bits-budget variant (per-layer bits and granularity chosen by the allocator)
-MIXED_METHODS: tuple[str, ...] = (*OURS, *CALIBRATED)  # the methods that run under a bits budget
-FAMILIES: dict[str, str] = {m: "otq" if m in MIXED_METHODS else "paper" for m in EVAL_METHODS}
+MIXED_METHODS: tuple[str, ...] = (*OURS, *(m for m in CALIBRATED if m not in CALIBRATED_PEERS))  # under budgets
+FAMILIES: dict[str, str] = {
+    m: "otq" if m in MIXED_METHODS else "calibrated-peer" if m in CALIBRATED_PEERS else "paper" for m in EVAL_METHODS
+}
 _FLOAT_BITS = 16  # what an unquantized float weight costs in the shipped (fp16) models
 
 
@@ -282,7 +303,7 @@ def _deploy_ours(
             layers.append(_layer_row(name, originals[name], module.dequantize_weight(torch.float32)))
             if variant.mixed:
                 layers[-1]["setting"] = _setting(module.quantized_weight())
-            stored_bits += module.nbytes * 8
+            stored_bits += _stored_bits(module, variant.method)
             quantized_numel += module.weight_shape.numel()
     summary = _summary(layers, stored_bits, quantized_numel, float_numel, seconds)
     if variant.calibrated:
@@ -294,6 +315,17 @@ def _deploy_ours(
         summary["refine_s"] = refinement["seconds"]
         summary["refine_loss"] = [refinement["loss_before"], refinement["loss_after"]]
     return summary
+
+
+def _stored_bits(module: nn.Module, method: str) -> int:
+    """Every stored bit of an OTQ layer; for a calibrated peer, its codes plus its own format's metadata per row
+    (or group) (:data:`NATIVE_METADATA_BITS`), as that format would store it."""
+    if method not in NATIVE_METADATA_BITS:
+        return module.nbytes * 8
+    quantized = module.quantized_weight()
+    rows, n = quantized.rows
+    groups = rows * (n // quantized.group_size if quantized.group_size else 1)
+    return quantized.numel * quantized.bits + groups * NATIVE_METADATA_BITS[method]
 
 
 def _float_numel(model: nn.Module) -> int:

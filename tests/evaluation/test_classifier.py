@@ -50,3 +50,35 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
 def test_load_missing_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_classifier(tmp_path)
+
+
+def test_the_bundled_model_has_two_judges_trained_apart() -> None:
+    from diffusers_otq.evaluation.classifier import JUDGES, reference_classifier
+
+    judges = {judge: reference_classifier("otq/fashion-mnist-dit", judge) for judge in JUDGES}
+    assert all(isinstance(model, FashionClassifier) and not model.training for model in judges.values())
+    bundled, plain = (dict(m.state_dict()) for m in (judges["bundled"], judges["plain"]))
+    assert bundled.keys() == plain.keys() and not torch.equal(bundled["head.5.weight"], plain["head.5.weight"])
+    with pytest.raises(ValueError, match="judge='lenient' is unknown"):
+        reference_classifier("otq/fashion-mnist-dit", "lenient")
+
+
+def test_class_metrics_score_agreement_with_the_float_samples_from_the_same_noise(tmp_path: Path) -> None:
+    from diffusers_otq.evaluation.config import load_config
+    from diffusers_otq.evaluation.datasets import load_dataset
+    from diffusers_otq.evaluation.runner import Evaluator
+
+    config = load_config(
+        {"models": ["otq/fashion-mnist-dit"], "blocks": [{"name": "b", "methods": ["ot"], "bits": [3]}]}
+    )
+    evaluator = Evaluator(config, tmp_path, tmp_path)
+    images = (load_dataset("fashion-mnist", "test")[0][:40] + 1) / 2  # [0, 1] like generated samples
+    same = evaluator._class_metrics("otq/fashion-mnist-dit", images, images)
+    assert set(same) == {"class_accuracy", "class_agreement", "class_accuracy_plain", "class_agreement_plain"}
+    assert same["class_agreement"] == same["class_agreement_plain"] == 1.0
+    upside_down = evaluator._class_metrics("otq/fashion-mnist-dit", images.flip(-2), images)
+    assert upside_down["class_agreement"] < 0.9 and upside_down["class_agreement_plain"] < 0.9
+    assert set(evaluator._class_metrics("otq/fashion-mnist-dit", images, None)) == {
+        "class_accuracy",
+        "class_accuracy_plain",
+    }  # the float model's own row: accuracy only

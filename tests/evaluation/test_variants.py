@@ -10,7 +10,7 @@ import torch
 
 from diffusers_otq import CalibrationConfig
 from diffusers_otq.evaluation.rows import ABLATION_METHODS
-from diffusers_otq.evaluation.variants import CALIBRATED, Variant, family_of, quantize_variant
+from diffusers_otq.evaluation.variants import CALIBRATED, CALIBRATED_PEERS, Variant, family_of, quantize_variant
 from diffusers_otq.layers import OTQLayerMixin
 from diffusers_otq.testing.tiny_models import tiny_unet, unet_inputs
 
@@ -77,7 +77,8 @@ def test_peer_variant_replaces_weights_in_place_and_counts_skips():
 
 
 def test_families():
-    assert [family_of(m) for m in ("ot", "uniform", "bnb-nf4", "fp")] == ["otq", "paper", "peer", "reference"]
+    families = [family_of(m) for m in ("ot", "uniform", "gptq-uniform", "bnb-nf4", "fp")]
+    assert families == ["otq", "paper", "calibrated-peer", "peer", "reference"]
     with pytest.raises(ValueError, match="kmeans"):
         family_of("kmeans")
 
@@ -109,7 +110,7 @@ def test_calibrated_and_mixed_variants():
     budget = Variant("ot-vp", "mixed", 3)
     assert budget == Variant("ot-vp", "mixed", 3.0) and isinstance(budget.bits, float) and not budget.calibrated
     # the ablation order of the report is the calibrated methods' order; +cal is CalibrationConfig()'s defaults
-    assert list(CALIBRATED) == list(ABLATION_METHODS[1:])
+    assert [m for m in CALIBRATED if m not in CALIBRATED_PEERS] == list(ABLATION_METHODS[1:])
     defaults = CalibrationConfig()
     assert CALIBRATED["ot-vp+cal"].calibration(CalibrationConfig(seed=9)) == CalibrationConfig(seed=9)
     assert (defaults.error_feedback, defaults.bias_correction) == (True, True)
@@ -246,3 +247,34 @@ def test_refined_unit_records_the_refinement_and_never_raises_its_loss(tiny_eval
     before, after = metrics["refine_loss"]
     assert after <= before and 0 < metrics["refine_s"] <= metrics["quantize_s"]
     assert tiny_evaluator.teacher("tiny") is tiny_evaluator.teacher("tiny")  # recorded once per process
+
+
+def test_gptq_uniform_is_a_uniform_grid_with_error_feedback_counted_in_its_own_format(tiny_evaluator):
+    statistics = tiny_evaluator.calibration_statistics("tiny")
+    base = tiny_evaluator.pipeline("tiny").transformer
+    gptq = CALIBRATED["gptq-uniform"].calibration(CalibrationConfig(seed=1))
+    assert not gptq.refit_codebooks and gptq.error_feedback and not gptq.bias_correction
+    model = copy.deepcopy(base)
+    metrics = quantize_variant(model, Variant("gptq-uniform", "channel", 2), statistics=statistics,
+                               calibration=CalibrationConfig(progress=False))  # fmt: skip
+    layers = [m for m in model.modules() if isinstance(m, OTQLayerMixin)]
+    numel = sum(m.weight_shape.numel() for m in layers)
+    native = sum(m.weight_shape.numel() * 2 + m.weight_shape[0] * 32 for m in layers)  # codes + fp16 scale, zero
+    assert metrics["bits_per_weight"] == pytest.approx(native / numel)
+    for layer in layers:  # every row's codebook is still its min-max grid: equal steps
+        steps = layer.codebook.float().diff(dim=1)
+        assert torch.allclose(steps, steps[:, :1].expand_as(steps), rtol=1e-2, atol=1e-3)
+    data_free = copy.deepcopy(base)
+    quantize_variant(data_free, Variant("uniform", "channel", 2))
+    # the sweep lowers the output error on the calibration inputs (what GPTQ minimises) below plain rounding
+    name = max((n for n, m in model.named_modules() if isinstance(m, OTQLayerMixin)),
+               key=lambda n: model.get_submodule(n).weight_shape.numel())  # fmt: skip
+    stats = statistics.get(name)
+    weight = base.get_submodule(name).weight.detach().double().reshape(stats.groups, -1, stats.width)
+
+    def output_error(quantized: torch.nn.Module) -> float:
+        delta = weight - quantized.get_submodule(name).dequantize_weight(torch.float64).reshape(weight.shape)
+        return sum(float(((delta[g] @ stats.gram_blocks(g)[0]) * delta[g]).sum()) for g in range(stats.groups))
+
+    assert stats.has_gram and len(stats.gram_blocks(0)) == 1
+    assert output_error(model) < 0.9 * output_error(data_free)
