@@ -141,7 +141,8 @@ def _compare_cpu_gemv(layer: CheckLayer, dtype: torch.dtype) -> tuple[torch.Tens
 
 def _compare_triton_linear(layer: CheckLayer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     x, bias = _check_inputs(layer, dtype)
-    out = triton_linear(x, layer.packed, layer.codebook, layer.scales, bias, layer.rows, layer.n, layer.bits)
+    out = triton_linear(x, layer.packed, layer.codebook, layer.scales, bias, layer.rows, layer.n, layer.bits,
+                        layer.vector_dim)  # fmt: skip
     return out, _exact_linear(layer, x, bias)
 
 
@@ -209,15 +210,10 @@ def tiled_linear(
     vector_dim: int = 1,
 ) -> torch.Tensor:
     """``x (T, n) @ W^T + bias -> (T, rows)`` in ``x``'s dtype (``bias`` empty: none), ``W`` dequantized tile by tile
-    (see module doc); equal to ``F.linear(x, W, bias)``. Vector codebooks (``vector_dim > 1``) take the CPU kernel
-    or the reference path (the Triton kernel decodes scalar codes only)."""
+    (see module doc); equal to ``F.linear(x, W, bias)``."""
     device = packed.device
-    if (
-        vector_dim == 1
-        and triton_available(device)
-        and kernel_verified("triton_kernels.linear", device, x.dtype, _compare_triton_linear, vectors=False)
-    ):
-        return triton_linear(x, packed, codebook, scales, bias, rows, n, bits)
+    if triton_available(device) and kernel_verified("triton_kernels.linear", device, x.dtype, _compare_triton_linear):
+        return triton_linear(x, packed, codebook, scales, bias, rows, n, bits, vector_dim)
     if fast_path_available(device) and kernel_verified("cpu_kernels.linear", device, x.dtype, _compare_cpu_linear):
         return load().linear(x.contiguous(), packed.contiguous(), codebook.contiguous(), scales.contiguous(),
                              bias.contiguous(), rows, n, bits, LINEAR_TILE_ROWS[x.dtype], vector_dim)  # fmt: skip

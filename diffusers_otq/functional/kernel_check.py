@@ -39,7 +39,7 @@ scales, rows, a miscompiled kernel) are of order 1. Other dtypes get the bfloat1
 _CASES = ((1, False, False, 1), (3, False, True, 1), (4, True, True, 1), (8, False, False, 1))
 """(bits, shared codebook, group scales, vector_dim) of the scalar check layers."""
 _VECTOR_CASES = ((2, True, True, 2), (1, False, False, 4))
-"""The vector-codebook check layers (4-bit codes of 2 and 4 values), for kernels that decode them."""
+"""The vector-codebook check layers (4-bit codes of 2 and 4 values)."""
 _ROWS, _COLUMNS, _GROUPS = 70, 100, 2  # no multiple of 8 (code blocks) or 64 (GPU tiles); groups of 50 codes
 
 
@@ -60,21 +60,20 @@ Compare = Callable[[CheckLayer, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 """``compare(layer, dtype) -> (kernel output, reference output)`` for one check layer."""
 
 
-def check_layers(device: torch.device, vectors: bool = True) -> list[CheckLayer]:
+def check_layers(device: torch.device) -> list[CheckLayer]:
     """The self-test layers on ``device``: random codes, sorted random codebooks and scales in [0.5, 1.5), seeded.
 
     Args:
         device: where the kernel under test runs.
-        vectors: include the vector-codebook layers (for kernels that decode them).
 
     Returns:
         One :class:`CheckLayer` per case: (1 bit, per-row codebook), (3 bits, per-row, group scales),
-        (4 bits, shared codebook, group scales), (8 bits, per-row), each 70 x 100; with ``vectors`` also
-        (2 bits in 2-D, shared, group scales) and (1 bit in 4-D, per-row), flat (C, K * d) codebooks.
+        (4 bits, shared codebook, group scales), (8 bits, per-row), (2 bits in 2-D, shared, group scales) and
+        (1 bit in 4-D, per-row; flat (C, K * d) codebooks), each 70 x 100.
     """
     generator = torch.Generator().manual_seed(0)
     layers = []
-    for bits, shared, grouped, dim in _CASES + (_VECTOR_CASES if vectors else ()):
+    for bits, shared, grouped, dim in _CASES + _VECTOR_CASES:
         code_bits = bits * dim
         codes = torch.randint(0, 2**code_bits, (_ROWS * _COLUMNS // dim,), generator=generator)
         codebook = torch.randn(1 if shared else _ROWS, 2**code_bits * dim, generator=generator)
@@ -99,9 +98,7 @@ _verdicts: dict[tuple[str, str, int | None, torch.dtype], bool] = {}
 _lock = threading.Lock()
 
 
-def kernel_verified(
-    kernel: str, device: torch.device, dtype: torch.dtype, compare: Compare, vectors: bool = True
-) -> bool:
+def kernel_verified(kernel: str, device: torch.device, dtype: torch.dtype, compare: Compare) -> bool:
     """Whether ``kernel`` may serve ``dtype`` on ``device``: self-tested on first use, remembered after.
 
     Args:
@@ -109,7 +106,6 @@ def kernel_verified(
         device: the device it is about to serve.
         dtype: the output dtype it is about to serve.
         compare: runs the kernel and the reference on one :class:`CheckLayer` (see :data:`Compare`).
-        vectors: the kernel decodes vector codebooks too (their check layers are included).
 
     Returns:
         True when it matched the reference on every check layer; False (one warning logged) otherwise, or while
@@ -123,15 +119,15 @@ def kernel_verified(
         return False
     with _lock:
         if key not in _verdicts:
-            _verdicts[key] = _self_test(kernel, device, dtype, compare, vectors)
+            _verdicts[key] = _self_test(kernel, device, dtype, compare)
         return _verdicts[key]
 
 
-def _self_test(kernel: str, device: torch.device, dtype: torch.dtype, compare: Compare, vectors: bool) -> bool:
+def _self_test(kernel: str, device: torch.device, dtype: torch.dtype, compare: Compare) -> bool:
     tolerance = TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16])
     try:
         with torch.no_grad():
-            errors = [mismatch(*compare(layer, dtype)) for layer in check_layers(device, vectors)]
+            errors = [mismatch(*compare(layer, dtype)) for layer in check_layers(device)]
     except Exception as err:  # noqa: BLE001 - a kernel that raises is as unusable as one that is wrong
         logger.warning(
             "The OTQ kernel %s failed its self-test on %s for %s (%s: %s); that combination uses the PyTorch "

@@ -8,7 +8,9 @@ codes up in each row's codebook (``K = 2**b`` floats per row, or one shared row)
 exists in memory: per step the kernel reads ``BLOCK_N * BLOCK_K * b / 8`` bytes of codes.
 
 Decoding one code: ``p = i * b``; the two bytes at ``p // 8`` and ``p // 8 + 1`` hold it (``b <= 8``), so
-``code = ((byte0 | byte1 << 8) >> (p % 8)) & (2**b - 1)``.
+``code = ((byte0 | byte1 << 8) >> (p % 8)) & (2**b - 1)``. Vector codebooks (``DIM = d > 1``): weight ``(r, j)``
+reads code ``r * n / d + j // d`` of ``b * d`` bits (at most 8, the same two-byte window) and entry
+``code * d + j % d`` of the row's flat ``(K * d)`` codebook.
 
 The kernel is used on CUDA devices with compute capability >= 7.0 when Triton imports (:func:`triton_available`);
 everywhere else callers take the CPU kernels or the reference path. It also runs in Triton's interpreter
@@ -47,25 +49,29 @@ def _kernel():  # noqa: ANN202 - the jitted Triton function (its type lives in t
         x_ptr, packed_ptr, codebook_ptr, scales_ptr, bias_ptr, out_ptr,
         M, N, K, codebook_stride, groups, group_size,
         stride_xm, stride_om,
-        BITS: tl.constexpr, SHARED_CODEBOOK: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
-        FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BITS: tl.constexpr, DIM: tl.constexpr, SHARED_CODEBOOK: tl.constexpr, HAS_SCALES: tl.constexpr,
+        HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        total_bytes = (N.to(tl.int64) * K * BITS + 7) // 8  # int64: rows * n * bits passes 2**31 on big layers
+        CODE_BITS: tl.constexpr = BITS * DIM
+        total_bytes = (N.to(tl.int64) * (K // DIM) * CODE_BITS + 7) // 8  # int64: passes 2**31 on big layers
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.full, not tl.zeros: a builtin in the interpreter too
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
             w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-            bit = (offs_n[:, None].to(tl.int64) * K + offs_k[None, :]) * BITS
+            bit = (offs_n[:, None].to(tl.int64) * (K // DIM) + offs_k[None, :] // DIM) * CODE_BITS
             byte = bit // 8
             low = tl.load(packed_ptr + byte, mask=w_mask, other=0).to(tl.int32)
             high = tl.load(packed_ptr + byte + 1, mask=w_mask & (byte + 1 < total_bytes), other=0).to(tl.int32)
-            code = ((low | (high << 8)) >> (bit % 8).to(tl.int32)) & ((1 << BITS) - 1)
+            code = ((low | (high << 8)) >> (bit % 8).to(tl.int32)) & ((1 << CODE_BITS) - 1)
+            if DIM > 1:
+                code = code * DIM + offs_k[None, :] % DIM
             if SHARED_CODEBOOK:
                 book_row = offs_n[:, None] * 0
             else:
@@ -126,16 +132,19 @@ def triton_linear(
     rows: int,
     n: int,
     bits: int,
+    vector_dim: int = 1,
 ) -> torch.Tensor:
     """``x (T, n) @ W^T + bias -> (T, rows)`` in ``x``'s dtype, ``W`` decoded from ``packed`` inside the kernel.
 
     Args:
         x: (T, n) float16, bfloat16 or float32 activations.
-        packed: flat uint8 bit stream of the ``rows * n`` codes.
-        codebook: (rows, C) or (1, C) float32 codewords (``C = min(2**bits, n)``).
+        packed: flat uint8 bit stream of the ``rows * n / vector_dim`` codes.
+        codebook: (rows, C) or (1, C) float32 codewords (``C = min(2**bits, n)``; vector codebooks: flat
+            ``C = K * vector_dim``).
         scales: (rows, G) float32 decoded group scales, or empty without groups.
         bias: (rows,) or empty.
-        rows, n, bits: the weight's row layout and code width.
+        rows, n, bits: the weight's row layout and bits per weight.
+        vector_dim: codeword dimension (``bits * vector_dim``-bit codes).
 
     Returns:
         (T, rows) tensor equal to ``F.linear(x, W, bias)`` up to the accumulation order (float32 accumulator).
@@ -151,7 +160,7 @@ def triton_linear(
     _kernel()[grid](
         x, packed.contiguous(), codebook.contiguous(), scales.contiguous(), bias.contiguous(), out,
         tokens, rows, n, codebook.shape[1], groups, n // groups, x.stride(0), out.stride(0),
-        BITS=bits, SHARED_CODEBOOK=codebook.shape[0] == 1 and rows > 1, HAS_SCALES=scales.numel() > 0,
+        BITS=bits, DIM=vector_dim, SHARED_CODEBOOK=codebook.shape[0] == 1 and rows > 1, HAS_SCALES=scales.numel() > 0,
         HAS_BIAS=bias.numel() > 0, FP32_DOT=_fp32_dot(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip

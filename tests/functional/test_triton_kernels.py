@@ -47,6 +47,26 @@ def test_equals_linear_on_the_reference_weight(interpreter: None, bits: int, gra
     _check(y, F.linear(x.float(), reference, bias).to(dtype), dtype)
 
 
+@pytest.mark.parametrize(
+    ("bits", "dim", "granularity"), [(2, 2, "channel"), (2, 2, "group"), (2, 4, "group"), (1, 8, "channel")]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_vector_codebooks_equal_linear_on_the_reference_weight(interpreter: None, bits: int, dim: int,
+                                                              granularity: str, dtype: torch.dtype) -> None:  # fmt: skip
+    generator = torch.Generator().manual_seed(bits * dim)
+    out_features, in_features = 70, 96  # neither a multiple of the 64-wide tiles
+    weight = torch.randn(out_features, in_features, generator=generator)
+    group = 32 if granularity == "group" else None
+    q = quantize_tensor(weight, bits, "ot", granularity, group, vector_dim=dim)
+    codebook, scales = q.kernel_inputs()
+    assert codebook.shape[1] == q.codebook.shape[1] * dim
+    reference = reference_dequantize(q.packed, codebook, scales, out_features, in_features, bits, torch.float32, dim)
+    x = torch.randn(5, in_features, generator=generator).to(dtype)
+    bias = torch.randn(out_features, generator=generator)
+    y = triton_linear(x, q.packed, codebook, scales, bias, out_features, in_features, bits, dim)
+    _check(y, F.linear(x.float(), reference, bias).to(dtype), dtype)
+
+
 @pytest.mark.parametrize("tokens", [1, 17, 40, 130])
 def test_ragged_token_counts_and_no_bias(interpreter: None, tokens: int) -> None:
     generator = torch.Generator().manual_seed(tokens)
