@@ -149,6 +149,7 @@ def _provenance(configs: dict[str, dict]) -> dict:
 def _setting(layer: OTQLayerMixin) -> str:
     text = f"{layer.bits}-bit {layer.granularity}"
     text += f" {layer.group_size}" if layer.group_size else ""
+    text += f" {layer.vector_dim}-D" if layer.vector_dim > 1 else ""
     text += f" + rank {layer.rank}" if layer.rank else ""
     return text + (" rotated" if layer.rotation_block else "")
 

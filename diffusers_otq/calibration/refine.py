@@ -158,9 +158,11 @@ def _trainable(layers: list[OTQLayerMixin]) -> Iterator[list[torch.Tensor]]:
 
 
 def _store(layer: OTQLayerMixin, dtypes: dict[str, torch.dtype]) -> None:
-    """Write refined float32 buffers back in their storage dtypes; codebook rows re-sorted with their codes."""
+    """Write refined float32 buffers back in their storage dtypes; scalar codebook rows re-sorted with their codes
+    (vector codewords have no order)."""
     codebook = layer._buffers["codebook"].to(dtypes["codebook"])
-    if bool((codebook[:, 1:] < codebook[:, :-1]).any()):  # refinement moved codewords past each other
+    scalar = codebook.dim() == 2
+    if scalar and bool((codebook[:, 1:] < codebook[:, :-1]).any()):  # refinement moved codewords past each other
         codebook, codes = sort_codebook(codebook, layer.quantized_weight().codes().to(torch.int64))
         layer.set_stored("weight", pack_codes(codes.reshape(-1).to(torch.uint8), layer.bits))
     layer._buffers["codebook"] = codebook.contiguous()

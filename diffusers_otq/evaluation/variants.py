@@ -248,7 +248,8 @@ def _layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def _setting(qweight: Any) -> str:
     """``"3-bit channel"`` or ``"2-bit group 64"``: one layer's setting (the allocator's label)."""
     text = f"{qweight.bits}-bit {qweight.granularity}"
-    return text + (f" {qweight.group_size}" if qweight.group_size else "")
+    text += f" {qweight.group_size}" if qweight.group_size else ""
+    return text + (f" {qweight.vector_dim}-D" if qweight.vector_dim > 1 else "")
 
 
 def _plan_summary(model: nn.Module) -> dict[str, Any]:

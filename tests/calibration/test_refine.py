@@ -70,6 +70,24 @@ def test_refinement_lowers_the_reported_teacher_loss_and_keeps_the_format(tmp_pa
     assert saved["quantization_config"]["provenance"]["refinement"]["steps"] == 12
 
 
+def test_refinement_trains_vector_codebooks_and_keeps_their_codes() -> None:
+    pipe = dit_pipeline()
+    calibration = whole_model(refine_steps=8, refine_samples=4, refine_batch_size=4, refine_eval_every=4,
+                              refine_lr=1e-3)  # fmt: skip
+    config = OTQConfig(bits=2, vector_dim=2, granularity="group", group_size=16)
+    unrefined = dit_pipeline()
+    quantize_pipeline(unrefined, config, whole_model(), progress=False, compute_metrics=False)
+    quantize_pipeline(pipe, config, calibration, progress=False, compute_metrics=False)
+    record = pipe.transformer.config["quantization_config"].provenance["refinement"]
+    assert record["loss_after"] < record["loss_before"]
+    pairs = list(zip([m for m in pipe.transformer.modules() if isinstance(m, OTQLayerMixin)],
+                     [m for m in unrefined.transformer.modules() if isinstance(m, OTQLayerMixin)], strict=True))  # fmt: skip
+    vectors = [(a, b) for a, b in pairs if a.vector_dim == 2]
+    assert vectors and all(a.codebook.shape == b.codebook.shape and a.codebook.dim() == 3 for a, b in vectors)
+    assert all(torch.equal(a.packed, b.packed) for a, b in vectors)  # codes frozen, codewords never reordered
+    assert any(not torch.equal(a.codebook, b.codebook) for a, b in vectors)
+
+
 def test_refinement_is_deterministic_for_a_seed() -> None:
     a, _ = _refined(steps=6)
     b, _ = _refined(steps=6)
