@@ -168,31 +168,17 @@ def _error_feedback(
         )  # fmt: skip
 
     def sweep(book: torch.Tensor) -> torch.Tensor:
-        if dim > 1:
-            vectors = book.reshape(book.shape[0], -1, dim)
-            return torch.cat(
-                [
-                    scalar_view_codes(
-                        vector_error_feedback_codes(
-                            target[group_rows(g)],
-                            factors[g],
-                            group_book(vectors, g),
-                            group_scales(g),
-                            calibration.sweep_block,
-                        ),
-                        dim,
-                    )  # fmt: skip
-                    for g in range(groups)
-                ]
-            )
-        return torch.cat(
-            [
-                error_feedback_codes_in_order(
-                    target[group_rows(g)], factors[g], group_book(book, g), group_scales(g), calibration.sweep_block
-                )
-                for g in range(groups)
-            ]
-        )
+        """(R, n) codes (scalar view) of the error-feedback sweep of every input group's rows into ``book``."""
+
+        def group_codes(g: int) -> torch.Tensor:
+            weight_g, book_g, scales_g = target[group_rows(g)], group_book(book, g), group_scales(g)
+            if dim == 1:
+                return error_feedback_codes_in_order(weight_g, factors[g], book_g, scales_g, calibration.sweep_block)
+            vectors = book_g.reshape(book_g.shape[0], -1, dim)
+            codes_g = vector_error_feedback_codes(weight_g, factors[g], vectors, scales_g, calibration.sweep_block)
+            return scalar_view_codes(codes_g, dim)
+
+        return torch.cat([group_codes(g) for g in range(groups)])
 
     def refitted(c: torch.Tensor, book: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(errors of (c, book), sorted refitted codebook, renumbered codes, their errors)``; errors per row, or
