@@ -485,6 +485,7 @@ def _fit_vectors(
     weights: torch.Tensor | None,
     storage_dtype: torch.dtype,
     shared: bool,
+    what: str,
     effort: str = "full",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vector codebooks of the rows of ``values`` (R, n): ``(codebook (C, K, d) in storage_dtype, codes (R, n / d)
@@ -527,6 +528,11 @@ def _fit_vectors(
     if method == "ot-vp":
         flat_book = codebook.reshape(codebook.shape[0], -1).to(values.dtype)
         stretched = stretch_to_variance(values, flat_book, scalar_view_codes(codes, d), weights)
+        if storage_dtype == torch.float16 and bool(stretched.abs().amax() > _FLOAT16_MAX):
+            raise ValueError(
+                f"{what} has codewords up to {stretched.abs().amax().item():.4g}, beyond the float16 range "
+                f"({_FLOAT16_MAX}); pass codebook_dtype=torch.float32 (or torch.bfloat16)."
+            )
         codebook = stretched.reshape(codebook.shape).to(storage_dtype)
     return codebook, codes.to(torch.uint8)
 
@@ -674,7 +680,7 @@ def quantize_tensor(
     shared = granularity == "group" and codebook_scope == "tensor"
     if vector_dim > 1:
         codebook, codes = _fit_vectors(x, bits, vector_dim, method, weights, storage_dtype, shared or rows == 1,
-                                       effort)  # fmt: skip
+                                       what, effort)  # fmt: skip
     elif shared:
         codebook, codes = _fit_shared(x, bits, method, weights, storage_dtype, what, effort)
     else:
