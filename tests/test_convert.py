@@ -165,3 +165,14 @@ def test_an_override_pattern_that_matches_nothing_is_warned_about(caplog: pytest
     warned = [r.getMessage() for r in caplog.records if "module_overrides" in r.getMessage()]
     assert len(warned) == 1 and "'attn_typo'" in warned[0] and "'1'" not in warned[0]
     assert model[1].bits == 3
+
+
+def test_layers_whose_width_a_vector_does_not_divide_fall_back_to_scalar_codebooks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    with caplog.at_level(logging.WARNING, logger="diffusers_otq.convert"):
+        quantize_model(model, OTQConfig(bits=2, vector_dim=4, granularity="tensor"), progress=False)
+    assert (model[0].vector_dim, model[2].vector_dim) == (1, 4)
+    assert "vector_dim does not divide and use scalar codebooks: 0" in caplog.text
+    assert model[2].codebook.shape == (1, 8, 4)  # 32 weights: eight 4-D vectors, as many codewords (lossless)
