@@ -24,6 +24,7 @@ from typing import Any
 
 from ..calibration import CalibrationConfig
 from ..options import GRANULARITIES
+from .gguf import GGUF_FORMATS
 from .peers import PEER_FORMATS
 from .store import row_key
 from .variants import CALIBRATED, EVAL_METHODS, MIXED, MIXED_METHODS, SCOPES, Variant
@@ -208,7 +209,7 @@ def _block(data: Any, index: int) -> Block:
         scopes=_choices(
             _tuple(data.get("scopes", ["deploy"]), f"{where}.scopes", str), list(SCOPES), f"{where}.scopes"
         ),
-        peers=_choices(peers, list(PEER_FORMATS), f"{where}.peers"),
+        peers=_choices(peers, [*PEER_FORMATS, *GGUF_FORMATS], f"{where}.peers"),
         metrics=_choices(
             _tuple(data.get("metrics", ["weights", "probe"]), f"{where}.metrics", str),
             list(METRIC_SETS),
@@ -305,6 +306,11 @@ def _tasks(block: Block) -> set[tuple[str, int]]:
     return {(metric, 0) if metric in SEEDLESS else (metric, seed) for metric in block.metrics for seed in block.seeds}
 
 
+def _peer_bits(name: str) -> int:
+    """The nominal code bits of a peer format (a library's, or a GGUF type built with llama.cpp)."""
+    return GGUF_FORMATS[name].bits if name in GGUF_FORMATS else PEER_FORMATS[name].bits
+
+
 def expand_units(config: EvalConfig) -> list[Unit]:
     """Every unit of the config in a fixed order (model, then reference, ours, peers), tasks merged over blocks."""
     tasks: dict[tuple[str, Variant | None], set[tuple[str, int]]] = {}
@@ -324,7 +330,7 @@ def expand_units(config: EvalConfig) -> list[Unit]:
                 for method in block.methods
                 for budget in block.budgets
             ]
-            variants += [Variant(peer, "native", PEER_FORMATS[peer].bits, "deploy") for peer in block.peers]
+            variants += [Variant(peer, "native", _peer_bits(peer), "deploy") for peer in block.peers]
             for variant in variants:
                 found = _tasks(block)
                 if variant is None:  # the full-precision model has no weight error and no steps sweep against itself

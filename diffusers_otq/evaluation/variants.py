@@ -42,6 +42,7 @@ from ..convert import plan_layers
 from ..functional.fitters import METHODS
 from ..functional.metrics import relative_mse, wasserstein2
 from ..quantized_tensor import quantize_tensor
+from .gguf import GGUF_FORMATS, gguf_quantize
 from .peers import PEER_FORMATS, PeerNotApplicable, peer_format
 
 
@@ -106,11 +107,12 @@ CALIBRATED_PEERS: dict[str, CalibratedFit] = {
 NATIVE_METADATA_BITS: dict[str, int] = {"gptq-uniform": 32}
 """Bits of metadata per row (or group) in a calibrated peer's own format."""
 CALIBRATED.update(CALIBRATED_PEERS)
-EVAL_METHODS: tuple[str, ...] = (*METHODS, *CALIBRATED)  # every method name a block may list
+EVAL_METHODS: tuple[str, ...] = (*METHODS, *CALIBRATED, *GGUF_FORMATS)  # every method name a block may list
 MIXED = "mixed"  # the granularity of a bits-budget variant (per-layer bits and granularity chosen by the allocator)
 MIXED_METHODS: tuple[str, ...] = (*OURS, *(m for m in CALIBRATED if m not in CALIBRATED_PEERS))  # under budgets
 FAMILIES: dict[str, str] = {
-    m: "otq" if m in MIXED_METHODS else "calibrated-peer" if m in CALIBRATED_PEERS else "paper" for m in EVAL_METHODS
+    m: "otq" if m in MIXED_METHODS else "calibrated-peer" if m in (*CALIBRATED_PEERS, *GGUF_FORMATS) else "paper"
+    for m in EVAL_METHODS
 }
 _FLOAT_BITS = 16  # what an unquantized float weight costs in the shipped (fp16) models
 
@@ -176,11 +178,19 @@ class Variant:
             raise ValueError(
                 f"{self.method!r} stores {peer_format(self.method).bits}-bit codes, not bits={self.bits}."
             )
+        if self.method in GGUF_FORMATS and (
+            self.granularity != "native" or self.bits != GGUF_FORMATS[self.method].bits
+        ):
+            raise ValueError(
+                f"GGUF format {self.method!r} runs with granularity='native' and bits={GGUF_FORMATS[self.method].bits}, "
+                f"got granularity={self.granularity!r}, bits={self.bits}."
+            )
 
     @property
     def calibrated(self) -> bool:
-        """Whether this variant is fitted on calibration statistics (one of :data:`CALIBRATED`)."""
-        return self.method in CALIBRATED
+        """Whether this variant is fitted on calibration statistics (one of :data:`CALIBRATED`, or a GGUF format:
+        its importance matrix)."""
+        return self.method in CALIBRATED or self.method in GGUF_FORMATS
 
     @property
     def mixed(self) -> bool:
@@ -190,7 +200,7 @@ class Variant:
     @property
     def fitter(self) -> str:
         """The codebook fitter (``OTQConfig.method``): ``ot-vp`` for the calibrated methods, else ``method``."""
-        return CALIBRATED[self.method].fitter if self.calibrated else self.method
+        return CALIBRATED[self.method].fitter if self.method in CALIBRATED else self.method
 
 
 def _layer_row(name: str, original: torch.Tensor, quantized: torch.Tensor) -> dict:
@@ -329,6 +339,39 @@ def _stored_bits(module: nn.Module, method: str) -> int:
     return quantized.numel * quantized.bits + groups * NATIVE_METADATA_BITS[method]
 
 
+def _deploy_gguf(model: nn.Module, variant: Variant, statistics: CalibrationStatistics | None) -> dict:
+    """Every Linear/Conv2d weight of the deploy scope through llama.cpp's quantizer (:mod:`.gguf`) with the layer's
+    input second moments as importance matrix, replaced by its decoded values; every stored byte counted."""
+    if statistics is None:
+        raise ValueError(f"{variant.method!r} needs calibration statistics for its importance matrix.")
+    originals = _layer_weights(model)
+    float_numel = _float_numel(model) - sum(w.numel() for w in originals.values())
+    start = time.perf_counter()
+    layers, stored_bits, quantized_numel = [], 0, 0
+    for name, original in originals.items():
+        module = model.get_submodule(name)
+        rows = original.reshape(original.shape[0], -1)
+        stats = statistics.get(name)
+        moments = None if stats is None else stats.second_moments()  # (G, n): one importance row per input group
+        per_group = rows.shape[0] // (1 if moments is None else moments.shape[0])
+        decoded, types = [], set()
+        for g in range(1 if moments is None else moments.shape[0]):
+            part = rows if moments is None else rows[g * per_group : (g + 1) * per_group]
+            importance = torch.ones(rows.shape[1]) if moments is None else moments[g]  # no statistics: uniform
+            values, nbytes, stored = gguf_quantize(part, variant.method, importance)
+            decoded.append(values)
+            stored_bits += nbytes * 8
+            types.add(stored)
+        weight = torch.cat(decoded).reshape(original.shape)
+        with torch.no_grad():
+            module.weight.copy_(weight.to(module.weight.dtype))
+        layers.append({**_layer_row(name, original, weight), "setting": "+".join(sorted(types))})
+        quantized_numel += original.numel()
+    summary = _summary(layers, stored_bits, quantized_numel, float_numel, time.perf_counter() - start)
+    summary["calibrate_s"] = float(statistics.info.get("seconds", math.nan))
+    return summary
+
+
 def _float_numel(model: nn.Module) -> int:
     return sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
@@ -430,6 +473,8 @@ def quantize_variant(
     family = family_of(variant.method)
     if family == "peer":
         return _deploy_peer(model, variant)
+    if variant.method in GGUF_FORMATS:
+        return _deploy_gguf(model, variant, statistics)
     if variant.scope == "paper":
         return _paper_scope(model, variant)
     return _deploy_ours(model, variant, statistics, calibration, teacher, candidates)
