@@ -133,21 +133,18 @@ def _pick(score: torch.Tensor, uniform: float) -> torch.Tensor:
 
 
 def _seed(points: torch.Tensor, weights: torch.Tensor | None, levels: int) -> torch.Tensor:
-    """k-means++ seeding (D^2 sampling in the weighted norm, weighted by each point's total weight), batched over
-    codebooks; deterministic (one fixed sequence of uniform numbers, shared by every batch)."""
+    """k-means++ seeding, batched over codebooks: the first seed drawn by each point's total weight, the next ones
+    by the weighted squared distance to the nearest seed (D^2 sampling); deterministic (one fixed sequence of
+    uniform numbers, shared by every batch)."""
     groups, count, dim = points.shape
     uniforms = torch.rand(levels, generator=torch.Generator().manual_seed(_SEED), dtype=torch.float64).tolist()
-    mass = torch.ones(groups, count, dtype=points.dtype, device=points.device)
     w = torch.ones_like(points) if weights is None else weights
-    if weights is not None:
-        mass = weights.sum(dim=2)
     book = torch.empty(groups, levels, dim, dtype=points.dtype, device=points.device)
     batches = torch.arange(groups, device=points.device)
-    book[:, 0] = points[batches, _pick(mass, uniforms[0])]
+    book[:, 0] = points[batches, _pick(w.sum(dim=2), uniforms[0])]
     nearest = (w * (points - book[:, :1]).square()).sum(dim=2)  # (G, N) weighted distance to the nearest seed
     for k in range(1, levels):
-        score = nearest if weights is not None else nearest * mass
-        book[:, k] = points[batches, _pick(score, uniforms[k])]
+        book[:, k] = points[batches, _pick(nearest, uniforms[k])]
         nearest = torch.minimum(nearest, (w * (points - book[:, k : k + 1]).square()).sum(dim=2))
     return book
 
