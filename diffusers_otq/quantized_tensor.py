@@ -474,7 +474,8 @@ def _fit_shared(
     return codebook, codes
 
 
-_KMEANS_SAMPLE_VECTORS = 1 << 18  # a shared vector codebook is fitted on at most this many (strided) vectors
+_KMEANS_SAMPLES_PER_CODEWORD = 256  # a shared vector codebook is fitted on at most this many vectors per codeword
+_KMEANS_MIN_SAMPLE = 1 << 14  # (strided), and never fewer than this many (or all)
 
 
 def _fit_vectors(
@@ -489,8 +490,8 @@ def _fit_vectors(
     effort: str = "full",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vector codebooks of the rows of ``values`` (R, n): ``(codebook (C, K, d) in storage_dtype, codes (R, n / d)
-    uint8)``, one codebook per row or (``shared``) one for all rows (fitted on a strided sample of at most
-    ``_KMEANS_SAMPLE_VECTORS`` vectors, assigned on all).
+    uint8)``, one codebook per row or (``shared``) one for all rows (fitted on a strided sample of
+    ``max(256 K, 2**14)`` vectors at most, assigned on all: k-means costs O(N K d) per round).
 
     Weighted k-means (:func:`~diffusers_otq.functional.vector_codebooks.weighted_kmeans`) with ``weights`` per
     value; ``"ot-vp"`` then stretches the codewords about the mean to keep the variance (as its scalar form does).
@@ -506,9 +507,10 @@ def _fit_vectors(
     if shared:
         flat = points.reshape(1, rows * m, d)
         flat_weights = None if point_weights is None else point_weights.reshape(1, rows * m, d)
-        stride = max(1, -(-(rows * m) // _KMEANS_SAMPLE_VECTORS))
-        sample_weights = None if flat_weights is None else flat_weights[:, ::stride]
         levels = min(1 << (bits * d), rows * m)
+        sample = max(_KMEANS_SAMPLES_PER_CODEWORD * levels, _KMEANS_MIN_SAMPLE)
+        stride = max(1, -(-(rows * m) // sample))
+        sample_weights = None if flat_weights is None else flat_weights[:, ::stride]
         codebook = weighted_kmeans(flat[:, ::stride], levels, sample_weights, kmeans_effort).to(storage_dtype)
         codes = nearest_codewords(flat, codebook.to(values.dtype), flat_weights).reshape(rows, m)
     else:

@@ -127,24 +127,24 @@ template <int BITS, typename out_t>
 void dequantize_vector_impl(const uint8_t* packed, int64_t nbytes, const float* codebook, int64_t cb_rows, int64_t k,
                             int64_t dim, const float* scales, int64_t groups, int64_t rows, int64_t n, out_t* out,
                             int64_t first_row = 0) {
+  // No per-group table: a vector codebook has K * dim entries (1024 for 256 4-D codewords), more than a group of
+  // 64 weights reads, so each weight is scaled as it is written (the same float32 product as a table entry).
   const int64_t parts = groups ? groups : 1, group = n / parts, vectors = n / dim, group_vectors = group / dim;
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    std::vector<out_t> table(static_cast<size_t>(k));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = first_row + i;
       const float* cb = codebook + (cb_rows == 1 ? 0 : r) * k;
       for (int64_t p = 0; p < parts; ++p) {
         out_t* dst = out + i * n + p * group;
-        if (groups) {
-          const float s = scales[r * groups + p];
-          for (int64_t c = 0; c < k; ++c) table[c] = static_cast<out_t>(cb[c] * s);
-        } else {
-          for (int64_t c = 0; c < k; ++c) table[c] = static_cast<out_t>(cb[c]);
-        }
+        const float s = groups ? scales[r * groups + p] : 1.0f;
         for_codes<BITS>(packed, nbytes, r * vectors + p * group_vectors, group_vectors, [&](int64_t j, int code) {
-          const out_t* v = table.data() + static_cast<int64_t>(code) * dim;
+          const float* v = cb + static_cast<int64_t>(code) * dim;
           out_t* o = dst + j * dim;
-          for (int64_t e = 0; e < dim; ++e) o[e] = v[e];
+          if (groups) {
+            for (int64_t e = 0; e < dim; ++e) o[e] = static_cast<out_t>(v[e] * s);
+          } else {
+            for (int64_t e = 0; e < dim; ++e) o[e] = static_cast<out_t>(v[e]);
+          }
         });
       }
     }

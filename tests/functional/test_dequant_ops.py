@@ -84,6 +84,27 @@ def test_lut_gemv_agrees_with_the_dequantized_matmul(bits: int, granularity: str
     torch.testing.assert_close(lut_gemv(x, *_args(q), rows, n, bits), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("bits", "dim", "granularity"), [(2, 2, "group"), (4, 2, "channel"), (2, 4, "group"),
+                                                        (1, 8, "channel")])  # fmt: skip
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vector_codebooks_through_every_fused_op(bits: int, dim: int, granularity: str, dtype: torch.dtype) -> None:
+    weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(dim)).to(dtype)  # 300 rows: 3 tiles
+    q = quantize_tensor(weight, bits=bits, granularity=granularity, group_size=32 if granularity == "group" else None,
+                        vector_dim=dim)  # fmt: skip
+    rows, n = q.rows
+    codebook, scales = q.kernel_inputs()  # the flat (C, K * d) codebook
+    reference = reference_dequantize(q.packed, codebook, scales, rows, n, bits, dtype, dim)
+    assert torch.equal(dequantize_rows(q.packed, codebook, scales, rows, n, bits, dtype, dim), reference)
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    bias = torch.randn(rows).to(dtype)
+    out = tiled_linear(x, q.packed, codebook, scales, bias, rows, n, bits, dim)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, reference, bias))
+    x32, weight32 = x.float(), reference_dequantize(q.packed, codebook, scales, rows, n, bits, torch.float32, dim)
+    torch.testing.assert_close(
+        lut_gemv(x32, q.packed, codebook, scales, rows, n, bits, dim), x32 @ weight32.T, rtol=1e-5, atol=1e-5
+    )  # the GEMV sums in float32, without rounding the weight
+
+
 def test_the_layer_compiles_to_one_op_and_matches_eager() -> None:
     layer = OTQLinear.from_module(torch.nn.Linear(64, 48), bits=3, granularity="group", group_size=32)
     x = torch.randn(7, 64)
