@@ -475,7 +475,7 @@ def _fit_shared(
 
 
 _KMEANS_SAMPLES_PER_CODEWORD = 256  # a shared vector codebook is fitted on at most this many vectors per codeword
-_KMEANS_MIN_SAMPLE = 1 << 14  # (strided), and never fewer than this many (or all)
+_KMEANS_MIN_SAMPLE = 1 << 16  # (strided), and never fewer than this many (or all: every layer of the bundled models)
 
 
 def _fit_vectors(
@@ -491,7 +491,7 @@ def _fit_vectors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vector codebooks of the rows of ``values`` (R, n): ``(codebook (C, K, d) in storage_dtype, codes (R, n / d)
     uint8)``, one codebook per row or (``shared``) one for all rows (fitted on a strided sample of
-    ``max(256 K, 2**14)`` vectors at most, assigned on all: k-means costs O(N K d) per round).
+    ``max(256 K, 2**16)`` vectors at most, assigned on all: k-means costs O(N K d) per round).
 
     Weighted k-means (:func:`~diffusers_otq.functional.vector_codebooks.weighted_kmeans`) with ``weights`` per
     value; ``"ot-vp"`` then stretches the codewords about the mean to keep the variance (as its scalar form does).
