@@ -352,13 +352,13 @@ def _deploy_gguf(model: nn.Module, variant: Variant, statistics: CalibrationStat
         module = model.get_submodule(name)
         rows = original.reshape(original.shape[0], -1)
         stats = statistics.get(name)
-        moments = None if stats is None else stats.second_moments()  # (G, n): one importance row per input group
-        per_group = rows.shape[0] // (1 if moments is None else moments.shape[0])
+        # (G, n): the importance of each input group's rows (a grouped conv has several); no statistics: uniform
+        importance = torch.ones(1, rows.shape[1]) if stats is None else stats.second_moments()
+        per_group = rows.shape[0] // importance.shape[0]
         decoded, types = [], set()
-        for g in range(1 if moments is None else moments.shape[0]):
-            part = rows if moments is None else rows[g * per_group : (g + 1) * per_group]
-            importance = torch.ones(rows.shape[1]) if moments is None else moments[g]  # no statistics: uniform
-            values, nbytes, stored = gguf_quantize(part, variant.method, importance)
+        for g, group_importance in enumerate(importance):
+            part = rows[g * per_group : (g + 1) * per_group]
+            values, nbytes, stored = gguf_quantize(part, variant.method, group_importance)
             decoded.append(values)
             stored_bits += nbytes * 8
             types.add(stored)
