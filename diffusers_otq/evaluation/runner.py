@@ -388,7 +388,7 @@ class Evaluator:
         if unit.variant is not None:
             try:
                 statistics = self.calibration_statistics(unit.model) if unit.calibrated else None
-                refined = unit.calibrated and CALIBRATED[unit.method].refine
+                refined = unit.method in CALIBRATED and CALIBRATED[unit.method].refine  # GGUF peers: statistics only
                 teacher = self.teacher(unit.model) if refined else None
                 start = time.perf_counter()  # the weights row's time is the quantization's, not the calibration's
                 weights_metrics = quantize_variant(

@@ -75,3 +75,23 @@ def test_a_gguf_variant_quantizes_every_layer_with_its_statistics() -> None:
     assert 3 < metrics["bits_per_weight"] <= 16 and all(0 <= row["rel_mse"] < 0.2 for row in layers.values())
     with pytest.raises(ValueError, match="statistics"):
         quantize_variant(copy.deepcopy(pipe.transformer), Variant("gguf-q3_k", "native", 3))
+
+
+@needs_ggml
+def test_the_runner_gives_a_gguf_unit_its_statistics(tmp_path) -> None:  # noqa: ANN001 - pytest's tmp_path
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusers_otq import FlowMatchPipeline
+    from diffusers_otq.evaluation.config import Unit, load_config
+    from diffusers_otq.evaluation.runner import Evaluator
+    from diffusers_otq.testing.tiny_models import tiny_unet
+
+    config = load_config({"models": ["tiny"], "blocks": [{"name": "b", "peers": ["gguf-q2_k"], "metrics": ["weights"]}],
+                          "calibration": {"num_samples": 4, "batch_size": 4}, "sampling": {"steps": 2, "batch_size": 4}})  # fmt: skip
+    evaluator = Evaluator(config, tmp_path, tmp_path)
+    pipe = FlowMatchPipeline(tiny_unet(num_class_embeds=11), FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    evaluator._pipes["tiny"] = pipe
+    (row,) = evaluator.run_unit(Unit("tiny", Variant("gguf-q2_k", "native", 2), (("weights", 0),)), skip=set())
+    assert row["status"] == "ok" and row["family"] == "calibrated-peer", row.get("error")
+    assert row["metrics"]["bits_per_weight"] > 2 and row["metrics"]["calibrate_s"] > 0
