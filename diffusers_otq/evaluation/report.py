@@ -18,7 +18,7 @@ and plotted by :mod:`~diffusers_otq.evaluation.plots`; this module writes the ta
 ...        "granularity": "channel", "bits": 3, "scope": "deploy", "metric_set": "samples", "seed": 0,
 ...        "status": "ok", "metrics": {"psnr": 30.0, "ssim": 0.9}}
 >>> print(headline_table([row], "m").splitlines()[2])
-| ot | channel | 3 | — | — | 30.00 | 0.9000 | — | — | — | — | — |
+| ot | channel | 3 | — | — | 30.00 | 0.9000 | — | — | — | — | — | — | — | — |
 """
 
 from __future__ import annotations
