@@ -3,7 +3,7 @@
 diffusers-otq demo                                   # the bundled models: ours (data-free, calibrated) vs peers
 diffusers-otq quantize otq/fashion-mnist-unet out/ --bits 3
 diffusers-otq quantize otq/fashion-mnist-dit out/ --bits-per-weight 2.5 --calibrate   # calibrated, mixed precision
-diffusers-otq quantize otq/fashion-mnist-dit out/ --bits 2 --calibrate --refine-steps 300  # + refinement
+diffusers-otq quantize otq/fashion-mnist-dit out/ --bits 2 --calibrate --refine-steps 600  # + refinement
 diffusers-otq quantize path/to/sd3 out/ --bits 3 --calibrate --prompts prompts.txt
 diffusers-otq quantize path/to/sd3 out/ --bits 3 --components transformer --push-to-hub me/sd3-otq3
 diffusers-otq generate out/ --num-images 20 --class-labels 0 1 2 --output samples/
@@ -263,7 +263,7 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
             raise CLIError(f"{', '.join(given)} only apply with --calibrate; add --calibrate.")
         return None
     if args.refine_blocks and not args.refine_steps:
-        raise CLIError("--refine-blocks sets how refinement runs; add --refine-steps N (e.g. 300).")
+        raise CLIError("--refine-blocks sets how refinement runs; add --refine-steps N (e.g. 600).")
     try:
         return CalibrationConfig(
             num_samples=args.num_samples,
@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the bundled models: float, data-free, calibrated + budget + refined, and the peers; grid, plot, table",
     )
     demo.add_argument("--models", nargs="+", default=list(DEMO_MODELS), help="bundled names or pipeline folders")
-    demo.add_argument("--full", action="store_true", help="the complete version (more samples, 300 refinement steps)")
+    demo.add_argument("--full", action="store_true", help="the complete version (more samples, 600 refinement steps)")
     demo.add_argument("--budgets", type=float, nargs="+", default=None, help="bits/weight budgets (default 2 2.5 3 4)")
     demo.add_argument("--refine-steps", type=int, default=None, help="refinement steps per budget")
     demo.add_argument("--calibration-samples", type=int, default=None, help="samples of the calibration run")
@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--no-error-feedback", action="store_true", help="activation-weighted codebooks only")
     calibrate.add_argument("--save-statistics", default=None, metavar="FILE", help="keep the statistics for reuse")
     calibrate.add_argument(
-        "--refine-steps", type=int, default=None, help="train codebooks/biases against the fp velocity (e.g. 300)"
+        "--refine-steps", type=int, default=None, help="train codebooks/biases against the fp velocity (e.g. 600)"
     )
     calibrate.add_argument(
         "--refine-blocks",

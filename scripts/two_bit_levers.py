@@ -2,14 +2,18 @@
 
 Quantizes the bundled model under a bits budget with calibration (the whole-model path), optionally refined,
 optionally without vector-codebook candidates or with ``module_overrides`` pinning some layers, then samples 64
-images at the pipeline's defaults (labels cycled, seed 0) and prints one JSON line: bits per weight (every stored
-byte), sample PSNR and class agreement (both judges) against the float model's samples from the same noise, and the
-quantization time.
+images (labels cycled, seed 0; the pipeline's defaults, 30 steps without guidance, or ``--protocol``: the evaluation's
+15 steps with guidance 2.0, calibration and teacher at the same sampler) and prints one JSON line: bits per weight
+(every stored byte), sample PSNR and class agreement (both judges) against the float model's samples from the same
+noise, and the quantization time.
 
     python scripts/two_bit_levers.py --budget 2.0                       # vector candidates, no refinement
     python scripts/two_bit_levers.py --budget 2.0 --no-vectors          # the allocator's scalar candidates only
-    python scripts/two_bit_levers.py --budget 2.0 --refine-steps 300
+    python scripts/two_bit_levers.py --budget 2.0 --refine-steps 600
     python scripts/two_bit_levers.py --budget 2.0 --overrides '{"*norm1.linear": {"bits": 3, "granularity": "channel", "group_size": null}}'
+    python scripts/two_bit_levers.py --protocol --refine-steps 600                    # guided refinement, the defaults
+    python scripts/two_bit_levers.py --protocol --refine-steps 300 --refine-batch-size 16 --refine-lr 1e-4 --per-branch
+                                                                          # the defaults before (each branch's velocity)
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 
 import torch
 
 import diffusers_otq.calibration.allocation as allocation
-from diffusers_otq import CalibrationConfig, FlowMatchPipeline, OTQConfig, calibrate, quantize_pipeline
+from diffusers_otq import CalibrationConfig, FlowMatchPipeline, OTQConfig, calibrate, quantize_model
+from diffusers_otq.calibration import TeacherCalls
 from diffusers_otq.evaluation.classifier import reference_classifier
 from diffusers_otq.evaluation.image_metrics import psnr
 from diffusers_otq.layers import OTQLayerMixin
@@ -41,6 +47,16 @@ def main() -> None:
     parser.add_argument("--refine-steps", type=int, default=0)
     parser.add_argument("--no-vectors", action="store_true", help="no vector-codebook candidates")
     parser.add_argument("--overrides", default=None, help="module_overrides as JSON")
+    defaults = CalibrationConfig()
+    parser.add_argument("--refine-batch-size", type=int, default=defaults.refine_batch_size, help="rows per step")
+    parser.add_argument("--refine-lr", type=float, default=defaults.refine_lr)
+    parser.add_argument("--refine-eval-every", type=int, default=defaults.refine_eval_every)
+    parser.add_argument(
+        "--per-branch",
+        action="store_true",
+        help="refine each branch's velocity, not the guided one (the teacher without its guidance)",
+    )
+    parser.add_argument("--protocol", action="store_true", help="sample, calibrate and refine at 15 steps, guidance 2")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -54,11 +70,14 @@ def main() -> None:
     labels = [i % pipe.num_classes for i in range(args.samples)]
     judges = {judge: reference_classifier(args.model, judge) for judge in ("bundled", "plain")}
 
+    sampler = {"num_inference_steps": 15, "guidance_scale": 2.0} if args.protocol else {}
+
     def sample(denoiser: torch.nn.Module) -> torch.Tensor:
         runner = FlowMatchPipeline(transformer=denoiser, scheduler=pipe.scheduler)
         runner.set_progress_bar_config(disable=True)
         generator = torch.Generator().manual_seed(0)
-        return runner(batch_size=args.samples, class_labels=labels, output_type="pt", generator=generator).images
+        return runner(batch_size=args.samples, class_labels=labels, output_type="pt", generator=generator,
+                      **sampler).images  # fmt: skip
 
     @torch.no_grad()
     def classes(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -66,21 +85,32 @@ def main() -> None:
 
     reference = sample(fp)
     reference_classes = classes(reference)
-    calibration = CalibrationConfig(num_samples=64, refine_steps=args.refine_steps, sequential=False, progress=False)
+    protocol = (
+        {"num_inference_steps": 15, "guidance_scale": 2.0, "batch_size": 32, "seed": 1234} if args.protocol else {}
+    )
+    calibration = CalibrationConfig(num_samples=64, refine_steps=args.refine_steps, sequential=False, progress=False,
+                                    refine_batch_size=args.refine_batch_size, refine_lr=args.refine_lr,
+                                    refine_eval_every=args.refine_eval_every, **protocol)  # fmt: skip
     statistics = calibrate(pipe, OTQConfig(bits=4), calibration)
-    work = FlowMatchPipeline(transformer=copy.deepcopy(fp), scheduler=pipe.scheduler)
-    work.set_progress_bar_config(disable=True)
+    work = copy.deepcopy(fp)
     config = OTQConfig(bits_per_weight=args.budget, module_overrides=json.loads(args.overrides or "null"))
     start = time.perf_counter()
-    quantize_pipeline(work, config, calibration, statistics=statistics, progress=False, compute_metrics=False)
+    teacher = None
+    if args.refine_steps:  # as quantize_pipeline records it; --per-branch drops the sampler's guidance
+        teacher = TeacherCalls.from_pipeline(pipe, calibration, model=fp)
+        teacher = replace(teacher, guidance=None) if args.per_branch else teacher
+    quantize_model(work, config, statistics=statistics, calibration=calibration, teacher=teacher, progress=False,
+                   compute_metrics=False)  # fmt: skip
     seconds = time.perf_counter() - start
-    layers = [m for m in work.transformer.modules() if isinstance(m, OTQLayerMixin)]
+    layers = [m for m in work.modules() if isinstance(m, OTQLayerMixin)]
     stored = sum(m.quantized_weight().nbytes * 8 for m in layers)
     settings = Counter(f"{m.bits}-bit {m.granularity} {m.vector_dim}-D" for m in layers)
-    images = sample(work.transformer)
+    images = sample(work)
     agreement = {j: float((c == reference_classes[j]).float().mean()) for j, c in classes(images).items()}
     print(json.dumps({
         "model": args.model, "budget": args.budget, "refine_steps": args.refine_steps, "vectors": not args.no_vectors,
+        "refine_batch_size": args.refine_batch_size, "refine_lr": args.refine_lr, "guided": not args.per_branch,
+        "protocol": args.protocol,
         "overrides": config.module_overrides, "bits_per_weight": round(stored / sum(m.weight_shape.numel() for m in layers), 4),
         "psnr": round(psnr(images, reference).mean().item(), 2), "agreement": agreement, "quantize_s": round(seconds, 1),
         "settings": dict(settings),

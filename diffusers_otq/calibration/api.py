@@ -21,7 +21,7 @@ from .allocation import CandidateTable, plan_bits
 from .config import CalibrationConfig
 from .fit import calibrated_quantizer
 from .refine import RefineReport, TeacherCalls, refine_model, require_teacher
-from .sampling import calibration_batches, collect_statistics, denoiser_of, record_teacher_calls
+from .sampling import calibration_batches, collect_statistics, denoiser_of
 from .sequential import quantize_sequentially
 from .statistics import CalibrationStatistics
 
@@ -211,8 +211,9 @@ def quantize_pipeline(
         statistics = collect_statistics(pipe, config, calibration, model=denoiser)
     teacher = None
     if calibration is not None and calibration.refine_steps:
-        calls = record_teacher_calls(pipe, calibration, model=denoiser)
-        teacher = TeacherCalls.record(denoiser, calls, blocks=calibration.refine_scope == "blocks")
+        teacher = TeacherCalls.from_pipeline(
+            pipe, calibration, model=denoiser, blocks=calibration.refine_scope == "blocks"
+        )
     return quantize_model(
         denoiser,
         config,

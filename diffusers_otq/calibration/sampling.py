@@ -49,6 +49,7 @@ __all__ = [
     "collect_statistics",
     "denoiser_of",
     "record_teacher_calls",
+    "sampler_guidance",
     "selected_layers",
 ]
 
@@ -472,6 +473,23 @@ def record_teacher_calls(
     if not calls:
         raise CalibrationError(f"sampling with {type(target).__name__} never called its denoiser; nothing to learn.")
     return calls
+
+
+def sampler_guidance(target: Any, calibration: CalibrationConfig) -> float | None:
+    """The classifier-free guidance scale ``s`` with which ``target``'s sampler combines the two halves of each
+    denoiser call of :func:`record_teacher_calls`, or None where its calls are not guided in that layout.
+
+    A class-conditional pipeline (:class:`~diffusers_otq.FlowMatchPipeline`) sampling with ``s != 1`` calls its
+    denoiser on ``2B`` rows: the ``B`` conditional ones, then the same latents with the null class, and steps
+    with ``v = v_null + s (v_cond - v_null)``. None for ``s = 1``, unconditional models, text-to-image
+    pipelines (their batch layouts differ: refinement then trains each branch's velocity) and ``forward_fn``.
+    """
+    if calibration.forward_fn is not None or isinstance(target, nn.Module) or not _is_class_pipeline(target):
+        return None
+    if not target.num_classes:
+        return None
+    scale = _CLASS_GUIDANCE if calibration.guidance_scale is None else float(calibration.guidance_scale)
+    return None if scale == 1.0 else scale
 
 
 def _sigma(args: tuple, kwargs: dict, scale: float) -> float | None:

@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from ..calibration import CalibrationConfig, CalibrationStatistics, TeacherCalls, calibrate, measure_candidates
-from ..calibration.sampling import record_teacher_calls
 from ..config import OTQConfig
 from ..functional.cpu_kernels import load as load_cpu_kernels
 from ..pipeline import FlowMatchPipeline
@@ -103,15 +102,15 @@ class DemoSettings:
     budgets: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
     data_free_bits: tuple[int, ...] = (2, 3, 4)
     calibration_samples: int = 16
-    refine_steps: int = 20
+    refine_steps: int = 40
     refine_samples: int = 8
     peers: tuple[str, ...] = DEMO_PEERS
 
     @classmethod
     def full(cls) -> DemoSettings:
         """The complete version: the evaluation protocol's calibration and refinement (64 calibration samples,
-        300 refinement steps on 32 trajectories) and 64 compared samples."""
-        return cls(num_images=64, calibration_samples=64, refine_steps=300, refine_samples=32)
+        600 refinement steps on 32 trajectories) and 64 compared samples."""
+        return cls(num_images=64, calibration_samples=64, refine_steps=600, refine_samples=32)
 
     def shortened(self) -> list[str]:
         """What these settings cut from :meth:`full`, one phrase each (empty for the full version)."""
@@ -305,7 +304,7 @@ def demo_model(model: str, settings: DemoSettings, cache: Path | None = None) ->
         statistics = _statistics(pipe, model, calibration, cache)
         record["calibrate_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        teacher = TeacherCalls.record(fp, record_teacher_calls(pipe, calibration, model=fp))
+        teacher = TeacherCalls.from_pipeline(pipe, calibration, model=fp)
         record["teacher_s"] = time.perf_counter() - start
         start = time.perf_counter()
         config = otq_config(Variant(BEST_METHOD, "mixed", settings.budgets[0]))

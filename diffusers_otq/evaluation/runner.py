@@ -233,14 +233,13 @@ class Evaluator:
 
     def teacher(self, model: str) -> TeacherCalls:
         """The full-precision denoiser's calls and outputs along ``refine_samples`` trajectories of its own
-        (:func:`~diffusers_otq.calibration.sampling.record_teacher_calls`, noise of its own), once per process;
+        (:meth:`~diffusers_otq.calibration.refine.TeacherCalls.from_pipeline`, noise of its own), once per process;
         deterministic, so every process and rerun refines against the same teacher."""
         if model not in self._teachers:
-            from ..calibration.sampling import record_teacher_calls
-
             fp = self.pipeline(model)
-            calls = record_teacher_calls(fp, self.config.calibration_config(), model=fp.transformer)
-            self._teachers[model] = TeacherCalls.record(fp.transformer, calls)
+            self._teachers[model] = TeacherCalls.from_pipeline(
+                fp, self.config.calibration_config(), model=fp.transformer
+            )
         return self._teachers[model]
 
     def _calibrate(self, model: str, calibration: CalibrationConfig, path: Path) -> CalibrationStatistics:

@@ -88,7 +88,7 @@ class CalibratedFit:
 
 SCOPES: tuple[str, ...] = ("deploy", "paper")
 OURS: tuple[str, ...] = ("ot", "ot-vp")
-REFINE_STEPS = 300  # refinement steps of ot-vp+ref unless the evaluation's calibration section sets others
+REFINE_STEPS = 600  # refinement steps (of 8 rows) of ot-vp+ref unless the evaluation's calibration section sets others
 # The calibration ablation, in order: activation-weighted codebooks only, + error feedback, + bias correction,
 # + refinement against the full-precision velocity (codes frozen).
 CALIBRATED: dict[str, CalibratedFit] = {

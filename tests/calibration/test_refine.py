@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from diffusers_otq import CalibrationConfig, CalibrationError, OTQConfig, quantize_model, quantize_pipeline
 from diffusers_otq.calibration import ProbeInputs, TeacherCalls, refine_model
 from diffusers_otq.calibration.blocks import block_names, block_outputs
-from diffusers_otq.calibration.sampling import record_teacher_calls
+from diffusers_otq.calibration.refine import guided_velocity
+from diffusers_otq.calibration.sampling import record_teacher_calls, sampler_guidance
 from diffusers_otq.hub import model_card
 from diffusers_otq.layers import OTQLayerMixin
 
@@ -172,3 +173,53 @@ def test_block_calls_hold_each_blocks_full_precision_inputs_and_outputs() -> Non
     with pytest.raises(CalibrationError, match="needs the teacher's block calls"):
         quantize_model(model, OTQConfig(bits=2), calibration=whole_model(refine_steps=2, refine_scope="blocks"),
                        teacher=TeacherCalls.record(unet_pipeline().transformer, calls), progress=False)  # fmt: skip
+
+
+def test_the_teacher_of_a_guided_sampler_pairs_each_conditional_row_with_its_null_twin() -> None:
+    pipe = unet_pipeline()
+    assert sampler_guidance(pipe, whole_model()) == 2.0  # the class pipelines' calibration default
+    assert sampler_guidance(pipe, whole_model(guidance_scale=3.5)) == 3.5
+    assert sampler_guidance(pipe, whole_model(guidance_scale=1.0)) is None  # one conditional pass per step
+    assert sampler_guidance(pipe.transformer, whole_model()) is None  # a bare model has no sampler
+    teacher = TeacherCalls.from_pipeline(pipe, whole_model(refine_samples=2))
+    assert teacher.guidance == 2.0 and len(teacher.outputs) == 3  # 3 Euler steps
+    for (args, kwargs), out in zip(teacher.inputs.calls, teacher.outputs, strict=True):
+        labels = kwargs["class_labels"]
+        assert out.shape[0] == 4 and bool((labels[2:] == pipe.num_classes).all())  # 2 samples + 2 null twins
+        assert bool((labels[:2] != pipe.num_classes).all())
+        assert torch.equal(args[0][:2], args[0][2:])  # the same latents
+    unguided = TeacherCalls.from_pipeline(pipe, whole_model(refine_samples=2, guidance_scale=1.0))
+    assert unguided.guidance is None and unguided.outputs[0].shape[0] == 2
+    with pytest.raises(CalibrationError, match=r"guidance=2.0 pairs .* odd batch"):
+        TeacherCalls(unguided.inputs, [torch.zeros(3, 1, 4, 4)] * len(unguided.outputs), guidance=2.0)
+
+
+def test_guided_refinement_fits_the_velocity_the_sampler_steps_with(monkeypatch) -> None:
+    from diffusers_otq.calibration import refine
+
+    pipe = unet_pipeline()
+    teacher = TeacherCalls.from_pipeline(pipe, whole_model(refine_samples=4))
+    model = pipe.transformer
+    quantize_model(model, OTQConfig(bits=2), calibration=whole_model(), progress=False, compute_metrics=False)
+    num = den = 0.0
+    with torch.no_grad():  # the reported loss, by hand: the guided velocity's relative error over every call
+        for (args, kwargs), ref in zip(teacher.inputs.calls, teacher.outputs, strict=True):
+            out = guided_velocity(model(*args, **kwargs).sample.double(), 2.0)
+            target = guided_velocity(ref.double(), 2.0)
+            num, den = num + float((out - target).square().sum()), den + float(target.square().sum())
+    assert refine._loss(model, teacher) == pytest.approx(num / den, rel=1e-6)
+    seen = []
+    original = refine.model_output
+
+    def spy(model, args, kwargs):
+        if torch.is_grad_enabled():
+            seen.append(kwargs["class_labels"].clone())
+        return original(model, args, kwargs)
+
+    monkeypatch.setattr(refine, "model_output", spy)
+    report = refine_model(model, teacher, whole_model(refine_steps=4, refine_batch_size=4, refine_eval_every=2,
+                                                      refine_lr=1e-3))  # fmt: skip
+    assert report.loss_after < report.loss_before and len(seen) == 4
+    for labels in seen:  # each training step: 2 conditional rows, then their 2 null-class twins
+        assert labels.shape == (4,) and bool((labels[2:] == pipe.num_classes).all())
+        assert bool((labels[:2] != pipe.num_classes).all())

@@ -23,11 +23,11 @@ def test_the_quick_settings_say_what_they_shorten_and_the_full_ones_shorten_noth
     quick, full = DemoSettings(), DemoSettings.full()
     assert full.shortened() == []
     shortened = quick.shortened()
-    assert f"refinement steps {quick.refine_steps} (full: 300)" in shortened
+    assert f"refinement steps {quick.refine_steps} (full: 600)" in shortened
     assert all("(full:" in phrase for phrase in shortened) and len(shortened) == 4
     assert quick.budgets == full.budgets == (2.0, 2.5, 3.0, 4.0)
     calibration = full.calibration()
-    assert (calibration.num_samples, calibration.refine_steps, calibration.refine_samples) == (64, 300, 32)
+    assert (calibration.num_samples, calibration.refine_steps, calibration.refine_samples) == (64, 600, 32)
 
 
 @pytest.mark.parametrize(
