@@ -9,7 +9,7 @@ entries, everything else as JSON (calls with other argument types are not record
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,12 +120,20 @@ def model_output(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 
 
 @torch.no_grad()
-def velocity_error(model: nn.Module, probes: ProbeInputs, reference: list[torch.Tensor]) -> float:
-    """``sum ||v - v_ref||^2 / sum ||v_ref||^2`` of ``model`` over the probe calls against ``reference`` outputs."""
+def velocity_error(
+    model: nn.Module,
+    probes: ProbeInputs,
+    reference: list[torch.Tensor],
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
+    """``sum ||v - v_ref||^2 / sum ||v_ref||^2`` of ``model`` over the probe calls against ``reference`` outputs,
+    after ``transform`` of both (e.g. the guided combination of a call's two halves; None: as they are)."""
     num = den = 0.0
     for (args, kwargs), ref in zip(probes.calls, reference, strict=True):
         out = model_output(model, args, kwargs).to(torch.float64)
         ref64 = ref.to(device=out.device, dtype=torch.float64)
+        if transform is not None:
+            out, ref64 = transform(out), transform(ref64)
         num += float((out - ref64).square().sum())
         den += float(ref64.square().sum())
     return num / den if den > 0 else 0.0

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -230,19 +231,11 @@ def guided_velocity(velocity: torch.Tensor, scale: float) -> torch.Tensor:
     return null + scale * (conditional - null)
 
 
-@torch.no_grad()
 def _loss(model: nn.Module, teacher: TeacherCalls) -> float:
     """The reported teacher loss: relative velocity error over every recorded call (float64 sums); of the guided
     velocity where the teacher's calls are guided."""
-    if teacher.guidance is None:
-        return velocity_error(model, teacher.inputs, teacher.outputs)
-    num = den = 0.0
-    for (args, kwargs), ref in zip(teacher.inputs.calls, teacher.outputs, strict=True):
-        out = guided_velocity(model_output(model, args, kwargs).to(torch.float64), teacher.guidance)
-        target = guided_velocity(ref.to(device=out.device, dtype=torch.float64), teacher.guidance)
-        num += float((out - target).square().sum())
-        den += float(target.square().sum())
-    return num / den if den > 0 else 0.0
+    guided = None if teacher.guidance is None else partial(guided_velocity, scale=teacher.guidance)
+    return velocity_error(model, teacher.inputs, teacher.outputs, guided)
 
 
 def require_teacher(teacher: TeacherCalls | None) -> TeacherCalls:
