@@ -174,7 +174,7 @@ def _refinement_text(record: dict | None) -> str:
             f"relative block error {record['loss_before']:.4g} -> {record['loss_after']:.4g}"
         )
         return text + (f" (stopped early: {record['stopped']})" if record.get("stopped") else "")
-    target = "velocity"
+    target = "velocity" if record.get("guidance") is None else f"guided velocity (guidance {record['guidance']})"
     if record.get("scope") == "blocks":
         target = f"block outputs, {record.get('blocks')} blocks one at a time,"
     text = (

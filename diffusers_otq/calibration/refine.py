@@ -132,6 +132,7 @@ class RefineReport:
     stopped: str | None = None  # why training stopped early (e.g. NaN at step 37), or None
     scope: str = "model"
     blocks: int = 0  # blocks trained one at a time (scope "blocks")
+    guidance: float | None = None  # the guided velocity's scale where the whole model fitted it (TeacherCalls)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -143,6 +144,7 @@ class RefineReport:
             "stopped": self.stopped,
             "scope": self.scope,
             "blocks": self.blocks,
+            "guidance": self.guidance,
         }
 
 
@@ -300,8 +302,9 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
                 with torch.no_grad():
                     layer.bias.copy_(bias)
         after, best_step = before, 0
+    guidance = teacher.guidance if calibration.refine_scope == "model" else None
     report = RefineReport(before, after, steps, best_step, time.perf_counter() - started, stopped,
-                          calibration.refine_scope, blocks)  # fmt: skip
+                          calibration.refine_scope, blocks, guidance)  # fmt: skip
     logger.info(
         "Refined %d layers (%s) in %.1f s: teacher loss %.4g -> %.4g%s",
         len(layers), f"{blocks} blocks" if blocks else "whole model", report.seconds, report.loss_before,
