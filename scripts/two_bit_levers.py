@@ -25,6 +25,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -32,12 +33,14 @@ import diffusers_otq.calibration.allocation as allocation
 from diffusers_otq import CalibrationConfig, FlowMatchPipeline, OTQConfig, calibrate, quantize_model
 from diffusers_otq.calibration import TeacherCalls
 from diffusers_otq.evaluation.classifier import reference_classifier
+from diffusers_otq.evaluation.config import load_config
 from diffusers_otq.evaluation.image_metrics import psnr
 from diffusers_otq.layers import OTQLayerMixin
 from diffusers_otq.reference import resolve_reference
 
 
 logger = logging.getLogger("two_bit_levers")
+PROTOCOL_CONFIG = Path(__file__).parent / "configs" / "evaluate-two-bit.yaml"
 
 
 def main() -> None:
@@ -70,7 +73,11 @@ def main() -> None:
     labels = [i % pipe.num_classes for i in range(args.samples)]
     judges = {judge: reference_classifier(args.model, judge) for judge in ("bundled", "plain")}
 
-    sampler = {"num_inference_steps": 15, "guidance_scale": 2.0} if args.protocol else {}
+    # --protocol: the sampler and calibration of the two-bit evaluation, read from its config
+    protocol = load_config(PROTOCOL_CONFIG) if args.protocol else None
+    sampler = {}
+    if protocol is not None:
+        sampler = {"num_inference_steps": protocol.sampling.steps, "guidance_scale": protocol.sampling.guidance_scale}
 
     def sample(denoiser: torch.nn.Module) -> torch.Tensor:
         runner = FlowMatchPipeline(transformer=denoiser, scheduler=pipe.scheduler)
@@ -85,12 +92,9 @@ def main() -> None:
 
     reference = sample(fp)
     reference_classes = classes(reference)
-    protocol = (
-        {"num_inference_steps": 15, "guidance_scale": 2.0, "batch_size": 32, "seed": 1234} if args.protocol else {}
-    )
-    calibration = CalibrationConfig(num_samples=64, refine_steps=args.refine_steps, sequential=False, progress=False,
-                                    refine_batch_size=args.refine_batch_size, refine_lr=args.refine_lr,
-                                    refine_eval_every=args.refine_eval_every, **protocol)  # fmt: skip
+    base = CalibrationConfig(num_samples=64, progress=False) if protocol is None else protocol.calibration_config()
+    calibration = replace(base, refine_steps=args.refine_steps, sequential=False, refine_batch_size=args.refine_batch_size,
+                          refine_lr=args.refine_lr, refine_eval_every=args.refine_eval_every)  # fmt: skip
     statistics = calibrate(pipe, OTQConfig(bits=4), calibration)
     work = copy.deepcopy(fp)
     config = OTQConfig(bits_per_weight=args.budget, module_overrides=json.loads(args.overrides or "null"))

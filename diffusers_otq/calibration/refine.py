@@ -85,8 +85,8 @@ class TeacherCalls:
                 f"a teacher needs recorded calls with their outputs; got {len(self.inputs)} calls and "
                 f"{len(self.outputs)} outputs. Record them with TeacherCalls.from_pipeline(pipe, calibration) before quantizing."
             )
-        odd = [tuple(o.shape) for o in self.outputs if o.dim() == 0 or o.shape[0] % 2]
-        if self.guidance is not None and odd:
+        odd = [] if self.guidance is None else [tuple(o.shape) for o in self.outputs if o.dim() == 0 or o.shape[0] % 2]
+        if odd:
             raise CalibrationError(
                 f"guidance={self.guidance!r} pairs each call's conditional rows with as many null-class rows, but "
                 f"outputs of shape {odd[0]} have an odd batch; pass guidance=None for unguided calls."
