@@ -225,3 +225,43 @@ def test_guided_refinement_fits_the_velocity_the_sampler_steps_with(monkeypatch)
     for labels in seen:  # each training step: 2 conditional rows, then their 2 null-class twins
         assert labels.shape == (4,) and bool((labels[2:] == pipe.num_classes).all())
         assert bool((labels[:2] != pipe.num_classes).all())
+
+
+def _dit_with_teacher():
+    pipe = dit_pipeline()
+    teacher = TeacherCalls.from_pipeline(pipe, whole_model(refine_samples=4))
+    model = pipe.transformer
+    quantize_model(model, OTQConfig(bits=2), calibration=whole_model(), progress=False, compute_metrics=False)
+    model.requires_grad_(False)  # as after loading for inference
+    return model, teacher
+
+
+def test_refinement_trains_the_float_parameters_outside_the_quantized_layers() -> None:
+    model, teacher = _dit_with_teacher()
+    tables = {n: p.detach().clone() for n, p in model.named_parameters() if "embedding_table" in n}
+    assert tables and not any(isinstance(model.get_submodule(n.rpartition(".")[0]), OTQLayerMixin) for n in tables)
+    report = refine_model(model, teacher, whole_model(refine_steps=6, refine_batch_size=4, refine_eval_every=3,
+                                                      refine_lr=1e-3))  # fmt: skip
+    assert report.loss_after < report.loss_before and report.best_step > 0
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(params[n], before) for n, before in tables.items())  # the class embeddings moved
+    assert not any(p.requires_grad or p.grad is not None for p in model.parameters())  # flags as they were
+
+
+def test_a_refinement_that_storage_undoes_puts_every_parameter_back(monkeypatch) -> None:
+    from diffusers_otq.calibration import refine
+
+    model, teacher = _dit_with_teacher()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    original = refine._store
+
+    def spoiled(layer, dtypes):  # storage that ruins the codebooks: the stored model is worse than the unrefined
+        original(layer, dtypes)
+        layer._buffers["codebook"] = layer._buffers["codebook"] * 3
+
+    monkeypatch.setattr(refine, "_store", spoiled)
+    report = refine_model(model, teacher, whole_model(refine_steps=4, refine_batch_size=4, refine_eval_every=2,
+                                                      refine_lr=1e-3))  # fmt: skip
+    assert report.loss_after == report.loss_before and report.best_step == 0
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # codebooks, biases and embedding tables
