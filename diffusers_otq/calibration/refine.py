@@ -8,11 +8,12 @@ quantized layers:
 * the codebooks (float32 copies of the stored rows; re-sorted with their codes and stored back in their
   storage dtype afterwards, so the packed format is unchanged),
 * the per-row group-scale maxima (``scale_max``, stored in float32),
-* the low-rank factors,
-* every float parameter of the model (of the block, with ``refine_scope="blocks"``): the layers' biases and the
-  parameters outside the quantized layers (embedding tables, norm affines, layers left in full precision). They
-  are stored in full precision either way, so training them costs no stored bit (the bundled DiT at 2.0
-  bits/weight: its class-embedding tables add 0.39 dB of sample PSNR, results/two-bit.md),
+* the low-rank factors, and the layers' biases,
+* with ``CalibrationConfig(refine_float_params=True)``, every other float parameter of the model (of the block,
+  with ``refine_scope="blocks"``): embedding tables, norm affines, layers left in full precision. They are
+  stored in full precision either way, so training them costs no stored bit; it helps the bundled DiT (its
+  class-embedding tables: +0.2-0.4 dB of sample PSNR) and hurts the bundled UNet at 3.05 bits/weight (-1.2 dB),
+  so it is off by default (results/two-bit.md section 3c),
 
 minimising the relative velocity error ``sum ||v_student - v_teacher||^2 / sum ||v_teacher||^2`` on random
 sub-batches of the recorded calls. Where the sampler guides (class pipelines with guidance ``s != 1``, see
@@ -168,10 +169,13 @@ def _slice_call(args: tuple, kwargs: dict, rows: torch.Tensor, batch: int) -> tu
     return tree_map(pick, args), tree_map(pick, kwargs)
 
 
-def float_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The floating-point parameters of ``module`` that refinement trains beside the OTQ buffers: biases and every
-    parameter outside the quantized layers (the codes, a uint8 parameter, are not among them)."""
-    return [p for p in module.parameters() if p.is_floating_point()]
+def float_parameters(module: nn.Module, calibration: CalibrationConfig) -> list[nn.Parameter]:
+    """The floating-point parameters of ``module`` that refinement trains beside the OTQ buffers: the OTQ layers'
+    biases, and with ``calibration.refine_float_params`` every float parameter of ``module`` (the codes, a uint8
+    parameter, are never among them)."""
+    if calibration.refine_float_params:
+        return [p for p in module.parameters() if p.is_floating_point()]
+    return [m.bias for m in module.modules() if isinstance(m, OTQLayerMixin) and m.bias is not None]
 
 
 @contextmanager
@@ -306,7 +310,7 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
     dtypes = [{n: layer._buffers[n].dtype for n in _TRAINABLE_BUFFERS if layer._buffers.get(n) is not None}
               for layer in layers]  # fmt: skip
     stored = [{n: t.detach().clone() for n, t in layer.stored_tensors().items()} for layer in layers]
-    floats = float_parameters(model)
+    floats = float_parameters(model, calibration)
     float_values = [p.detach().clone() for p in floats]
     started = time.perf_counter()
     with eval_mode(model):
@@ -506,7 +510,8 @@ def train_block(
     measured before and every ``refine_eval_every`` steps, and the block keeps the parameters of the lowest one.
 
     Args:
-        block: a module holding OTQ layers; their float buffers and every float parameter of the block are trained.
+        block: a module holding OTQ layers; their float buffers and biases are trained (with
+            ``calibration.refine_float_params``, every float parameter of the block).
         recorded: the calls to learn from: inputs (any device) and target output tensors.
         calibration: ``refine_steps``, ``refine_lr``, ``refine_batch_size``, ``refine_eval_every``, ``seed``.
         desc: the progress bar's label.
@@ -536,7 +541,7 @@ def train_block(
         return num / den.to(num.device).clamp_min(1e-30)
 
     reduce = None if shard is None else _summed_over_processes
-    return _train(layers, float_parameters(block), step, lambda: _block_loss(block, recorded, device, shard),
+    return _train(layers, float_parameters(block, calibration), step, lambda: _block_loss(block, recorded, device, shard),
                   calibration, desc, reduce)  # fmt: skip
 
 
@@ -572,7 +577,7 @@ def refine_block(
     dtypes = [{n: layer._buffers[n].dtype for n in _TRAINABLE_BUFFERS if layer._buffers.get(n) is not None}
               for layer in layers]  # fmt: skip
     stored = [{n: t.detach().clone() for n, t in layer.stored_tensors().items()} for layer in layers]
-    floats = float_parameters(block)
+    floats = float_parameters(block, calibration)
     float_values = [p.detach().clone() for p in floats]
     started = time.perf_counter()
     with eval_mode(block):

@@ -26,6 +26,7 @@ from diffusers_otq import CalibrationConfig, CalibrationError
         ({"sensitivity": "hessian"}, "sensitivity='hessian'"),
         ({"unseen_layers": "skip"}, "unseen_layers='skip'"),
         ({"act_order": 1}, "act_order=1 must be True or False"),
+        ({"refine_float_params": "yes"}, "refine_float_params='yes' must be True or False"),
         ({"guidance_scale": float("nan")}, "guidance_scale=nan"),
         ({"timestep_weighting": 2.0}, "callable"),
     ],

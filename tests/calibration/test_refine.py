@@ -236,15 +236,20 @@ def _dit_with_teacher():
     return model, teacher
 
 
-def test_refinement_trains_the_float_parameters_outside_the_quantized_layers() -> None:
+@pytest.mark.parametrize("train_floats", [False, True])
+def test_refinement_trains_the_float_parameters_outside_the_quantized_layers_only_when_asked(train_floats) -> None:
     model, teacher = _dit_with_teacher()
     tables = {n: p.detach().clone() for n, p in model.named_parameters() if "embedding_table" in n}
     assert tables and not any(isinstance(model.get_submodule(n.rpartition(".")[0]), OTQLayerMixin) for n in tables)
-    report = refine_model(model, teacher, whole_model(refine_steps=6, refine_batch_size=4, refine_eval_every=3,
-                                                      refine_lr=1e-3))  # fmt: skip
+    biases = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")}
+    calibration = whole_model(refine_steps=6, refine_batch_size=4, refine_eval_every=3, refine_lr=1e-3,
+                              refine_float_params=train_floats)  # fmt: skip
+    report = refine_model(model, teacher, calibration)
     assert report.loss_after < report.loss_before and report.best_step > 0
     params = dict(model.named_parameters())
-    assert all(not torch.equal(params[n], before) for n, before in tables.items())  # the class embeddings moved
+    moved = [not torch.equal(params[n], before) for n, before in tables.items()]
+    assert all(moved) if train_floats else not any(moved)  # the class embeddings move only when asked
+    assert any(not torch.equal(params[n], before) for n, before in biases.items())  # biases train either way
     assert not any(p.requires_grad or p.grad is not None for p in model.parameters())  # flags as they were
 
 
@@ -261,7 +266,7 @@ def test_a_refinement_that_storage_undoes_puts_every_parameter_back(monkeypatch)
 
     monkeypatch.setattr(refine, "_store", spoiled)
     report = refine_model(model, teacher, whole_model(refine_steps=4, refine_batch_size=4, refine_eval_every=2,
-                                                      refine_lr=1e-3))  # fmt: skip
+                                                      refine_lr=1e-3, refine_float_params=True))  # fmt: skip
     assert report.loss_after == report.loss_before and report.best_step == 0
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # codebooks, biases and embedding tables
