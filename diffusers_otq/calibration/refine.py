@@ -245,8 +245,12 @@ def _restore(layers: list[OTQLayerMixin], floats: list[nn.Parameter], snapshot: 
             param.copy_(value)
 
 
-def _put_back(layers: list[OTQLayerMixin], stored: list[dict[str, torch.Tensor]], floats: list[nn.Parameter],
-              float_values: list[torch.Tensor]) -> None:  # fmt: skip
+def _put_back(
+    layers: list[OTQLayerMixin],
+    stored: list[dict[str, torch.Tensor]],
+    floats: list[nn.Parameter],
+    float_values: list[torch.Tensor],
+) -> None:
     """Undo refinement: the layers' stored tensors and the float parameters as they were before it."""
     for layer, tensors in zip(layers, stored, strict=True):
         for name, tensor in tensors.items():
@@ -361,9 +365,10 @@ def _train(
     reduce: Callable[[list[torch.Tensor], torch.Tensor | None], float] | None = None,
     first: float | None = None,
 ) -> BlockFit:
-    """Adam on ``layers``' float buffers and the float parameters ``floats``: ``refine_steps`` steps of ``step_loss``, ``eval_loss`` measured
-    before (unless the caller passes that value as ``first``: one pass over every recorded call saved) and every
-    ``refine_eval_every`` steps; the layers end with the parameters of the lowest measured loss.
+    """Adam on ``layers``' float buffers and the float parameters ``floats``: ``refine_steps`` steps of
+    ``step_loss``, ``eval_loss`` measured before (unless the caller passes that value as ``first``: one pass over
+    every recorded call saved) and every ``refine_eval_every`` steps; the layers and ``floats`` end with the values
+    of the lowest measured loss.
 
     With several processes ``step_loss`` returns None where another process holds the step's call, and
     ``reduce(params, loss)`` sums the gradients and the loss over the processes (returns the loss)."""
@@ -541,8 +546,8 @@ def train_block(
         return num / den.to(num.device).clamp_min(1e-30)
 
     reduce = None if shard is None else _summed_over_processes
-    return _train(layers, float_parameters(block, calibration), step, lambda: _block_loss(block, recorded, device, shard),
-                  calibration, desc, reduce)  # fmt: skip
+    floats = float_parameters(block, calibration)
+    return _train(layers, floats, step, lambda: _block_loss(block, recorded, device, shard), calibration, desc, reduce)
 
 
 @torch.no_grad()
