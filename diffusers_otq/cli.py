@@ -254,6 +254,7 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
         "--save-statistics": args.save_statistics,
         "--refine-steps": args.refine_steps,
         "--refine-blocks": args.refine_blocks or None,
+        "--refine-float-params": args.refine_float_params or None,
         "--work-dir": args.work_dir,
         "--whole-model": args.whole_model or None,
     }
@@ -262,8 +263,9 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
         if given:
             raise CLIError(f"{', '.join(given)} only apply with --calibrate; add --calibrate.")
         return None
-    if args.refine_blocks and not args.refine_steps:
-        raise CLIError("--refine-blocks sets how refinement runs; add --refine-steps N (e.g. 600).")
+    for flag, value in (("--refine-blocks", args.refine_blocks), ("--refine-float-params", args.refine_float_params)):
+        if value and not args.refine_steps:
+            raise CLIError(f"{flag} sets how refinement runs; add --refine-steps N (e.g. 600).")
     try:
         return CalibrationConfig(
             num_samples=args.num_samples,
@@ -274,6 +276,7 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
             error_feedback=not args.no_error_feedback,
             refine_steps=args.refine_steps or 0,
             refine_scope="blocks" if args.refine_blocks else "model",
+            refine_float_params=args.refine_float_params,
             sequential=not (args.whole_model or args.save_statistics or args.statistics),
             work_dir=args.work_dir,
         )
@@ -570,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine-blocks",
         action="store_true",
         help="refine one block at a time (memory of one block; for models whose backward does not fit)",
+    )
+    calibrate.add_argument(
+        "--refine-float-params",
+        action="store_true",
+        help="refinement also trains the float parameters outside the quantized layers (embeddings, norms; no "
+        "stored bit changes); helps the bundled DiT, hurts the bundled UNet at 3 bits: docs/calibration.md",
     )
     calibrate.add_argument(
         "--statistics", default=None, metavar="FILE", help="reuse saved statistics instead of sampling"

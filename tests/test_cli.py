@@ -164,6 +164,7 @@ def test_generate_writes_pngs(bundle: Path, tmp_path: Path) -> None:
         (["quantize", "{bundle}", "{tmp}/out", "--prompts", "p.txt"], r"--prompts only apply with --calibrate"),
         (["quantize", "{bundle}", "{tmp}/out", "--refine-steps", "5"], r"--refine-steps only apply with --calibrate"),
         (["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--refine-blocks"], r"add --refine-steps N"),
+        (["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--refine-float-params"], r"add --refine-steps N"),
         (["quantize", "{bundle}", "{tmp}/out", "--rank", "-2"], r"rank=-2 must be an int >= 0"),
         (["quantize", "{bundle}", "{tmp}/out", "--rotate", "--rotation-block", "24"], r"rotation_block=24 must be"),
         (
@@ -227,11 +228,14 @@ def test_a_failed_command_leaves_no_empty_output_folder(bundle: Path, tmp_path: 
 
 def test_quantize_with_structure_and_refinement(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["quantize", str(bundle), str(tmp_path / "q"), "--bits", "2", "--rank", "2", "--rotate", "--calibrate",
-            "--num-samples", "2", "--calibration-steps", "2", "--refine-steps", "3", "--no-error-feedback"]  # fmt: skip
+            "--num-samples", "2", "--calibration-steps", "2", "--refine-steps", "3", "--no-error-feedback",
+            "--refine-float-params"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "blocks one at a time):" in out and "mean block error" in out  # block by block: 3 steps per block
     pipe = FlowMatchPipeline.from_pretrained(tmp_path / "q")
+    provenance = pipe.transformer.config["quantization_config"].provenance
+    assert provenance["refinement"]["float_params"] is True and provenance["calibration"]["refine_float_params"]
     layers = [m for m in pipe.transformer.modules() if hasattr(m, "rank")]
     assert any(m.rank == 2 for m in layers) and any(m.rotation_block for m in layers)
     from diffusers_otq.hub import model_card

@@ -147,7 +147,7 @@ def _record_refinement(model: nn.Module, report: RefineReport, calibration: Cali
     if not isinstance(config, OTQConfig):
         return
     record = {**report.describe(), "lr": calibration.refine_lr, "batch_size": calibration.refine_batch_size,
-              "samples": calibration.refine_samples}  # fmt: skip
+              "samples": calibration.refine_samples, "float_params": calibration.refine_float_params}  # fmt: skip
     config.provenance = {**(config.provenance or {}), "refinement": record}
 
 

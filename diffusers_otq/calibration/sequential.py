@@ -532,7 +532,7 @@ class _Run:
                 "loss_before": sum(r["loss_before"] for r in blocks) / len(blocks),  # mean relative block error
                 "loss_after": sum(r["loss_after"] for r in blocks) / len(blocks),
                 "lr": self.calibration.refine_lr, "batch_size": self.calibration.refine_batch_size,
-                "stopped": "; ".join(stopped) or None,
+                "float_params": self.calibration.refine_float_params, "stopped": "; ".join(stopped) or None,
             }  # fmt: skip
         if self.budget is not None:
             plan = BitsPlan(self.budget, tuple(self.report.choices), "output")

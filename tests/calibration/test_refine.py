@@ -69,6 +69,7 @@ def test_refinement_lowers_the_reported_teacher_loss_and_keeps_the_format(tmp_pa
     assert torch.equal(load_file(tmp_path / "images.safetensors")["images"], images)
     saved = json.loads((tmp_path / "refined" / "transformer" / "config.json").read_text())
     assert saved["quantization_config"]["provenance"]["refinement"]["steps"] == 12
+    assert saved["quantization_config"]["provenance"]["refinement"]["float_params"] is False  # the default
     assert record["guidance"] == 2.0  # the class pipeline's calibration default: the guided velocity was fitted
     assert "full-precision model's guided velocity (guidance 2.0)" in str(model_card(pipe, tmp_path, "me/fm-otq2"))
 
