@@ -93,7 +93,8 @@ def main() -> None:
     reference = sample(fp)
     reference_classes = classes(reference)
     base = CalibrationConfig(num_samples=64, progress=False) if protocol is None else protocol.calibration_config()
-    calibration = replace(base, refine_steps=args.refine_steps, sequential=False, refine_batch_size=args.refine_batch_size,
+    calibration = replace(base, refine_steps=args.refine_steps, sequential=False,
+                          refine_batch_size=args.refine_batch_size,
                           refine_lr=args.refine_lr, refine_eval_every=args.refine_eval_every)  # fmt: skip
     statistics = calibrate(pipe, OTQConfig(bits=4), calibration)
     work = copy.deepcopy(fp)

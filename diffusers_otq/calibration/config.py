@@ -111,8 +111,9 @@ class CalibrationConfig:
         refine_float_params: refinement also trains the model's float parameters outside the quantized layers
             (embedding tables, norm affines, layers left in full precision; stored in full precision either way,
             so no stored bit changes). Off by default: on the bundled DiT it adds 0.2-0.4 dB of sample PSNR at
-            every budget, on the bundled UNet it loses 1.2 dB at 3.05 bits/weight (its GroupNorm affines move
-            away from what the samples need; results/two-bit.md section 3c).
+            every budget, on the bundled UNet it loses 1.2 dB at 3.05 bits/weight (its extra parameters are
+            GroupNorm affines and a class embedding; which one costs it is not isolated; results/two-bit.md
+            section 3c).
         refine_scope: ``"model"`` (default: train all layers together on the velocity error; memory of a
             forward and backward of the whole model) or ``"blocks"`` (train one block at a time on its
             full-precision inputs and outputs, ``refine_steps`` steps each; memory of one block, for models whose
