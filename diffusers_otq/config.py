@@ -10,7 +10,7 @@ It is saved as ``quantization_config`` in each quantized model's ``config.json``
 >>> print(repr(OTQConfig(bits=2)))  # as diffusers prints its configs: class name and the JSON of what differs
 OTQConfig {
   "bits": 2,
-  "format_version": 5,
+  "format_version": 6,
   "quant_method": "otq"
 }
 <BLANKLINE>
@@ -34,7 +34,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError
 from .convert import matches_module_name
-from .options import CODEBOOK_DTYPES, DEFAULT_METHOD, LayerSpec
+from .options import CODEBOOK_DTYPES, DEFAULT_METHOD, SCALED_CODEBOOK_DTYPES, LayerSpec
 
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - transformers is a dependency of this p
 
 __all__ = ["FORMAT_VERSION", "OTQConfig", "OTQMethod"]
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 """Version of the packed checkpoint layout (see :mod:`diffusers_otq.quantized_tensor`); bumped on any change.
 
 1: codes, codebooks, group scales. 2: adds the optional low-rank branch (``lowrank_up``, ``lowrank_down``) and
@@ -57,11 +57,15 @@ input rotation (``rotation_signs``) of :mod:`diffusers_otq.structure`. 3: the pa
 ``<layer>.weight`` (was ``<layer>.packed``), where diffusers' LoRA loaders look for a layer's weight, and the header
 checksums cover every tensor with its dtype and shape. 4: the headers also carry the checksums of the config.json
 fields (:mod:`diffusers_otq.config_checksums`), compared with config.json on load. 5: vector codebooks
-(``vector_dim``: ``(C, K, d)`` codebooks, one ``bits * d``-bit code per ``d`` consecutive inputs). Checkpoints of
-versions 1-4 load unchanged (their ``packed`` entries are read as ``weight``; versions 1-3 have no config checksums
-to compare; without ``vector_dim`` a layer is scalar)."""
+(``vector_dim``: ``(C, K, d)`` codebooks, one ``bits * d``-bit code per ``d`` consecutive inputs). 6: int8
+codebooks (``codebook_dtype="int8"``: integer codewords plus one float32 ``codebook_scale`` per codebook).
+Checkpoints of versions 1-5 load unchanged (their ``packed`` entries are read as ``weight``; versions 1-3 have no
+config checksums to compare; without ``vector_dim`` a layer is scalar; without ``codebook_scale`` its codebook
+holds the codewords themselves)."""
 
-_DTYPE_NAMES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in CODEBOOK_DTYPES}
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d for d in CODEBOOK_DTYPES + SCALED_CODEBOOK_DTYPES
+}
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 _STRUCTURE_OPTIONS = ("rank", "rotation", "rotation_block")
 _RESOLVED_ONLY = ("rotation_seed",)  # LayerSpec fields derived from the config, not set per layer
@@ -192,8 +196,9 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         modules_to_not_convert: module-name patterns kept in full precision; a pattern matches a whole
             dot-separated component run (``"proj_out"`` matches ``"blocks.0.proj_out"``) or is an fnmatch glob.
             The model class's ``_keep_in_fp32_modules`` are always kept too.
-        codebook_dtype: codebook storage dtype (``"float16"``, ``"bfloat16"``, ``"float32"`` or a torch dtype);
-            None picks float16 (bfloat16 for bfloat16 weights).
+        codebook_dtype: codebook storage dtype (``"float16"``, ``"bfloat16"``, ``"float32"``, ``"int8"`` or a torch
+            dtype); None picks float16 (bfloat16 for bfloat16 weights). ``"int8"`` stores 8-bit codewords and one
+            float32 scale per codebook: half the bits of float16 on a large (vector) codebook.
         codebook_scope: with groups, ``"tensor"`` (one shared normalised codebook, default) or ``"channel"``.
         vector_dim: codeword dimension ``d`` (1, 2, 4 or 8; default 1, scalar): ``d`` consecutive inputs of a row share
             one ``bits * d``-bit code into a codebook of ``2**(bits * d)`` vectors fitted by weighted k-means

@@ -272,10 +272,10 @@ class CheckpointVerifier:
                 f"{self.where(key)}: stored {tensor_name!r} holds NaN or Inf values, which would make every output "
                 f"of the layer NaN/Inf; the file is corrupted. Re-download or re-save it."
             )
-        if tensor_name in ("scale_max", "scale_step") and bool((stored < 0).any()):
+        if tensor_name in ("scale_max", "scale_step", "codebook_scale") and bool((stored < 0).any()):
             raise CheckpointError(
                 f"{self.where(key)}: stored {tensor_name!r} has negative values ({float(stored.min()):g}); group "
-                "scales are >= 0 by construction, so the file is corrupted. Re-download or re-save it."
+                "and codebook scales are >= 0 by construction, so the file is corrupted. Re-download or re-save it."
             )
         expected = None if self.typed else self.checksums.get(key)  # format >= 3: verify_tensor
         if expected is not None and tensor_checksum(stored) != expected:

@@ -1,8 +1,9 @@
 """``OTQLinear`` and ``OTQConv2d``: layers whose weight lives in a :class:`QuantizedTensor`'s packed buffers.
 
 The bit-packed codes are the layer's ``weight`` *parameter* (uint8, ``requires_grad=False``), as bitsandbytes
-stores its packed bytes in a ``Params4bit`` under ``weight``; the small side tensors are buffers (``codebook``
-and, for group granularity, ``scale_codes``, ``scale_max`` and ``scale_step``). So ``.to(device)``,
+stores its packed bytes in a ``Params4bit`` under ``weight``; the small side tensors are buffers (``codebook``,
+``codebook_scale`` for int8 codebooks and, for group granularity, ``scale_codes``, ``scale_max`` and
+``scale_step``). So ``.to(device)``,
 ``state_dict()`` and safetensors work unchanged, tools that look up ``<module>.weight`` in a state dict
 (diffusers' LoRA loaders) find the layer, and offloading treats the codes as the weight they are: accelerate's
 hooks (sequential CPU offload, ``device_map`` offload) always offload parameters but keep buffers on the
@@ -62,7 +63,7 @@ __all__ = [
     "STRUCTURE_BUFFERS",
 ]
 
-CODE_BUFFERS: tuple[str, ...] = ("weight", "codebook", "scale_codes", "scale_max", "scale_step")
+CODE_BUFFERS: tuple[str, ...] = ("weight", "codebook", "codebook_scale", "scale_codes", "scale_max", "scale_step")
 STRUCTURE_BUFFERS: tuple[str, ...] = ("lowrank_up", "lowrank_down", "rotation_signs")
 QUANTIZED_BUFFERS: tuple[str, ...] = CODE_BUFFERS + STRUCTURE_BUFFERS
 """Every stored tensor of an OTQ layer (a layer registers those it uses): ``weight`` (the codes) is a parameter, the
@@ -242,6 +243,7 @@ class OTQLayerMixin:
             scale_max=getattr(self, "scale_max", None),
             scale_step=getattr(self, "scale_step", None),
             vector_dim=self.vector_dim,
+            codebook_scale=getattr(self, "codebook_scale", None),
         )
 
     def lowrank_branch(self) -> LowRankBranch | None:

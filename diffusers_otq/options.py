@@ -20,6 +20,7 @@ __all__ = [
     "GRANULARITIES",
     "CODEBOOK_SCOPES",
     "CODEBOOK_DTYPES",
+    "SCALED_CODEBOOK_DTYPES",
     "check_bits",
     "check_method",
     "check_granularity",
@@ -39,6 +40,10 @@ width, because Lloyd-Max codewords shrink each row's variance and the shrinkage 
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")
 CODEBOOK_SCOPES: tuple[str, ...] = ("channel", "tensor")
 CODEBOOK_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+SCALED_CODEBOOK_DTYPES: tuple[torch.dtype, ...] = (torch.int8,)
+"""Codebook dtypes stored as integer codewords times one float32 scale per codebook (``codebook_scale``): int8
+halves a vector codebook's bits against float16 (8 instead of 16 per value) at a rounding error of at most
+``max |c| / 254`` per value, far below the quantization error of the codes that index it."""
 
 
 def check_bits(bits: object) -> int:
@@ -79,11 +84,11 @@ def check_codebook_scope(scope: object) -> str:
 
 
 def check_codebook_dtype(dtype: object) -> torch.dtype | None:
-    """Return ``dtype`` if it is None (automatic) or one of float16, bfloat16, float32."""
-    if dtype is not None and dtype not in CODEBOOK_DTYPES:
+    """Return ``dtype`` if it is None (automatic) or one of float16, bfloat16, float32, int8 (scaled)."""
+    if dtype is not None and dtype not in CODEBOOK_DTYPES + SCALED_CODEBOOK_DTYPES:
         raise ValueError(
             f"codebook_dtype={dtype!r} is not supported; expected None (automatic) or one of "
-            f"{[str(d) for d in CODEBOOK_DTYPES]}."
+            f"{[str(d) for d in CODEBOOK_DTYPES + SCALED_CODEBOOK_DTYPES]}."
         )
     return dtype  # type: ignore[return-value]
 
@@ -142,7 +147,8 @@ class LayerSpec:
         method: codebook fitter (one of :data:`METHODS`).
         granularity: "tensor", "channel" or "group".
         group_size: values per scale group (granularity "group" only).
-        codebook_dtype: storage dtype of the codebooks, or None for the automatic choice.
+        codebook_dtype: storage dtype of the codebooks (float16, bfloat16, float32, or int8 with one float32 scale
+            per codebook), or None for the automatic choice.
         codebook_scope: "tensor" (one normalised codebook per weight) or "channel" (granularity "group" only).
         rank: rank of the 16-bit low-rank branch ``U V`` beside the codes (0: none).
         rotation_block: Hadamard block of the randomized input rotation (a power of two dividing the input

@@ -18,6 +18,11 @@ Vector codebooks (``vector_dim = d > 1``, format version 5): each row is cut int
 ``K = min(2**(b * d), vectors per codebook)`` (:mod:`diffusers_otq.functional.vector_codebooks`); group sizes are
 multiples of ``d``, so a vector shares one scale.
 
+int8 codebooks (``codebook_dtype=torch.int8``, format version 6): ``codebook`` holds int8 codewords and
+``codebook_scale`` ``(C,)`` float32 one scale per codebook; the codewords are ``codebook * codebook_scale``
+(:mod:`diffusers_otq.functional.codebook_storage`). Every consumer reads them through
+:attr:`QuantizedTensor.flat_codebook`, which decodes.
+
 ``dequantize()`` is ``codebook[c, code] * scale`` reshaped to ``S``. Every byte of these tensors is counted
 in :attr:`QuantizedTensor.nbytes`.
 """
@@ -31,6 +36,7 @@ from functools import partial
 
 import torch
 
+from .functional.codebook_storage import decode_scaled_codebook, encode_scaled_codebook
 from .functional.dequant_ops import dequantize_rows, reference_dequantize
 from .functional.fitters import EFFORTS, fit_codebook, stretch_to_variance
 from .functional.packing import pack_codes, packed_num_bytes, unpack_codes
@@ -45,6 +51,7 @@ from .functional.vector_codebooks import (
 )
 from .options import (
     DEFAULT_METHOD,
+    SCALED_CODEBOOK_DTYPES,
     LayerSpec,
     check_bits,
     check_codebook_dtype,
@@ -102,7 +109,7 @@ def storage_layout(
 
     ``packed`` is ``(ceil(numel * bits / 8),)`` uint8; ``codebook`` is ``(C, min(2**bits, values per codebook))``;
     group granularity adds ``scale_codes (R, n / group_size)`` uint8, ``scale_max (R,)`` and ``scale_step (1,)``
-    float32.
+    float32; an int8 codebook adds ``codebook_scale (C,)`` float32.
 
     Example:
         >>> from diffusers_otq.options import LayerSpec
@@ -120,6 +127,8 @@ def storage_layout(
         "packed": ((packed_num_bytes(rows * n // d, spec.bits * d),), torch.uint8),
         "codebook": ((codebook_rows, levels) + ((d,) if d > 1 else ()), codebook_dtype),
     }
+    if codebook_dtype in SCALED_CODEBOOK_DTYPES:
+        layout["codebook_scale"] = ((codebook_rows,), torch.float32)
     if spec.granularity == "group":
         layout["scale_codes"] = ((rows, n // spec.group_size), torch.uint8)
         layout["scale_max"] = ((rows,), torch.float32)
@@ -133,7 +142,8 @@ class QuantizedTensor:
 
     Attributes:
         packed: (ceil(numel * bits / 8),) uint8 bit-packed codes (one ``bits * vector_dim``-bit code per vector).
-        codebook: (C, K) codewords, ascending along dim 1; (C, K, d) vectors with ``vector_dim = d > 1``.
+        codebook: (C, K) codewords, ascending along dim 1; (C, K, d) vectors with ``vector_dim = d > 1``; int8
+            integers with ``codebook_scale`` (read the codewords with :attr:`flat_codebook`).
         shape: shape of the original weight.
         dtype: dtype of the original weight (the default of :meth:`dequantize`).
         bits: code width, 1..8.
@@ -144,6 +154,7 @@ class QuantizedTensor:
         scale_max: (R,) float32 largest group scale of each row (granularity "group" only).
         scale_step: (1,) float32 log2 step between scale codes (granularity "group" only).
         vector_dim: codeword dimension ``d`` (1: scalar codebooks).
+        codebook_scale: (C,) float32 scale of each int8 codebook (None: the codebook holds the codewords).
 
     Example:
         >>> import torch
@@ -167,6 +178,7 @@ class QuantizedTensor:
     scale_max: torch.Tensor | None = None
     scale_step: torch.Tensor | None = None
     vector_dim: int = 1
+    codebook_scale: torch.Tensor | None = None
 
     @property
     def code_bits(self) -> int:
@@ -175,9 +187,13 @@ class QuantizedTensor:
 
     @property
     def flat_codebook(self) -> torch.Tensor:
-        """(C, K * d) the codebook with each row's vectors laid end to end (the codebook itself when d = 1):
-        value ``i`` of vector ``k`` is entry ``k * d + i``, where :func:`scalar_view_codes` points."""
-        return self.codebook.reshape(self.codebook.shape[0], -1)
+        """(C, K * d) the codewords with each row's vectors laid end to end (the codebook itself when d = 1):
+        value ``i`` of vector ``k`` is entry ``k * d + i``, where :func:`scalar_view_codes` points. An int8
+        codebook is decoded (float32 ``codebook * codebook_scale``)."""
+        book = self.codebook
+        if self.codebook_scale is not None:
+            book = decode_scaled_codebook(book, self.codebook_scale)
+        return book.reshape(book.shape[0], -1)
 
     @property
     def numel(self) -> int:
@@ -194,7 +210,7 @@ class QuantizedTensor:
         """Every stored byte: packed codes + codebooks + scale codes + scale metadata."""
         total = self.packed.numel() * self.packed.element_size()
         total += self.codebook.numel() * self.codebook.element_size()
-        for t in (self.scale_codes, self.scale_max, self.scale_step):
+        for t in (self.codebook_scale, self.scale_codes, self.scale_max, self.scale_step):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
@@ -244,8 +260,11 @@ class QuantizedTensor:
         return decode_group_scales(self.scale_codes, self.scale_max, self.scale_step)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors by name: ``packed``, ``codebook`` and, for groups, ``scale_codes/max/step``."""
+        """The stored tensors by name: ``packed``, ``codebook``, ``codebook_scale`` (int8 codebooks) and, for
+        groups, ``scale_codes/max/step``."""
         out = {"packed": self.packed, "codebook": self.codebook}
+        if self.codebook_scale is not None:
+            out["codebook_scale"] = self.codebook_scale
         if self.scale_codes is not None:
             out.update(scale_codes=self.scale_codes, scale_max=self.scale_max, scale_step=self.scale_step)
         return out
@@ -539,6 +558,33 @@ def _fit_vectors(
     return codebook, codes.to(torch.uint8)
 
 
+def _encode_scaled(
+    values: torch.Tensor,
+    codebook: torch.Tensor,
+    codes: torch.Tensor,
+    vector_dim: int,
+    weights: torch.Tensor | None,
+    shared: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(int8 codebook, (C,) float32 scales, codes)`` of a float32 fit of the rows of ``values`` (R, n): the
+    codebook encoded (:func:`~diffusers_otq.functional.codebook_storage.encode_scaled_codebook`) and the codes
+    assigned again against the decoded codewords, as every fit assigns against its stored codebook."""
+    stored, scale = encode_scaled_codebook(codebook)
+    decoded = decode_scaled_codebook(stored, scale).to(values.dtype)
+    rows, n = values.shape
+    if vector_dim == 1:
+        return stored, scale, _nearest_codes(values, decoded).to(torch.uint8)
+    d = vector_dim
+    points = values.reshape(rows, n // d, d)
+    point_weights = None if weights is None else weights.reshape(rows, n // d, d)
+    if shared or decoded.shape[0] == 1:
+        flat_weights = None if point_weights is None else point_weights.reshape(1, -1, d)
+        codes = nearest_codewords(points.reshape(1, -1, d), decoded, flat_weights).reshape(rows, n // d)
+    else:
+        codes = nearest_codewords(points, decoded, point_weights)
+    return stored, scale, codes.to(torch.uint8)
+
+
 def _relative_importance(
     importance: torch.Tensor | None, method: str, rows: int, n: int, what: str
 ) -> torch.Tensor | None:
@@ -658,6 +704,9 @@ def quantize_tensor(
     x = weight.detach().reshape(rows, n).to(work_dtype)
     row_peak = x.abs().amax(dim=1)
     storage_dtype = resolve_codebook_dtype(codebook_dtype, weight.dtype, granularity)
+    scaled = storage_dtype in SCALED_CODEBOOK_DTYPES  # int8: fitted in float32, then encoded with a scale
+    if scaled:
+        storage_dtype = torch.float32
     if storage_dtype == torch.float16 and granularity != "group":  # group codebooks hold values in [-1, 1]
         storage_dtype = _check_float16_range(row_peak, codebook_dtype, what)
     _check_storable(row_peak, torch.float32 if granularity == "group" else storage_dtype, weight.dtype, what)
@@ -687,6 +736,9 @@ def quantize_tensor(
         codebook, codes = _fit_shared(x, bits, method, weights, storage_dtype, what, effort)
     else:
         codebook, codes = _fit_rows(x, bits, method, weights, storage_dtype, what, effort)
+    codebook_scale = None
+    if scaled:
+        codebook, codebook_scale, codes = _encode_scaled(x, codebook, codes, vector_dim, weights, shared)
     return QuantizedTensor(
         packed=pack_codes(codes, bits * vector_dim),
         codebook=codebook,
@@ -700,4 +752,5 @@ def quantize_tensor(
         scale_max=None if scales is None else scales.row_max,
         scale_step=None if scales is None else scales.step,
         vector_dim=vector_dim,
+        codebook_scale=codebook_scale,
     )

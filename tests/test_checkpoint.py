@@ -146,7 +146,7 @@ with torch.no_grad():
 """
 
 
-def test_vector_codebooks_save_and_reload_in_a_fresh_process(tmp_path: Path) -> None:
+def test_vector_and_int8_codebooks_save_and_reload_in_a_fresh_process(tmp_path: Path) -> None:
     import subprocess
     import sys
 
@@ -158,13 +158,16 @@ def test_vector_codebooks_save_and_reload_in_a_fresh_process(tmp_path: Path) -> 
     tiny_dit().save_pretrained(tmp_path / "float")
     config = OTQConfig(bits=2, vector_dim=2, granularity="group", group_size=16,
                        module_overrides={"proj_out*": {"bits": 1, "vector_dim": 4, "granularity": "tensor",
-                                                      "group_size": None}})  # fmt: skip
+                                                      "group_size": None, "codebook_dtype": "int8"}})  # fmt: skip
     model = DiTTransformer2DModel.from_pretrained(tmp_path / "float", quantization_config=config)
     layers = [m for m in model.modules() if isinstance(m, OTQLayerMixin)]
     assert {m.vector_dim for m in layers} == {2, 4} and all(m.codebook.dim() == 3 for m in layers)
+    int8 = [m for m in layers if m.codebook.dtype == torch.int8]
+    assert int8 and all(m.vector_dim == 4 and m.codebook_scale.shape == (1,) for m in int8)
     model.save_pretrained(tmp_path / "q")
+    assert any(key.endswith(".codebook_scale") for key in read_safetensors_header(tmp_path / "q" / WEIGHTS).tensors)
     header = read_safetensors_header(tmp_path / "q" / WEIGHTS)
-    assert header.metadata[FORMAT_VERSION_KEY] == str(FORMAT_VERSION) == "5"
+    assert header.metadata[FORMAT_VERSION_KEY] == str(FORMAT_VERSION) == "6"
     saved_config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert saved_config["vector_dim"] == 2
     out = tmp_path / "out.pt"

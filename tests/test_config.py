@@ -29,11 +29,12 @@ def test_to_dict_is_json_and_round_trips() -> None:
         modules_to_not_convert=["proj_out"],
         codebook_dtype=torch.bfloat16,
         codebook_scope="channel",
-        module_overrides={"attn*": {"bits": 4, "codebook_dtype": "fp32"}},
+        module_overrides={"attn*": {"bits": 4, "codebook_dtype": "fp32"}, "ff*": {"codebook_dtype": torch.int8}},
     )
     data = json.loads(json.dumps(config.to_dict()))
     assert data["quant_method"] == "otq" and data["codebook_dtype"] == "bfloat16"
-    assert data["module_overrides"] == [["attn*", {"bits": 4, "codebook_dtype": "float32"}]]
+    assert data["module_overrides"] == [["attn*", {"bits": 4, "codebook_dtype": "float32"}],
+                                        ["ff*", {"codebook_dtype": "int8"}]]  # fmt: skip
     assert OTQConfig(**data) == config
     assert OTQConfig.from_dict(data) == config
     assert json.loads(config.to_json_string()) == config.to_diff_dict()
@@ -62,7 +63,7 @@ def test_repr_is_diffusers_form_and_as_code_rebuilds_it() -> None:
         ({"granularity": "row"}, r"granularity='row' is unknown"),
         ({"granularity": "group"}, r"needs group_size"),
         ({"group_size": 64}, r"group_size=64 only applies"),
-        ({"codebook_dtype": "int8"}, r"codebook_dtype='int8' is not supported.*float16"),
+        ({"codebook_dtype": "uint8"}, r"codebook_dtype='uint8' is not supported.*float16.*int8"),
         ({"codebook_scope": "row"}, r"codebook_scope='row'"),
         ({"modules_to_not_convert": "proj_out"}, r"must be a list"),
         ({"module_overrides": {"attn*": {"bitz": 4}}}, r"unknown option\(s\) \['bitz'\]"),

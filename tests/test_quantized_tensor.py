@@ -147,7 +147,7 @@ def test_quantized_tensor_is_plain_data() -> None:
         ({"granularity": "group"}, ValueError, "needs group_size"),
         ({"granularity": "group", "group_size": 7}, ValueError, "does not divide the input dimension 48"),
         ({"group_size": 16}, ValueError, "only applies to granularity='group'"),
-        ({"codebook_dtype": torch.int8}, ValueError, "codebook_dtype"),
+        ({"codebook_dtype": torch.uint8}, ValueError, "codebook_dtype"),
         ({"codebook_scope": "row"}, ValueError, "codebook_scope"),
     ],
     ids=lambda v: str(v)[:40],
@@ -364,12 +364,14 @@ _VECTOR_CASES = [  # bits, vector_dim, granularity, group_size, codebook_scope
 ]
 
 
+@pytest.mark.parametrize("codebook_dtype", [None, torch.int8], ids=["float16", "int8"])
 @pytest.mark.parametrize(("bits", "dim", "granularity", "group_size", "scope"), _VECTOR_CASES)
 def test_vector_codebooks_store_one_code_per_vector(
-    bits: int, dim: int, granularity: str, group_size: int | None, scope: str
+    bits: int, dim: int, granularity: str, group_size: int | None, scope: str, codebook_dtype: torch.dtype | None
 ) -> None:
     weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(bits * dim))
-    spec = LayerSpec(bits=bits, granularity=granularity, group_size=group_size, codebook_scope=scope, vector_dim=dim)
+    spec = LayerSpec(bits=bits, granularity=granularity, group_size=group_size, codebook_scope=scope, vector_dim=dim,
+                     codebook_dtype=codebook_dtype)  # fmt: skip
     q = quantize_tensor(weight, **spec.quantize_kwargs())
     rows = 1 if granularity == "tensor" else 24
     assert q.vector_dim == dim and q.codes().shape == (rows, 24 * 64 // dim // rows)
@@ -381,9 +383,10 @@ def test_vector_codebooks_store_one_code_per_vector(
     assert {k: (v.shape, v.dtype) for k, v in empty.tensors().items()} == {
         k: (v.shape, v.dtype) for k, v in q.tensors().items()
     }
+    assert (q.codebook_scale is None) == (codebook_dtype is None)  # int8: one float32 scale per codebook
     # dequantize (fused CPU kernel when built) = the codewords of the codes, laid end to end, times the scales
     codes = q.codes().long()
-    book = q.codebook.float()
+    book = q.flat_codebook.float().reshape(q.codebook.shape)
     vectors = book[0][codes] if book.shape[0] == 1 else book[torch.arange(book.shape[0])[:, None], codes]
     expected = vectors.reshape(rows, -1)
     scales = q.decoded_scales()
@@ -424,3 +427,18 @@ def test_bad_vector_options_are_refused_with_the_fix(kwargs: dict, fragment: str
 def test_rows_that_vectors_do_not_tile_are_refused() -> None:
     with pytest.raises(ValueError, match=r"rows of 6 values, not a multiple of vector_dim=4"):
         quantize_tensor(torch.randn(8, 6), bits=2, vector_dim=4, name="proj")
+
+
+def test_int8_codebooks_halve_a_vector_codebook_and_assign_codes_against_the_stored_codewords() -> None:
+    weight = torch.randn(32, 256, generator=torch.Generator().manual_seed(3))
+    half, int8 = (quantize_tensor(weight, bits=2, vector_dim=4, granularity="tensor", codebook_dtype=dtype)
+                  for dtype in (torch.float16, torch.int8))  # fmt: skip
+    codebooks = half.codebook.shape[0]
+    assert int8.codebook.shape == half.codebook.shape and int8.codebook_scale.shape == (codebooks,)
+    assert int8.nbytes == half.nbytes - half.codebook.numel() + 4 * codebooks  # 8 instead of 16 bits per value
+    errors = [float((q.dequantize() - weight).square().sum() / weight.square().sum()) for q in (half, int8)]
+    assert errors[1] < errors[0] * 1.01, errors
+    # every vector's code is its nearest codeword among the decoded int8 codewords
+    book = int8.flat_codebook.reshape(int8.codebook.shape)
+    distances = torch.cdist(weight.reshape(1, -1, 4), book)
+    assert torch.equal(int8.codes().long(), distances.argmin(dim=2))

@@ -64,11 +64,13 @@ FITTED_BITS: tuple[int, ...] = (1, 2, 3, 4)  # candidates fitted and measured
 EXTRAPOLATED_BITS: tuple[int, ...] = (5, 6, 7, 8)  # error of 4 bits * 4**-(b - 4): high-resolution MSE ~ 2**-2b
 TENSOR_BITS: tuple[int, ...] = (2, 3)  # one codebook per weight: no per-row metadata at all
 PROBE_BITS = 2  # the velocity sensitivity is measured at the cheapest 2-bit candidate
-VECTOR_CANDIDATES: tuple[tuple[int, int], ...] = ((2, 1), (2, 2), (2, 3), (4, 1), (4, 2))
+VECTOR_CANDIDATES: tuple[tuple[int, int], ...] = ((2, 1), (2, 2), (2, 3), (4, 1), (4, 2), (8, 1))
 """(vector_dim, bits) of the vector-codebook candidates: one codebook per tensor, and with group scales (2-3 bits
-in 2-D) where groups apply; offered for the ``"ot"``/``"ot-vp"`` fitters where the codebook costs at most
-:data:`MAX_VECTOR_CODEBOOK_BITS` bits/weight."""
-MAX_VECTOR_CODEBOOK_BITS = 0.25
+in 2-D, 2 bits in 4-D) where groups apply; offered for the ``"ot"``/``"ot-vp"`` fitters where the codebook costs at
+most :data:`MAX_VECTOR_CODEBOOK_BITS` bits/weight. Their codebooks are int8 (:data:`VECTOR_CODEBOOK_DTYPE`) unless
+the config sets a ``codebook_dtype``."""
+VECTOR_CODEBOOK_DTYPE = torch.int8  # half the bits of float16; results/two-bit.md, section 3d
+MAX_VECTOR_CODEBOOK_BITS = 1.0
 RANK_CANDIDATES: tuple[int, ...] = (16, 32)  # low-rank branches offered with 1-3 bit per-channel codes ...
 MAX_RANK_BITS = 0.5  # ... where the 16-bit factors cost at most this many bits per weight (wide layers)
 # Candidates are ranked after one error-feedback sweep without codebook refits; the final fit runs the refits.
@@ -142,6 +144,8 @@ class BitsPlan:
             }
             if choice.spec.rank:
                 out[choice.name]["rank"] = choice.spec.rank
+            if choice.spec.codebook_dtype is not None:  # int8 vector codebooks (or the user's codebook dtype)
+                out[choice.name]["codebook_dtype"] = str(choice.spec.codebook_dtype).removeprefix("torch.")
         return out
 
     def resolved_config(self, config: OTQConfig, provenance: dict | None = None) -> OTQConfig:
@@ -187,7 +191,7 @@ def candidate_specs(base: LayerSpec, input_width: int, group_size: int, rows: in
     group scales (when ``group_size`` divides the input width), bits 2-3 with one codebook per tensor,
     1-3 bit per-channel codes with a low-rank branch (:data:`RANK_CANDIDATES`) on layers of ``rows`` outputs
     wide enough that the branch costs at most :data:`MAX_RANK_BITS` bits/weight, and vector codebooks
-    (:data:`VECTOR_CANDIDATES`) where they fit. ``base``'s own rank and rotation stay as they are on every
+    (:data:`VECTOR_CANDIDATES`, int8 codewords unless ``base`` sets a codebook dtype) where they fit. ``base``'s own rank and rotation stay as they are on every
     candidate; its ``vector_dim`` does not (every candidate sets its own).
 
     Ordered as fitted first (:data:`FITTED_BITS`, :data:`TENSOR_BITS`, ranks, vectors), extrapolated last.
@@ -203,12 +207,15 @@ def candidate_specs(base: LayerSpec, input_width: int, group_size: int, rows: in
         fitted += [replace(base, bits=b, granularity="group", group_size=group_size) for b in FITTED_BITS if b > 1]
     fitted += [replace(base, bits=b, granularity="tensor", group_size=None) for b in TENSOR_BITS]
     if rows is not None and base.method in VECTOR_METHODS:
+        vector = replace(base, codebook_dtype=base.codebook_dtype or VECTOR_CODEBOOK_DTYPE)
+        value_bits = 8 if vector.codebook_dtype == torch.int8 else torch.finfo(vector.codebook_dtype).bits
         for dim, bits in VECTOR_CANDIDATES:
-            if input_width % dim or (1 << (bits * dim)) * dim * 16 > MAX_VECTOR_CODEBOOK_BITS * rows * input_width:
+            codebook_bits = (1 << (bits * dim)) * dim * value_bits
+            if input_width % dim or codebook_bits > MAX_VECTOR_CODEBOOK_BITS * rows * input_width:
                 continue
-            fitted.append(replace(base, bits=bits, granularity="tensor", group_size=None, vector_dim=dim))
-            if groups and dim == 2 and bits > 1 and group_size % dim == 0:
-                fitted.append(replace(base, bits=bits, granularity="group", group_size=group_size, vector_dim=dim))
+            fitted.append(replace(vector, bits=bits, granularity="tensor", group_size=None, vector_dim=dim))
+            if groups and dim in (2, 4) and bits > 1 and bits * dim <= 8 and group_size % dim == 0:
+                fitted.append(replace(vector, bits=bits, granularity="group", group_size=group_size, vector_dim=dim))
     extrapolated = [replace(base, bits=b, granularity="channel", group_size=None) for b in EXTRAPOLATED_BITS]
     if groups:
         extrapolated += [replace(base, bits=b, granularity="group", group_size=group_size) for b in EXTRAPOLATED_BITS]

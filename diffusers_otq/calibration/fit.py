@@ -38,6 +38,7 @@ import torch
 
 from ..convert import LayerFit, PlannedLayer
 from ..fitting import alternate_lowrank, fit_data_free, layer_rotation
+from ..functional.codebook_storage import encode_scaled_codebook
 from ..functional.error_feedback import (
     error_feedback_codes_in_order,
     ordered_factors,
@@ -140,7 +141,7 @@ def _error_feedback(
     n = weight[0].numel()
     dim = start.vector_dim
     target = weight.detach().reshape(rows, n).to(torch.float32)
-    storage = start.codebook.dtype
+    storage = start.codebook.dtype  # int8: the codewords are refitted in float and rounded per codebook
     scales = _row_scales(start, rows, n) if start.granularity == "group" else None
     scales = None if scales is None else scales.to(torch.float32)
     codes = scalar_view_codes(start.codes().reshape(rows, n // dim), dim)
@@ -240,10 +241,13 @@ def _error_feedback(
             break  # the refit barely moved the codebook: the next sweep would find the same codes
     logger.debug("%s: output error %.4g -> %.4g with error feedback", name, first_error, float(best_errors.sum()))
     stored_codes = best_codes[:, ::dim] // dim  # the scalar view's first entry of each vector -> vector codes
+    book = best_book.reshape(start.codebook.shape)
+    codebook, codebook_scale = encode_scaled_codebook(book) if storage == torch.int8 else (book.to(storage), None)
     return replace(
         start,
         packed=pack_codes(stored_codes.to(torch.uint8), start.code_bits),
-        codebook=best_book.reshape(start.codebook.shape).to(storage),
+        codebook=codebook,
+        codebook_scale=codebook_scale,
     )
 
 

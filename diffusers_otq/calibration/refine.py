@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
+from ..functional.codebook_storage import encode_scaled_codebook
 from ..functional.error_feedback import sort_codebook
 from ..functional.packing import pack_codes
 from ..layers import OTQLayerMixin
@@ -181,10 +182,14 @@ def float_parameters(module: nn.Module, calibration: CalibrationConfig) -> list[
 @contextmanager
 def _trainable(layers: list[OTQLayerMixin], floats: list[nn.Parameter]) -> Iterator[list[torch.Tensor]]:
     """Swap each layer's float buffers for float32 leaves that require grad and make ``floats`` trainable;
-    yields the parameters. On exit the buffers are float32 tensors without grad (:func:`_store` casts them) and
+    yields the parameters. An int8 codebook becomes its decoded float32 codewords (its ``codebook_scale`` None
+    meanwhile). On exit the buffers are float32 tensors without grad (:func:`_store` casts or encodes them) and
     ``floats`` require grad as they did before."""
     params: list[torch.Tensor] = []
     for layer in layers:
+        if layer._buffers.get("codebook_scale") is not None:  # int8: train the decoded codewords themselves
+            layer._buffers["codebook"] = layer.quantized_weight().flat_codebook.reshape(layer.codebook.shape)
+            layer._buffers["codebook_scale"] = None
         for name in _TRAINABLE_BUFFERS:
             buffer = layer._buffers.get(name)
             if buffer is not None:
@@ -207,14 +212,20 @@ def _trainable(layers: list[OTQLayerMixin], floats: list[nn.Parameter]) -> Itera
 
 
 def _store(layer: OTQLayerMixin, dtypes: dict[str, torch.dtype]) -> None:
-    """Write refined float32 buffers back in their storage dtypes; scalar codebook rows re-sorted with their codes
-    (vector codewords have no order)."""
-    codebook = layer._buffers["codebook"].to(dtypes["codebook"])
+    """Write refined float32 buffers back in their storage dtypes (an int8 codebook encoded with a new
+    ``codebook_scale``); scalar codebook rows re-sorted with their codes (vector codewords have no order)."""
+    codebook, scale = layer._buffers["codebook"], None
+    if dtypes["codebook"] == torch.int8:
+        codebook, scale = encode_scaled_codebook(codebook)
+    else:
+        codebook = codebook.to(dtypes["codebook"])
     scalar = codebook.dim() == 2
     if scalar and bool((codebook[:, 1:] < codebook[:, :-1]).any()):  # refinement moved codewords past each other
         codebook, codes = sort_codebook(codebook, layer.quantized_weight().codes().to(torch.int64))
         layer.set_stored("weight", pack_codes(codes.reshape(-1).to(torch.uint8), layer.bits))
     layer._buffers["codebook"] = codebook.contiguous()
+    if scale is not None:
+        layer._buffers["codebook_scale"] = scale
     for name in ("scale_max", "lowrank_up", "lowrank_down"):
         if layer._buffers.get(name) is not None:
             layer._buffers[name] = layer._buffers[name].to(dtypes[name]).contiguous()

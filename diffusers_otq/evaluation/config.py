@@ -63,11 +63,14 @@ class Sizes:
 class Calibration:
     """The calibration statistics of the calibrated methods: ``num_samples`` images sampled by the full-precision
     pipeline in batches of ``batch_size``, noise from ``seed`` (batch ``b``: ``manual_seed(seed * 1_000_003 +
-    b)``, so the seed must be none of the evaluation's seeds). Steps and guidance come from :class:`Sampling`."""
+    b)``, so the seed must be none of the evaluation's seeds). Steps and guidance come from :class:`Sampling`.
+    ``refine_steps`` and ``refine_eval_every`` set the refinement of the refined methods (``ot-vp+ref``)."""
 
     num_samples: int = 64
     batch_size: int = 32
     seed: int = 1234
+    refine_steps: int = 0  # refinement steps of the refined methods (ot-vp+ref); 0: their default, REFINE_STEPS
+    refine_eval_every: int = CalibrationConfig.refine_eval_every  # steps between measurements of the teacher loss
 
 
 @dataclass(frozen=True)
@@ -100,13 +103,16 @@ class EvalConfig:
 
     def calibration_config(self) -> CalibrationConfig:
         """The :class:`~diffusers_otq.CalibrationConfig` of the statistics (and the base of every calibrated fit):
-        the ``calibration`` section's sizes and seed, the sampler's steps and guidance, no progress bars."""
+        the ``calibration`` section's sizes, seed and refinement, the sampler's steps and guidance, no progress
+        bars. Only the refined methods refine (:meth:`~.variants.CalibratedFit.calibration`)."""
         return CalibrationConfig(
             num_samples=self.calibration.num_samples,
             batch_size=self.calibration.batch_size,
             num_inference_steps=self.sampling.steps,
             guidance_scale=self.sampling.guidance_scale,
             seed=self.calibration.seed,
+            refine_steps=self.calibration.refine_steps,
+            refine_eval_every=self.calibration.refine_eval_every,
             progress=False,
         )
 
@@ -248,7 +254,7 @@ def _calibration(data: Any, where: str) -> Calibration:
         )
     _known_keys(data, set(Calibration.__dataclass_fields__), f"{where}: calibration")
     for name, value in data.items():
-        low = 0 if name == "seed" else 1
+        low = 0 if name in ("seed", "refine_steps") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(
                 f"{where}: calibration.{name}={value!r} must be an int >= {low}, e.g. "

@@ -88,7 +88,8 @@ class CalibratedFit:
 
 SCOPES: tuple[str, ...] = ("deploy", "paper")
 OURS: tuple[str, ...] = ("ot", "ot-vp")
-REFINE_STEPS = 600  # refinement steps (of 8 rows) of ot-vp+ref unless the evaluation's calibration section sets others
+REFINE_STEPS = 600  # refinement steps (of 8 rows) of ot-vp+ref unless the evaluation's calibration section sets
+# others (its refine_steps)
 # The calibration ablation, in order: activation-weighted codebooks only, + error feedback, + bias correction,
 # + refinement against the full-precision velocity (codes frozen).
 CALIBRATED: dict[str, CalibratedFit] = {
@@ -298,9 +299,9 @@ def _deploy_ours(
     config = otq_config(variant)
     start = time.perf_counter()
     if variant.calibrated or variant.mixed:
-        fit = replace(calibration or CalibrationConfig(), progress=False)
-        if variant.calibrated:
-            fit = CALIBRATED[variant.method].calibration(fit)
+        base = replace(calibration or CalibrationConfig(), progress=False)
+        # only the refined methods refine; a data-free budget allocates without a teacher
+        fit = CALIBRATED[variant.method].calibration(base) if variant.calibrated else replace(base, refine_steps=0)
         statistics = statistics if variant.calibrated else None  # a data-free budget allocates without them
         quantize_model(model, config, statistics=statistics, calibration=fit, teacher=teacher, candidates=candidates,
                        progress=False, compute_metrics=False)  # fmt: skip
@@ -325,6 +326,7 @@ def _deploy_ours(
     if refinement:  # the refinement is part of quantize_s; its own seconds and teacher losses are recorded too
         summary["refine_s"] = refinement["seconds"]
         summary["refine_loss"] = [refinement["loss_before"], refinement["loss_after"]]
+        summary["refine_steps"] = refinement["steps"]
     return summary
 
 

@@ -41,6 +41,7 @@ from typing import TypeVar
 
 import torch
 
+from .codebook_storage import round_to_storage
 from .parallel import fit_workers, run_tasks_single_threaded
 
 
@@ -490,8 +491,9 @@ def refit_codebook(
         codebook: (R, K) or (1, K) current codewords (the starting point and the output shape).
         scales: optional (R, n) float32 per-weight scales.
         iterations: at most this many conjugate-gradient steps.
-        storage_dtype: round the codewords to this dtype (None: no rounding); a codebook with a codeword it
-            cannot hold (overflow) keeps its starting codewords.
+        storage_dtype: round the codewords to this dtype (None: no rounding; int8: one scale per codebook,
+            :mod:`.codebook_storage`); a codebook with a codeword it cannot hold (overflow) keeps its starting
+            codewords.
         tolerance: stop once a step lowers the output error by less than this fraction of it (a step lowers
             ``f`` by ``alpha * r.z`` per codebook).
     """
@@ -561,7 +563,7 @@ def refit_codebook(
             break
     solved = anchor + step
     if storage_dtype is not None:
-        solved = solved.to(storage_dtype).to(torch.float64)
+        solved = round_to_storage(solved, storage_dtype)
     rounded_step = solved - anchor
     start_total = start_errors if not shared else start_errors.sum(dim=0, keepdim=True)
     errors = start_total - 2 * (rounded_step * gradient).sum(dim=1) + ((2 * rounded_step - step) * moved).sum(dim=1)

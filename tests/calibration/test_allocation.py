@@ -57,7 +57,9 @@ def test_calibrated_budget_is_met_within_a_hundredth(calibrated, budget: float) 
     model = type(pipe.transformer).from_config(pipe.transformer.config)
     model.load_state_dict(pipe.transformer.state_dict())
     quantize_model(model, OTQConfig(bits_per_weight=budget), statistics=stats, calibration=quick(), progress=False)
-    assert abs(reached(model) - plan.bits_per_weight) < 1e-9
+    assert abs(reached(model) - plan.bits_per_weight) < 1e-9  # every layer stored as planned (int8 codebooks too)
+    dtypes = {m.codebook.dtype for m in model.modules() if isinstance(m, OTQLayerMixin) and m.vector_dim > 1}
+    assert budget > 2 or dtypes == {torch.int8}, dtypes  # the 2-bit plan takes int8 vector codebooks
     config = model.config.quantization_config
     assert config.bits_per_weight is None
     assert config.provenance["bits_per_weight"]["budget"] == budget
@@ -144,14 +146,18 @@ def test_candidates() -> None:
     assert all(s.granularity != "group" for s in candidate_specs(LayerSpec(bits=3), 72, 64))
 
 
-def test_vector_candidates_where_their_codebook_is_cheap() -> None:
-    vectors = {(s.vector_dim, s.bits, s.granularity) for s in candidate_specs(LayerSpec(bits=3), 128, 64, 128)
-               if s.vector_dim > 1}  # fmt: skip
-    # 128 x 128: a 256-entry 4-D codebook (16384 bits) would cost 1 bit/weight, a 16-entry 2-D one 0.03
-    assert vectors == {(2, 1, "tensor"), (2, 2, "tensor"), (2, 3, "tensor"), (4, 1, "tensor"),
-                       (2, 2, "group"), (2, 3, "group")}  # fmt: skip
-    wide = {(s.vector_dim, s.bits) for s in candidate_specs(LayerSpec(bits=3), 512, 64, 512) if s.vector_dim > 1}
-    assert (4, 2) in wide
+def test_vector_candidates_where_their_int8_codebook_is_cheap() -> None:
+    specs = [s for s in candidate_specs(LayerSpec(bits=3), 128, 64, 128) if s.vector_dim > 1]
+    vectors = {(s.vector_dim, s.bits, s.granularity) for s in specs}
+    # 128 x 128 in int8: a 256-entry 4-D codebook (8192 bits) costs 0.5 bit/weight, a 256-entry 8-D one 1.0
+    assert vectors == {(2, 1, "tensor"), (2, 2, "tensor"), (2, 3, "tensor"), (4, 1, "tensor"), (4, 2, "tensor"),
+                       (8, 1, "tensor"), (2, 2, "group"), (2, 3, "group"), (4, 2, "group")}  # fmt: skip
+    assert {s.codebook_dtype for s in specs} == {torch.int8}
+    narrow = {(s.vector_dim, s.bits) for s in candidate_specs(LayerSpec(bits=3), 64, 64, 64) if s.vector_dim > 1}
+    assert (4, 2) not in narrow and (8, 1) not in narrow and (2, 3) in narrow  # 4096 weights: 8192 bits is 2 b/w
+    pinned = candidate_specs(LayerSpec(bits=3, codebook_dtype=torch.float32), 512, 64, 512)
+    assert {s.codebook_dtype for s in pinned} == {torch.float32}  # the user's codebook dtype is kept
+    assert (4, 2) in {(s.vector_dim, s.bits) for s in pinned}  # 32 Kbit on 256 Kbit of weights
     assert all(s.vector_dim == 1 for s in candidate_specs(LayerSpec(bits=3, method="uniform"), 128, 64, 128))
     assert all(s.vector_dim == 1 for s in candidate_specs(LayerSpec(bits=3), 128, 64))  # no row count: no vectors
     odd = candidate_specs(LayerSpec(bits=2, vector_dim=2), 129, 64, 128)  # the base's vector_dim is not inherited

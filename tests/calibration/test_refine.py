@@ -74,11 +74,12 @@ def test_refinement_lowers_the_reported_teacher_loss_and_keeps_the_format(tmp_pa
     assert "full-precision model's guided velocity (guidance 2.0)" in str(model_card(pipe, tmp_path, "me/fm-otq2"))
 
 
-def test_refinement_trains_vector_codebooks_and_keeps_their_codes() -> None:
+@pytest.mark.parametrize("codebook_dtype", [None, "int8"])
+def test_refinement_trains_vector_codebooks_and_keeps_their_codes(codebook_dtype: str | None) -> None:
     pipe = dit_pipeline()
     calibration = whole_model(refine_steps=8, refine_samples=4, refine_batch_size=4, refine_eval_every=4,
                               refine_lr=1e-3)  # fmt: skip
-    config = OTQConfig(bits=2, vector_dim=2, granularity="group", group_size=16)
+    config = OTQConfig(bits=2, vector_dim=2, granularity="group", group_size=16, codebook_dtype=codebook_dtype)
     unrefined = dit_pipeline()
     quantize_pipeline(unrefined, config, whole_model(), progress=False, compute_metrics=False)
     quantize_pipeline(pipe, config, calibration, progress=False, compute_metrics=False)
@@ -90,6 +91,10 @@ def test_refinement_trains_vector_codebooks_and_keeps_their_codes() -> None:
     assert vectors and all(a.codebook.shape == b.codebook.shape and a.codebook.dim() == 3 for a, b in vectors)
     assert all(torch.equal(a.packed, b.packed) for a, b in vectors)  # codes frozen, codewords never reordered
     assert any(not torch.equal(a.codebook, b.codebook) for a, b in vectors)
+    # stored as before refinement: int8 codewords with a (new) float32 scale per codebook, or float16 ones
+    expected = torch.int8 if codebook_dtype else torch.float16
+    assert all(a.codebook.dtype == expected and a.nbytes == b.nbytes for a, b in pairs)
+    assert all((getattr(a, "codebook_scale", None) is not None) == bool(codebook_dtype) for a, _ in pairs)
 
 
 def test_refinement_is_deterministic_for_a_seed() -> None:

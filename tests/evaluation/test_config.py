@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from diffusers_otq import CalibrationConfig
 from diffusers_otq.evaluation.config import Calibration, expand_units, load_config
 from diffusers_otq.evaluation.store import row_key
 from diffusers_otq.evaluation.variants import Variant
@@ -134,12 +135,16 @@ def test_calibration_section_sets_the_statistics_config():
         {
             **_config(methods=["ot-vp+aw"], bits=[3]),
             "sampling": {"steps": 6, "guidance_scale": 1.5},
-            "calibration": {"num_samples": 8, "batch_size": 4, "seed": 77},
+            "calibration": {"num_samples": 8, "batch_size": 4, "seed": 77, "refine_steps": 12, "refine_eval_every": 6},
         }
     )
     calibration = config.calibration_config()
     assert (calibration.num_samples, calibration.batch_size, calibration.seed) == (8, 4, 77)
     assert (calibration.num_inference_steps, calibration.guidance_scale, calibration.progress) == (6, 1.5, False)
+    assert (calibration.refine_steps, calibration.refine_eval_every) == (12, 6)
+    unset = load_config(_config(methods=["ot-vp+aw"], bits=[3])).calibration_config()
+    defaults = CalibrationConfig()
+    assert (unset.refine_steps, unset.refine_eval_every) == (0, defaults.refine_eval_every)  # 0: REFINE_STEPS
 
 
 @pytest.mark.parametrize(
@@ -168,6 +173,8 @@ def test_bad_calibrated_and_budget_blocks_name_the_value(block, message):
         ({"seed": 1}, "calibration.seed=1 is also an evaluation seed"),
         ({"num_samples": 0}, r"calibration.num_samples=0 must be an int >= 1"),
         ({"batch_size": 2.5}, "calibration.batch_size"),
+        ({"refine_steps": -1}, r"calibration.refine_steps=-1 must be an int >= 0"),
+        ({"refine_eval_every": 0}, r"calibration.refine_eval_every=0 must be an int >= 1"),
         ({"steps": 4}, "unknown key"),
         ([64], "mapping"),
     ],

@@ -249,6 +249,21 @@ def test_refined_unit_records_the_refinement_and_never_raises_its_loss(tiny_eval
     assert tiny_evaluator.teacher("tiny") is tiny_evaluator.teacher("tiny")  # recorded once per process
 
 
+def test_the_calibration_sections_refinement_reaches_the_refined_method_only(tiny_evaluator):
+    """The evaluation's ``calibration.refine_steps`` refines ``ot-vp+ref``; a data-free budget quantized with the
+    same base calibration neither refines nor asks for a teacher."""
+    from diffusers_otq.evaluation.variants import MIXED
+
+    statistics = tiny_evaluator.calibration_statistics("tiny")
+    base = tiny_evaluator.pipeline("tiny").transformer
+    calibration = CalibrationConfig(refine_steps=3, refine_eval_every=2, progress=False)
+    refined = quantize_variant(copy.deepcopy(base), Variant("ot-vp+ref", MIXED, 3.0), statistics=statistics,
+                               calibration=calibration, teacher=tiny_evaluator.teacher("tiny"))  # fmt: skip
+    assert refined["refine_steps"] == 3 and refined["refine_loss"][1] <= refined["refine_loss"][0]
+    data_free = quantize_variant(copy.deepcopy(base), Variant("ot-vp", MIXED, 3.0), calibration=calibration)
+    assert "refine_steps" not in data_free and data_free["bits_per_weight"] <= 3.01
+
+
 def test_gptq_uniform_is_a_uniform_grid_with_error_feedback_counted_in_its_own_format(tiny_evaluator):
     statistics = tiny_evaluator.calibration_statistics("tiny")
     base = tiny_evaluator.pipeline("tiny").transformer
