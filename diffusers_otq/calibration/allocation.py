@@ -191,8 +191,9 @@ def candidate_specs(base: LayerSpec, input_width: int, group_size: int, rows: in
     group scales (when ``group_size`` divides the input width), bits 2-3 with one codebook per tensor,
     1-3 bit per-channel codes with a low-rank branch (:data:`RANK_CANDIDATES`) on layers of ``rows`` outputs
     wide enough that the branch costs at most :data:`MAX_RANK_BITS` bits/weight, and vector codebooks
-    (:data:`VECTOR_CANDIDATES`, int8 codewords unless ``base`` sets a codebook dtype) where they fit. ``base``'s own rank and rotation stay as they are on every
-    candidate; its ``vector_dim`` does not (every candidate sets its own).
+    (:data:`VECTOR_CANDIDATES`, int8 codewords unless ``base`` sets a codebook dtype) where they fit. ``base``'s
+    own rank and rotation stay as they are on every candidate; its ``vector_dim`` does not (every candidate sets
+    its own).
 
     Ordered as fitted first (:data:`FITTED_BITS`, :data:`TENSOR_BITS`, ranks, vectors), extrapolated last.
     """
