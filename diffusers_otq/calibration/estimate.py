@@ -157,8 +157,7 @@ def fit_candidate(
 
     One error-feedback sweep, no codebook refits (how the allocator ranks candidates). A low-rank ``spec`` on a row
     sample takes the branch of the whole weight (:func:`lowrank_product`) and quantizes the sample's residual;
-    with an input rotation as well, and for a vector codebook shared by the tensor (whose many codewords would fit
-    a sample better than the layer), the whole layer is fitted and the sampled rows read.
+    with an input rotation as well, the whole layer is fitted and the sampled rows read.
 
     Args:
         subject: the layer and what is fitted (whole or sampled rows).
@@ -169,10 +168,7 @@ def fit_candidate(
     """
     part = subject.part
     weight = part.module.weight
-    shared_vectors = spec.vector_dim > 1 and (spec.granularity == "tensor" or spec.codebook_scope == "tensor")
-    # A rotated branch, or a shared vector codebook (up to 256 codewords, fitted on a sample it would flatter): fit
-    # the whole layer, read the sampled rows.
-    if subject.rows is not None and (spec.rank and spec.rotation_block or shared_vectors):
+    if subject.rows is not None and spec.rank and spec.rotation_block:  # rotated branch: fit whole, read the rows
         whole = replace(subject.layer, spec=spec)
         fit = quantize_calibrated(whole.module.weight, whole, stats, calibration, refit_codebooks=False)
         return effective_weight(fit).reshape(whole.module.weight.shape[0], -1)[subject.rows]
