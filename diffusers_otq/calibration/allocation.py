@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..config import OTQConfig
 from ..convert import PlannedLayer, matches_module_name, plan_layers
 from ..functional.allocation import allocate
-from ..options import VECTOR_METHODS, LayerSpec
+from ..options import SCALED_CODEBOOK_DTYPES, VECTOR_METHODS, LayerSpec
 from ..quantized_tensor import resolve_codebook_dtype, storage_layout
 from ..structure import structure_nbytes
 from .config import CalibrationConfig
@@ -96,11 +96,12 @@ class LayerChoice:
         return self.nbytes * 8 / self.numel
 
     def label(self) -> str:
-        """``"3-bit channel"`` or ``"2-bit group 64"``."""
+        """``"3-bit channel"``, ``"2-bit group 64"`` or ``"2-bit tensor 4-D int8"`` (int8 codebooks say so)."""
         spec = self.spec
         text = f"{spec.bits}-bit {spec.granularity}"
         text += f" {spec.group_size}" if spec.group_size else ""
         text += f" {spec.vector_dim}-D" if spec.vector_dim > 1 else ""
+        text += " int8" if spec.codebook_dtype in SCALED_CODEBOOK_DTYPES else ""
         return text + (f" + rank {spec.rank}" if spec.rank else "")
 
 
@@ -209,7 +210,7 @@ def candidate_specs(base: LayerSpec, input_width: int, group_size: int, rows: in
     fitted += [replace(base, bits=b, granularity="tensor", group_size=None) for b in TENSOR_BITS]
     if rows is not None and base.method in VECTOR_METHODS:
         vector = replace(base, codebook_dtype=base.codebook_dtype or VECTOR_CODEBOOK_DTYPE)
-        value_bits = 8 if vector.codebook_dtype == torch.int8 else torch.finfo(vector.codebook_dtype).bits
+        value_bits = torch.empty(0, dtype=vector.codebook_dtype).element_size() * 8
         for dim, bits in VECTOR_CANDIDATES:
             codebook_bits = (1 << (bits * dim)) * dim * value_bits
             if input_width % dim or codebook_bits > MAX_VECTOR_CODEBOOK_BITS * rows * input_width:

@@ -38,7 +38,7 @@ import torch
 
 from ..convert import LayerFit, PlannedLayer
 from ..fitting import alternate_lowrank, fit_data_free, layer_rotation
-from ..functional.codebook_storage import encode_scaled_codebook
+from ..functional.codebook_storage import store_codebook
 from ..functional.error_feedback import (
     error_feedback_codes_in_order,
     ordered_factors,
@@ -242,7 +242,7 @@ def _error_feedback(
     logger.debug("%s: output error %.4g -> %.4g with error feedback", name, first_error, float(best_errors.sum()))
     stored_codes = best_codes[:, ::dim] // dim  # the scalar view's first entry of each vector -> vector codes
     book = best_book.reshape(start.codebook.shape)
-    codebook, codebook_scale = encode_scaled_codebook(book) if storage == torch.int8 else (book.to(storage), None)
+    codebook, codebook_scale = store_codebook(book, storage)
     return replace(
         start,
         packed=pack_codes(stored_codes.to(torch.uint8), start.code_bits),

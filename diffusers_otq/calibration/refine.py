@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from ..functional.codebook_storage import encode_scaled_codebook
+from ..functional.codebook_storage import store_codebook
 from ..functional.error_feedback import sort_codebook
 from ..functional.packing import pack_codes
 from ..layers import OTQLayerMixin
@@ -214,11 +214,7 @@ def _trainable(layers: list[OTQLayerMixin], floats: list[nn.Parameter]) -> Itera
 def _store(layer: OTQLayerMixin, dtypes: dict[str, torch.dtype]) -> None:
     """Write refined float32 buffers back in their storage dtypes (an int8 codebook encoded with a new
     ``codebook_scale``); scalar codebook rows re-sorted with their codes (vector codewords have no order)."""
-    codebook, scale = layer._buffers["codebook"], None
-    if dtypes["codebook"] == torch.int8:
-        codebook, scale = encode_scaled_codebook(codebook)
-    else:
-        codebook = codebook.to(dtypes["codebook"])
+    codebook, scale = store_codebook(layer._buffers["codebook"], dtypes["codebook"])
     scalar = codebook.dim() == 2
     if scalar and bool((codebook[:, 1:] < codebook[:, :-1]).any()):  # refinement moved codewords past each other
         codebook, codes = sort_codebook(codebook, layer.quantized_weight().codes().to(torch.int64))

@@ -18,7 +18,13 @@ from __future__ import annotations
 import torch
 
 
-__all__ = ["INT8_LEVELS", "decode_scaled_codebook", "encode_scaled_codebook", "round_to_storage"]
+__all__ = [
+    "INT8_LEVELS",
+    "decode_scaled_codebook",
+    "encode_scaled_codebook",
+    "round_to_storage",
+    "store_codebook",
+]
 
 INT8_LEVELS = 127
 """Largest stored magnitude: codes span -127..127 (symmetric; -128 is never used)."""
@@ -41,6 +47,14 @@ def decode_scaled_codebook(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     """The float32 codewords ``q * scale`` of an int8 codebook ``q`` (C, K) or (C, K, d) with (C,) ``scale``;
     differentiable in ``scale`` (and in ``q`` when it is a float tensor being trained)."""
     return q.to(torch.float32) * scale.to(torch.float32).reshape(-1, *([1] * (q.dim() - 1)))
+
+
+def store_codebook(codebook: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(stored, scale)``: float codewords ``codebook`` (C, K) or (C, K, d) as stored in ``dtype``: int8 encoded
+    with its (C,) float32 scales (:func:`encode_scaled_codebook`), a float dtype cast, its scale None."""
+    if dtype == torch.int8:
+        return encode_scaled_codebook(codebook)
+    return codebook.detach().to(dtype), None
 
 
 def round_to_storage(codebook: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

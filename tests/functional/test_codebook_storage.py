@@ -10,6 +10,7 @@ from diffusers_otq.functional.codebook_storage import (
     decode_scaled_codebook,
     encode_scaled_codebook,
     round_to_storage,
+    store_codebook,
 )
 from diffusers_otq.functional.vector_codebooks import weighted_kmeans
 
@@ -43,6 +44,16 @@ def test_non_finite_codewords_are_refused_and_left_alone_by_the_rounding() -> No
     assert rounded.dtype == torch.float64 and torch.isnan(rounded[0, 1]) and rounded[0, 0] == 1.0
     assert torch.allclose(rounded[1], books[1], atol=0.7 / 254) and not torch.equal(rounded[1], books[1])
     assert torch.equal(round_to_storage(books[1:], torch.float16), books[1:].half().double())
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16])
+def test_stored_codebook_decodes_to_what_the_rounding_predicts(dtype: torch.dtype) -> None:
+    codebook = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    stored, scale = store_codebook(codebook, dtype)
+    assert stored.dtype == dtype and stored.shape == codebook.shape and not stored.requires_grad
+    assert (scale is not None) == (dtype == torch.int8)
+    decoded = stored.float() if scale is None else decode_scaled_codebook(stored, scale)
+    assert torch.equal(decoded, round_to_storage(codebook.detach(), dtype))
 
 
 def test_int8_costs_a_tenth_of_the_quantization_error_of_a_2_bit_4_d_codebook_at_half_the_bits() -> None:
