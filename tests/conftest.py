@@ -1,4 +1,5 @@
-"""Shared fixtures: device list, seeding, and the RUN_SLOW gate for @pytest.mark.slow."""
+"""Shared fixtures: device list, seeding, the RUN_SLOW gate for @pytest.mark.slow, and torch threads split among
+pytest-xdist workers (``scripts/test.sh`` runs one worker per core)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ import torch
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # each worker takes its share of the cores: no oversubscribed intra-op thread pools
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        torch.set_num_threads(threads)
+        # ... and so do the processes it starts: a fresh-process reload must compute with the same thread count
+        # as the test to give bit-identical outputs (the reduction order of a convolution depends on it)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -99,6 +99,8 @@ def test_two_processes_give_the_same_rows_and_a_rerun_resumes(quick_run):
         "2",
         "--num_machines",
         "1",
+        "--main_process_port",
+        "0",
         "--mixed_precision",
         "no",
         "--dynamo_backend",

@@ -117,8 +117,8 @@ def test_statistics_are_identical_for_one_and_two_processes(tmp_path: Path) -> N
     )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", str(script), str(tmp_path / "two"), str(REPO)],
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "two"), str(REPO)],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]

@@ -213,7 +213,7 @@ def _quantize_in_subprocess(work: Path | str, out: Path, budget: float = 0.0, pr
         script.write_text(_SCRIPT)
         accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
         command = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]  # fmt: skip
+                   "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]  # fmt: skip
     return subprocess.Popen([*command, str(work), str(out), str(budget)], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
