@@ -28,6 +28,7 @@ __all__ = [
     "check_codebook_dtype",
     "check_group_size",
     "check_vector_dim",
+    "setting_label",
 ]
 
 VECTOR_METHODS: tuple[str, ...] = ("ot", "ot-vp")
@@ -44,6 +45,21 @@ SCALED_CODEBOOK_DTYPES: tuple[torch.dtype, ...] = (torch.int8,)
 """Codebook dtypes stored as integer codewords times one float32 scale per codebook (``codebook_scale``): int8
 halves a vector codebook's bits against float16 (8 instead of 16 per value) at a rounding error of at most
 ``max |c| / 254`` per value, far below the quantization error of the codes that index it."""
+
+
+def setting_label(
+    bits: int,
+    granularity: str,
+    group_size: int | None = None,
+    vector_dim: int = 1,
+    codebook_dtype: torch.dtype | None = None,
+) -> str:
+    """A layer's setting as bits plans and evaluation reports name it: ``"3-bit channel"``, ``"2-bit group 64"``,
+    ``"2-bit tensor 4-D int8"`` (vector codebooks give their dimension, int8 codebooks say so)."""
+    text = f"{bits}-bit {granularity}"
+    text += f" {group_size}" if group_size else ""
+    text += f" {vector_dim}-D" if vector_dim > 1 else ""
+    return text + (" int8" if codebook_dtype in SCALED_CODEBOOK_DTYPES else "")
 
 
 def check_bits(bits: object) -> int:

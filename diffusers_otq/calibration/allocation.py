@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..config import OTQConfig
 from ..convert import PlannedLayer, matches_module_name, plan_layers
 from ..functional.allocation import allocate
-from ..options import SCALED_CODEBOOK_DTYPES, VECTOR_METHODS, LayerSpec
+from ..options import VECTOR_METHODS, LayerSpec, setting_label
 from ..quantized_tensor import resolve_codebook_dtype, storage_layout
 from ..structure import structure_nbytes
 from .config import CalibrationConfig
@@ -96,12 +96,9 @@ class LayerChoice:
         return self.nbytes * 8 / self.numel
 
     def label(self) -> str:
-        """``"3-bit channel"``, ``"2-bit group 64"`` or ``"2-bit tensor 4-D int8"`` (int8 codebooks say so)."""
+        """:func:`~diffusers_otq.options.setting_label`, with ``" + rank r"`` for a low-rank branch."""
         spec = self.spec
-        text = f"{spec.bits}-bit {spec.granularity}"
-        text += f" {spec.group_size}" if spec.group_size else ""
-        text += f" {spec.vector_dim}-D" if spec.vector_dim > 1 else ""
-        text += " int8" if spec.codebook_dtype in SCALED_CODEBOOK_DTYPES else ""
+        text = setting_label(spec.bits, spec.granularity, spec.group_size, spec.vector_dim, spec.codebook_dtype)
         return text + (f" + rank {spec.rank}" if spec.rank else "")
 
 

@@ -41,6 +41,7 @@ from ..config import OTQConfig
 from ..convert import plan_layers
 from ..functional.fitters import METHODS
 from ..functional.metrics import relative_mse, wasserstein2
+from ..options import setting_label
 from ..quantized_tensor import quantize_tensor
 from .gguf import GGUF_FORMATS, gguf_quantize
 from .peers import PEER_FORMATS, PeerNotApplicable, peer_format
@@ -257,10 +258,10 @@ def _layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _setting(qweight: Any) -> str:
-    """``"3-bit channel"`` or ``"2-bit group 64"``: one layer's setting (the allocator's label)."""
-    text = f"{qweight.bits}-bit {qweight.granularity}"
-    text += f" {qweight.group_size}" if qweight.group_size else ""
-    return text + (f" {qweight.vector_dim}-D" if qweight.vector_dim > 1 else "")
+    """One layer's setting as the allocator labels it (:func:`~diffusers_otq.options.setting_label`)."""
+    return setting_label(
+        qweight.bits, qweight.granularity, qweight.group_size, qweight.vector_dim, qweight.codebook.dtype
+    )
 
 
 def _plan_summary(model: nn.Module) -> dict[str, Any]:
