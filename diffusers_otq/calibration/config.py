@@ -112,8 +112,8 @@ class CalibrationConfig:
             (embedding tables, norm affines, layers left in full precision; stored in full precision either way,
             so no stored bit changes). Off by default: on the bundled DiT it adds 0.2-0.4 dB of sample PSNR at
             every budget, on the bundled UNet it loses 1.2 dB at 3.05 bits/weight (its extra parameters are
-            GroupNorm affines and a class embedding; which one costs it is not isolated; results/two-bit.md
-            section 3c).
+            GroupNorm affines and a class embedding; the class embedding alone loses 3.9 dB: fitted to 32
+            teacher trajectories, it overfits them; results/two-bit.md sections 3c and 3e).
         refine_scope: ``"model"`` (default: train all layers together on the velocity error; memory of a
             forward and backward of the whole model) or ``"blocks"`` (train one block at a time on its
             full-precision inputs and outputs, ``refine_steps`` steps each; memory of one block, for models whose
