@@ -7,7 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . scripts/setup_env.sh "[test]"
-count='import os; n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-print(max(1, min(4, n)))'
-workers="${OTQ_TEST_WORKERS:-$(python -c "$count")}"
-python -m pytest -n "$workers" --dist loadfile "$@"
+python -m pytest -n "${OTQ_TEST_WORKERS:-auto}" --maxprocesses 4 --dist loadfile "$@"

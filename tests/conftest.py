@@ -14,9 +14,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def pytest_configure(config: pytest.Config) -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:  # each worker takes its share of the cores: no oversubscribed intra-op thread pools
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores // workers)
+    if workers > 1:  # each worker takes its share of torch's threads: no oversubscribed intra-op thread pools
+        threads = max(1, torch.get_num_threads() // workers)
         torch.set_num_threads(threads)
         # ... and so do the processes it starts: a fresh-process reload must compute with the same thread count
         # as the test to give bit-identical outputs (the reduction order of a convolution depends on it)

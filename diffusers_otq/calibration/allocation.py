@@ -207,7 +207,7 @@ def candidate_specs(base: LayerSpec, input_width: int, group_size: int, rows: in
     fitted += [replace(base, bits=b, granularity="tensor", group_size=None) for b in TENSOR_BITS]
     if rows is not None and base.method in VECTOR_METHODS:
         vector = replace(base, codebook_dtype=base.codebook_dtype or VECTOR_CODEBOOK_DTYPE)
-        value_bits = torch.empty(0, dtype=vector.codebook_dtype).element_size() * 8
+        value_bits = vector.codebook_dtype.itemsize * 8
         for dim, bits in VECTOR_CANDIDATES:
             codebook_bits = (1 << (bits * dim)) * dim * value_bits
             if input_width % dim or codebook_bits > MAX_VECTOR_CODEBOOK_BITS * rows * input_width:
