@@ -255,6 +255,7 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
         "--refine-steps": args.refine_steps,
         "--refine-blocks": args.refine_blocks or None,
         "--refine-float-params": args.refine_float_params or None,
+        "--noise-bands": args.noise_bands,
         "--work-dir": args.work_dir,
         "--whole-model": args.whole_model or None,
     }
@@ -263,7 +264,8 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
         if given:
             raise CLIError(f"{', '.join(given)} only apply with --calibrate; add --calibrate.")
         return None
-    for flag, value in (("--refine-blocks", args.refine_blocks), ("--refine-float-params", args.refine_float_params)):
+    for flag, value in (("--refine-blocks", args.refine_blocks), ("--refine-float-params", args.refine_float_params),
+                        ("--noise-bands", args.noise_bands)):  # fmt: skip
         if value and not args.refine_steps:
             raise CLIError(f"{flag} sets how refinement runs; add --refine-steps N (e.g. 600).")
     try:
@@ -277,7 +279,10 @@ def _calibration_from_args(args: argparse.Namespace) -> CalibrationConfig | None
             refine_steps=args.refine_steps or 0,
             refine_scope="blocks" if args.refine_blocks else "model",
             refine_float_params=args.refine_float_params,
-            sequential=not (args.whole_model or args.save_statistics or args.statistics),
+            noise_bands=1 if args.noise_bands is None else args.noise_bands,
+            sequential=not (
+                args.whole_model or args.save_statistics or args.statistics or (args.noise_bands or 1) > 1
+            ),
             work_dir=args.work_dir,
         )
     except ValueError as err:
@@ -579,6 +584,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refinement also trains the float parameters outside the quantized layers (embeddings, norms; no "
         "stored bit changes); helps the bundled DiT, hurts the bundled UNet at 3 bits: docs/calibration.md",
+    )
+    calibrate.add_argument(
+        "--noise-bands",
+        type=int,
+        default=None,
+        metavar="B",
+        help="B sets of codebooks over the same codes, one per noise-level band of timesteps, each refined on its "
+        "band's calls (needs --refine-steps; implies --whole-model); docs/calibration.md",
     )
     calibrate.add_argument(
         "--statistics", default=None, metavar="FILE", help="reuse saved statistics instead of sampling"

@@ -10,7 +10,7 @@ It is saved as ``quantization_config`` in each quantized model's ``config.json``
 >>> print(repr(OTQConfig(bits=2)))  # as diffusers prints its configs: class name and the JSON of what differs
 OTQConfig {
   "bits": 2,
-  "format_version": 6,
+  "format_version": 7,
   "quant_method": "otq"
 }
 <BLANKLINE>
@@ -34,6 +34,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError
 from .convert import matches_module_name
+from .noise_bands import check_band_edges
 from .options import CODEBOOK_DTYPES, DEFAULT_METHOD, SCALED_CODEBOOK_DTYPES, LayerSpec
 
 
@@ -49,7 +50,7 @@ except ImportError:  # pragma: no cover - transformers is a dependency of this p
 
 __all__ = ["FORMAT_VERSION", "OTQConfig", "OTQMethod"]
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 """Version of the packed checkpoint layout (see :mod:`diffusers_otq.quantized_tensor`); bumped on any change.
 
 1: codes, codebooks, group scales. 2: adds the optional low-rank branch (``lowrank_up``, ``lowrank_down``) and
@@ -58,17 +59,18 @@ input rotation (``rotation_signs``) of :mod:`diffusers_otq.structure`. 3: the pa
 checksums cover every tensor with its dtype and shape. 4: the headers also carry the checksums of the config.json
 fields (:mod:`diffusers_otq.config_checksums`), compared with config.json on load. 5: vector codebooks
 (``vector_dim``: ``(C, K, d)`` codebooks, one ``bits * d``-bit code per ``d`` consecutive inputs). 6: int8
-codebooks (``codebook_dtype="int8"``: integer codewords plus one float32 ``codebook_scale`` per codebook).
-Checkpoints of versions 1-5 load unchanged (their ``packed`` entries are read as ``weight``; versions 1-3 have no
+codebooks (``codebook_dtype="int8"``: integer codewords plus one float32 ``codebook_scale`` per codebook). 7:
+codebooks per noise-level band (``noise_band_edges``: ``B`` sets of codebooks stacked in ``codebook``, ``(B * C, K)``,
+over the same codes; :mod:`diffusers_otq.noise_bands`). Checkpoints of versions 1-6 load unchanged (their ``packed`` entries are read as ``weight``; versions 1-3 have no
 config checksums to compare; without ``vector_dim`` a layer is scalar; without ``codebook_scale`` its codebook
-holds the codewords themselves)."""
+holds the codewords themselves; without ``noise_band_edges`` it has one set of codebooks)."""
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d for d in CODEBOOK_DTYPES + SCALED_CODEBOOK_DTYPES
 }
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 _STRUCTURE_OPTIONS = ("rank", "rotation", "rotation_block")
-_RESOLVED_ONLY = ("rotation_seed",)  # LayerSpec fields derived from the config, not set per layer
+_RESOLVED_ONLY = ("rotation_seed", "noise_bands")  # LayerSpec fields derived from the config, not set per layer
 _OVERRIDABLE = (*(f.name for f in fields(LayerSpec) if f.name not in (*_STRUCTURE_OPTIONS, *_RESOLVED_ONLY)),
                 *_STRUCTURE_OPTIONS)  # fmt: skip
 
@@ -227,6 +229,11 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
             this field is cleared, so the saved checkpoint reloads with plain ``from_pretrained``. Layers matched
             by ``module_overrides`` you give keep your settings (and count towards the budget). Quantize-on-load
             cannot allocate (it sees one weight at a time) and refuses it.
+        noise_band_edges: ``B - 1`` ascending timesteps (in the units the denoiser is called with) that split its
+            calls into ``B`` noise-level bands, each with its own set of codebooks over the shared codes
+            (:mod:`diffusers_otq.noise_bands`): written by calibration with ``CalibrationConfig(noise_bands=B)``,
+            which refines each band's codebooks on its own calls; every set counts in the bits per weight. None
+            (default): one set. A loaded model picks each call's set from its timestep.
         provenance: informational record of how the codebooks were produced (calibration settings, the bits budget
             and what was reached), written by diffusers-otq; ignored when loading.
         format_version: checkpoint layout version; loading a checkpoint written by a newer layout fails clearly.
@@ -252,6 +259,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         rotation_block: int | None = None,
         rotation_seed: int = 0,
         bits_per_weight: float | None = None,
+        noise_band_edges: Sequence[float] | None = None,
         provenance: Mapping[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str | OTQMethod = OTQMethod.OTQ,
@@ -302,6 +310,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
         self.rotation_seed = rotation_seed
         self.module_overrides = self._check_overrides(module_overrides)
         self.bits_per_weight = self._check_budget(bits_per_weight)
+        self.noise_band_edges = None if noise_band_edges is None else check_band_edges(noise_band_edges)
         self.provenance = self._check_provenance(provenance)
         self.base_spec()  # validates bits, method, granularity, group_size, codebook_scope, vector_dim
 
@@ -383,7 +392,13 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
             codebook_scope=self.codebook_scope,
             rotation_seed=self.rotation_seed,
             vector_dim=self.vector_dim,
+            noise_bands=self.noise_bands,
         )
+
+    @property
+    def noise_bands(self) -> int:
+        """Sets of codebooks per layer: ``len(noise_band_edges) + 1``, or 1 without edges."""
+        return 1 if self.noise_band_edges is None else len(self.noise_band_edges) + 1
 
     def warn_unmatched_overrides(self, names: Sequence[str]) -> list[str]:
         """Log a warning for every ``module_overrides`` pattern that names none of ``names`` (a typo would
@@ -467,6 +482,7 @@ class OTQConfig(DiffusersQuantizationConfigMixin, TransformersQuantizationConfig
             "rotation_block": self.rotation_block,
             "rotation_seed": self.rotation_seed,
             "bits_per_weight": self.bits_per_weight,
+            "noise_band_edges": copy.deepcopy(self.noise_band_edges),
             "provenance": copy.deepcopy(self.provenance),
         }
 

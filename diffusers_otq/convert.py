@@ -188,14 +188,16 @@ def quantize_layer(
     layer: PlannedLayer, weight: torch.Tensor | None = None, quantizer: LayerQuantizer | None = None
 ) -> OTQLayerMixin:
     """The OTQ layer for ``layer``, quantized from ``weight`` (default: the module's own weight) by ``quantizer``
-    (default: data-free :func:`~diffusers_otq.fitting.fit_data_free` with the layer's spec)."""
+    (default: data-free :func:`~diffusers_otq.fitting.fit_data_free` with the layer's spec); with
+    ``spec.noise_bands > 1`` every band holds the fitted codebooks (refinement per band makes them differ)."""
     weight = layer.module.weight if weight is None else weight
     if quantizer is None:
         fit = fit_data_free(weight, layer.spec, layer.name)
     else:
         result = quantizer(layer, weight)
         fit = result if isinstance(result, LayerFit) else LayerFit(result)
-    quantized = layer.target.from_quantized(fit.quantized, layer.module, fit.lowrank, fit.rotation)
+    codes = fit.quantized.with_noise_bands(layer.spec.noise_bands)  # every band starts from the fitted codebooks
+    quantized = layer.target.from_quantized(codes, layer.module, fit.lowrank, fit.rotation)
     if fit.bias is not None:
         if quantized.bias is None or quantized.bias.shape != fit.bias.shape:
             raise ValueError(

@@ -182,6 +182,10 @@ def _refinement_text(record: dict | None) -> str:
         f"{record.get('samples')} sampled trajectories; teacher loss {record['loss_before']:.4g} -> "
         f"{record['loss_after']:.4g}"
     )
+    if (record.get("noise_bands") or 1) > 1:
+        text += (
+            f"; {record['noise_bands']} sets of codebooks, one per noise-level band, each trained on its band's calls"
+        )
     return text + (f" (stopped early: {record['stopped']})" if record.get("stopped") else "")
 
 

@@ -91,6 +91,8 @@ class OTQLayerMixin:
     granularity: str
     group_size: int | None
     vector_dim: int
+    noise_bands: int  # sets of codebooks over the shared codes (diffusers_otq.noise_bands)
+    noise_band: int  # the set the forward decodes
     weight_shape: torch.Size
     weight_dtype: torch.dtype
     rank: int
@@ -116,6 +118,8 @@ class OTQLayerMixin:
         self.granularity = quantized.granularity
         self.group_size = quantized.group_size
         self.vector_dim = quantized.vector_dim
+        self.noise_bands = quantized.noise_bands
+        self.noise_band = 0
         self.weight_shape = torch.Size(quantized.shape)
         self.weight_dtype = quantized.dtype
         for key, tensor in quantized.tensors().items():
@@ -244,7 +248,22 @@ class OTQLayerMixin:
             scale_step=getattr(self, "scale_step", None),
             vector_dim=self.vector_dim,
             codebook_scale=getattr(self, "codebook_scale", None),
+            noise_bands=self.noise_bands,
+            noise_band=self.noise_band,
         )
+
+    def set_noise_band(self, band: int) -> None:
+        """Decode the codebooks of noise band ``band`` from now on (see :mod:`diffusers_otq.noise_bands`).
+
+        Raises:
+            IndexError: ``band`` is not in ``0 .. noise_bands - 1``.
+        """
+        if isinstance(band, bool) or not isinstance(band, int) or not 0 <= band < self.noise_bands:
+            raise IndexError(
+                f"{type(self).__name__}: noise band {band!r} does not exist; this layer has {self.noise_bands} "
+                f"(0..{self.noise_bands - 1})."
+            )
+        self.noise_band = band
 
     def lowrank_branch(self) -> LowRankBranch | None:
         """A view of the stored low-rank factors, or None (rank 0)."""
@@ -333,6 +352,8 @@ class OTQLayerMixin:
             text += f", group_size={self.group_size}"
         if self.vector_dim > 1:
             text += f", vector_dim={self.vector_dim}"
+        if self.noise_bands > 1:
+            text += f", noise_bands={self.noise_bands}"
         if self.rank:
             text += f", rank={self.rank}"
         if self.rotation_block:

@@ -28,6 +28,8 @@ __all__ = [
     "check_codebook_dtype",
     "check_group_size",
     "check_vector_dim",
+    "check_noise_bands",
+    "MAX_NOISE_BANDS",
     "setting_label",
 ]
 
@@ -154,6 +156,19 @@ def check_vector_dim(vector_dim: object, bits: int, method: str, granularity: st
     return vector_dim
 
 
+MAX_NOISE_BANDS = 16
+"""The most noise-level bands a model may have (each costs one more set of codebooks in every layer)."""
+
+
+def check_noise_bands(bands: object) -> int:
+    """Return ``bands`` if it is an int from 1 to :data:`MAX_NOISE_BANDS`."""
+    if isinstance(bands, bool) or not isinstance(bands, int) or not 1 <= bands <= MAX_NOISE_BANDS:
+        raise ValueError(
+            f"noise_bands={bands!r} must be an int from 1 (one set of codebooks) to {MAX_NOISE_BANDS}, e.g. 2."
+        )
+    return bands
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """How one weight is quantized: the arguments of :func:`~diffusers_otq.quantize_tensor`, validated.
@@ -172,6 +187,9 @@ class LayerSpec:
         rotation_seed: the seed the rotation's random signs are drawn from (they are stored with the layer).
         vector_dim: codeword dimension ``d`` (1: scalar codebooks); ``d`` consecutive inputs of a row share one
             ``bits * d``-bit code into a codebook of ``2**(bits * d)`` vectors.
+        noise_bands: sets of codebooks over the one set of codes, one per noise-level band of the denoiser's
+            timesteps (:mod:`diffusers_otq.noise_bands`); 1: one set. Derived from the model's
+            ``OTQConfig.noise_band_edges``, not set per layer.
     """
 
     bits: int = 4
@@ -184,6 +202,7 @@ class LayerSpec:
     rotation_block: int = 0
     rotation_seed: int = 0
     vector_dim: int = 1
+    noise_bands: int = 1
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -193,6 +212,7 @@ class LayerSpec:
         check_codebook_dtype(self.codebook_dtype)
         check_codebook_scope(self.codebook_scope)
         check_vector_dim(self.vector_dim, self.bits, self.method, self.granularity, self.group_size)
+        check_noise_bands(self.noise_bands)
         for name in ("rank", "rotation_block", "rotation_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -23,6 +23,11 @@ int8 codebooks (``codebook_dtype=torch.int8``, format version 6): ``codebook`` h
 (:mod:`diffusers_otq.functional.codebook_storage`). Every consumer reads them through
 :attr:`QuantizedTensor.flat_codebook`, which decodes.
 
+Codebooks per noise-level band (``noise_bands = B > 1``, format version 7): the codes are shared, and ``codebook``
+stacks ``B`` sets of codebooks, ``(B * C, K[, d])`` with band ``b``'s in rows ``b * C .. (b + 1) * C - 1``
+(``codebook_scale`` ``(B * C,)`` likewise). :attr:`QuantizedTensor.noise_band` picks the set every read decodes
+(:mod:`diffusers_otq.noise_bands` sets it from the denoiser's timestep); every set is counted in ``nbytes``.
+
 ``dequantize()`` is ``codebook[c, code] * scale`` reshaped to ``S``. Every byte of these tensors is counted
 in :attr:`QuantizedTensor.nbytes`.
 """
@@ -109,7 +114,8 @@ def storage_layout(
 
     ``packed`` is ``(ceil(numel * bits / 8),)`` uint8; ``codebook`` is ``(C, min(2**bits, values per codebook))``;
     group granularity adds ``scale_codes (R, n / group_size)`` uint8, ``scale_max (R,)`` and ``scale_step (1,)``
-    float32; an int8 codebook adds ``codebook_scale (C,)`` float32.
+    float32; an int8 codebook adds ``codebook_scale (C,)`` float32. ``spec.noise_bands = B`` stacks ``B`` sets of
+    codebooks (and their scales): ``(B * C, K)``.
 
     Example:
         >>> from diffusers_otq.options import LayerSpec
@@ -123,6 +129,7 @@ def storage_layout(
     else:
         codebook_rows, values_per_codebook = rows, n
     levels = min(1 << (spec.bits * d), values_per_codebook // d)
+    codebook_rows *= spec.noise_bands
     layout = {
         "packed": ((packed_num_bytes(rows * n // d, spec.bits * d),), torch.uint8),
         "codebook": ((codebook_rows, levels) + ((d,) if d > 1 else ()), codebook_dtype),
@@ -155,6 +162,9 @@ class QuantizedTensor:
         scale_step: (1,) float32 log2 step between scale codes (granularity "group" only).
         vector_dim: codeword dimension ``d`` (1: scalar codebooks).
         codebook_scale: (C,) float32 scale of each int8 codebook (None: the codebook holds the codewords).
+        noise_bands: sets of codebooks stacked in ``codebook`` (and ``codebook_scale``) over the shared codes, one
+            per noise-level band: ``(B * C, K[, d])``.
+        noise_band: the set every read (:attr:`flat_codebook`, :meth:`dequantize`, the kernels) decodes.
 
     Example:
         >>> import torch
@@ -179,6 +189,8 @@ class QuantizedTensor:
     scale_step: torch.Tensor | None = None
     vector_dim: int = 1
     codebook_scale: torch.Tensor | None = None
+    noise_bands: int = 1
+    noise_band: int = 0
 
     @property
     def code_bits(self) -> int:
@@ -190,10 +202,34 @@ class QuantizedTensor:
         """(C, K * d) the codewords with each row's vectors laid end to end (the codebook itself when d = 1):
         value ``i`` of vector ``k`` is entry ``k * d + i``, where :func:`scalar_view_codes` points. An int8
         codebook is decoded (float32 ``codebook * codebook_scale``)."""
-        book = self.codebook
-        if self.codebook_scale is not None:
-            book = decode_scaled_codebook(book, self.codebook_scale)
+        book, scale = self.codebook, self.codebook_scale
+        if self.noise_bands > 1:
+            if not 0 <= self.noise_band < self.noise_bands:
+                raise IndexError(
+                    f"noise_band={self.noise_band} is out of range for a weight with {self.noise_bands} noise bands; "
+                    f"expected 0..{self.noise_bands - 1}."
+                )
+            per_band = book.shape[0] // self.noise_bands
+            rows = slice(self.noise_band * per_band, (self.noise_band + 1) * per_band)
+            book, scale = book[rows], None if scale is None else scale[rows]
+        if scale is not None:
+            book = decode_scaled_codebook(book, scale)
         return book.reshape(book.shape[0], -1)
+
+    def with_noise_bands(self, bands: int) -> QuantizedTensor:
+        """A copy whose codebooks (and int8 scales) are repeated into ``bands`` identical sets over the same codes
+        (the start that refinement per band trains from); ``self`` when ``bands`` is its own count.
+
+        Raises:
+            ValueError: ``self`` already has another number of bands.
+        """
+        if bands == self.noise_bands:
+            return self
+        if self.noise_bands != 1:
+            raise ValueError(f"the weight already has {self.noise_bands} noise bands; cannot make it {bands}.")
+        scale = None if self.codebook_scale is None else self.codebook_scale.repeat(bands)
+        book = self.codebook.repeat(bands, *(1,) * (self.codebook.dim() - 1))
+        return replace(self, codebook=book, codebook_scale=scale, noise_bands=bands, noise_band=0)
 
     @property
     def numel(self) -> int:
@@ -292,6 +328,7 @@ class QuantizedTensor:
             granularity=spec.granularity,
             group_size=spec.group_size,
             vector_dim=spec.vector_dim,
+            noise_bands=spec.noise_bands,
             **tensors,
         )
 

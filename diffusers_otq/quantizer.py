@@ -47,6 +47,7 @@ from .convert import (
 from .integrity import ALLOW_UNCHECKED_ENV, CheckpointVerifier, checkpoint_metadata, current_key
 from .layers import QUANTIZED_BUFFERS, OTQLayerMixin
 from .memory import release_freed_memory
+from .noise_bands import install_noise_band_router
 from .offloading import device_in_map
 
 
@@ -84,6 +85,13 @@ class OTQQuantizer(DiffusersQuantizer):
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if not self.pre_quantized:
             self.quantization_config.check_resolved()  # a bits budget cannot be allocated one weight at a time
+            if self.quantization_config.noise_band_edges is not None:
+                raise ValueError(
+                    f"OTQConfig(noise_band_edges={self.quantization_config.noise_band_edges}) describes codebooks per "
+                    "noise band, which only refinement on the pipeline's own trajectories makes differ; quantizing on "
+                    "load would store identical copies. Use diffusers_otq.quantize_pipeline(pipe, OTQConfig(...), "
+                    "CalibrationConfig(noise_bands=2, refine_steps=600)) and save that, or drop noise_band_edges."
+                )
         device_map = kwargs.get("device_map")
         self._disk_map = None
         if not (isinstance(device_map, dict) and "disk" in device_map.values()):
@@ -237,6 +245,8 @@ class OTQQuantizer(DiffusersQuantizer):
 
         attach_model_card(model)
         adapt_quantized_model(model)
+        if self.quantization_config.noise_band_edges is not None:  # each call decodes its timestep's codebooks
+            install_noise_band_router(model, self.quantization_config.noise_band_edges)
         return model
 
     # --------------------------------------------------------------------------------------- saving / helpers

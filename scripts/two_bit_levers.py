@@ -14,12 +14,11 @@ noise, and the quantization time.
     python scripts/two_bit_levers.py --protocol --refine-steps 600                    # guided refinement, the defaults
     python scripts/two_bit_levers.py --protocol --refine-steps 300 --refine-batch-size 16 --refine-lr 1e-4 --per-branch
                                                                           # the defaults before (each branch's velocity)
-    python scripts/two_bit_levers.py --protocol --refine-steps 600 --bands 2      # codebooks per noise band, simulated
+    python scripts/two_bit_levers.py --protocol --refine-steps 600 --bands 2      # codebooks per noise band
 
-``--bands N`` simulates codebooks per noise-level band with shared codes (results/two-bit.md, section 3e): the model
-is quantized without refinement, then one copy per band of the teacher's calls (split at timestep quantiles) is
-refined on that band's calls with the codes, group scales and biases frozen, and sampling loads the band's
-codebooks at each step; every extra band's codebooks and codebook scales are counted in the bits.
+``--bands N`` is ``CalibrationConfig(noise_bands=N)``: codebooks per noise-level band over shared codes
+(:mod:`diffusers_otq.noise_bands`), every band's codebooks counted in the bits and in the budget. (The simulated
+bands of results/two-bit.md section 3e, one refined model copy per band, came from this script at commit 1cb4d7f.)
 """
 
 from __future__ import annotations
@@ -34,13 +33,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import diffusers_otq.calibration.allocation as allocation
-import diffusers_otq.calibration.refine as refine
 from diffusers_otq import CalibrationConfig, FlowMatchPipeline, OTQConfig, calibrate, quantize_model
 from diffusers_otq.calibration import TeacherCalls
-from diffusers_otq.calibration.refine import refine_model
 from diffusers_otq.evaluation.classifier import reference_classifier
 from diffusers_otq.evaluation.config import load_config
 from diffusers_otq.evaluation.image_metrics import psnr
@@ -71,7 +67,7 @@ def main() -> None:
     parser.add_argument("--protocol", action="store_true", help="sample, calibrate and refine at 15 steps, guidance 2")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--bands", type=int, default=1, help="codebooks per noise-level band (simulated; see above)")
+    parser.add_argument("--bands", type=int, default=1, help="codebooks per noise-level band (see above)")
     args = parser.parse_args()
     if args.bands > 1 and not args.refine_steps:
         parser.error(f"--bands {args.bands} refines one codebook set per band: it needs --refine-steps > 0.")
@@ -107,7 +103,8 @@ def main() -> None:
     base = CalibrationConfig(num_samples=64, progress=False) if protocol is None else protocol.calibration_config()
     calibration = replace(base, refine_steps=args.refine_steps, sequential=False,
                           refine_batch_size=args.refine_batch_size,
-                          refine_lr=args.refine_lr, refine_eval_every=args.refine_eval_every)  # fmt: skip
+                          refine_lr=args.refine_lr, refine_eval_every=args.refine_eval_every,
+                          noise_bands=args.bands)  # fmt: skip
     statistics = calibrate(pipe, OTQConfig(bits=4), calibration)
     work = copy.deepcopy(fp)
     config = OTQConfig(bits_per_weight=args.budget, module_overrides=json.loads(args.overrides or "null"))
@@ -116,14 +113,10 @@ def main() -> None:
     if args.refine_steps:  # as quantize_pipeline records it; --per-branch drops the sampler's guidance
         teacher = TeacherCalls.from_pipeline(pipe, calibration, model=fp)
         teacher = replace(teacher, guidance=None) if args.per_branch else teacher
-    banded = args.bands > 1  # quantized without refinement; refined once per band below
-    quantize_model(work, config, statistics=statistics, calibration=replace(calibration, refine_steps=0) if banded
-                   else calibration, teacher=None if banded else teacher, progress=False, compute_metrics=False)  # fmt: skip
+    quantize_model(work, config, statistics=statistics, calibration=calibration, teacher=teacher, progress=False,
+                   compute_metrics=False)  # fmt: skip
     layers = [m for m in work.modules() if isinstance(m, OTQLayerMixin)]
-    stored = sum(m.quantized_weight().nbytes * 8 for m in layers)
-    if banded:
-        stored += (args.bands - 1) * sum(_codebook_bits(m) for m in layers)
-        _refine_per_band(work, teacher, calibration, args.bands)
+    stored = sum(m.nbytes * 8 for m in layers)
     seconds = time.perf_counter() - start
     settings = Counter(f"{m.bits}-bit {m.granularity} {m.vector_dim}-D" for m in layers)
     images = sample(work)
@@ -136,52 +129,6 @@ def main() -> None:
         "psnr": round(psnr(images, reference).mean().item(), 2), "agreement": agreement, "quantize_s": round(seconds, 1),
         "settings": dict(settings),
     }))  # fmt: skip
-
-
-def _timestep(args: tuple, kwargs: dict) -> float:
-    """The (first) timestep of a denoiser call: its ``timestep`` keyword or second positional argument."""
-    value = kwargs["timestep"] if "timestep" in kwargs else args[1]
-    return float(torch.as_tensor(value).reshape(-1)[0])
-
-
-def _codebook_bits(layer: OTQLayerMixin) -> int:
-    """Stored bits of one layer's codebook and (int8) codebook scales: what each extra band adds."""
-    stored = layer.quantized_weight()
-    bits = stored.codebook.numel() * stored.codebook.element_size() * 8
-    return bits + (stored.codebook_scale.numel() * 32 if stored.codebook_scale is not None else 0)
-
-
-def _refine_per_band(model: nn.Module, teacher: TeacherCalls, calibration: CalibrationConfig, bands: int) -> None:
-    """Refine one copy of ``model`` per band of the teacher's calls (equal call counts, split at timestep
-    quantiles) with only the OTQ buffers trained (biases shared), and make ``model`` load its band's refined state
-    before each call (a forward pre-hook): codebooks per noise band with shared codes, simulated."""
-    calls = teacher.inputs.calls
-    timesteps = sorted(_timestep(*call) for call in calls)
-    edges = [timesteps[len(timesteps) * i // bands] for i in range(1, bands)]
-
-    def band(timestep: float) -> int:
-        return sum(timestep >= edge for edge in edges)
-
-    trained_floats = refine.float_parameters
-    refine.float_parameters = lambda module, calibration: []  # the biases stay shared between bands
-    try:
-        states = []
-        for index in range(bands):
-            picked = [i for i, call in enumerate(calls) if band(_timestep(*call)) == index]
-            inputs = replace(teacher.inputs, calls=[calls[i] for i in picked])
-            part = TeacherCalls(inputs, [teacher.outputs[i] for i in picked], None, teacher.guidance)
-            copied = copy.deepcopy(model)
-            report = refine_model(copied, part, calibration)
-            logger.info("band %d (timesteps >= %s): %d calls, teacher loss %.4g -> %.4g", index,
-                        edges[index - 1] if index else "0", len(picked), report.loss_before, report.loss_after)  # fmt: skip
-            states.append(copied.state_dict())
-    finally:
-        refine.float_parameters = trained_floats
-
-    def load_band(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        module.load_state_dict(states[band(_timestep(args, kwargs))])
-
-    model.register_forward_pre_hook(load_band, with_kwargs=True)
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def test_vector_and_int8_codebooks_save_and_reload_in_a_fresh_process(tmp_path: 
     model.save_pretrained(tmp_path / "q")
     assert any(key.endswith(".codebook_scale") for key in read_safetensors_header(tmp_path / "q" / WEIGHTS).tensors)
     header = read_safetensors_header(tmp_path / "q" / WEIGHTS)
-    assert header.metadata[FORMAT_VERSION_KEY] == str(FORMAT_VERSION) == "6"
+    assert header.metadata[FORMAT_VERSION_KEY] == str(FORMAT_VERSION) == "7"
     saved_config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert saved_config["vector_dim"] == 2
     out = tmp_path / "out.pt"
@@ -266,14 +266,17 @@ def test_codes_beyond_a_short_codebook(saved: Path, tmp_path: Path) -> None:
 def test_unknown_format_version_in_config_and_header(saved: Path, tmp_path: Path) -> None:
     folder = _copy(saved, tmp_path / "config")
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"]["format_version"] = 7
+    newer = FORMAT_VERSION + 1
+    config["quantization_config"]["format_version"] = newer
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=rf"format_version=7.*up to {FORMAT_VERSION}.*pip install -U diffusers-otq"):
+    with pytest.raises(
+        ValueError, match=rf"format_version={newer}.*up to {FORMAT_VERSION}.*pip install -U diffusers-otq"
+    ):
         UNet2DModel.from_pretrained(folder)
 
     folder = _copy(saved, tmp_path / "header")
-    _rewrite(folder / WEIGHTS, lambda tensors, metadata: metadata.update({FORMAT_VERSION_KEY: "7"}))
-    with pytest.raises(CheckpointError, match=rf"{WEIGHTS}.*format version '7'.*upgrade"):
+    _rewrite(folder / WEIGHTS, lambda tensors, metadata: metadata.update({FORMAT_VERSION_KEY: str(newer)}))
+    with pytest.raises(CheckpointError, match=rf"{WEIGHTS}.*format version '{newer}'.*upgrade"):
         UNet2DModel.from_pretrained(folder)
 
 

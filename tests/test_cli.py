@@ -165,6 +165,11 @@ def test_generate_writes_pngs(bundle: Path, tmp_path: Path) -> None:
         (["quantize", "{bundle}", "{tmp}/out", "--refine-steps", "5"], r"--refine-steps only apply with --calibrate"),
         (["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--refine-blocks"], r"add --refine-steps N"),
         (["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--refine-float-params"], r"add --refine-steps N"),
+        (["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--noise-bands", "2"], r"add --refine-steps N"),
+        (
+            ["quantize", "{bundle}", "{tmp}/out", "--calibrate", "--refine-steps", "2", "--noise-bands", "0"],
+            r"noise_bands=0 must be an int from 1",
+        ),
         (["quantize", "{bundle}", "{tmp}/out", "--rank", "-2"], r"rank=-2 must be an int >= 0"),
         (["quantize", "{bundle}", "{tmp}/out", "--rotate", "--rotation-block", "24"], r"rotation_block=24 must be"),
         (
@@ -246,6 +251,22 @@ def test_quantize_with_structure_and_refinement(bundle: Path, tmp_path: Path, ca
     )
     assert "block by block" in card
     assert "randomized Hadamard input rotation" in card
+
+
+def test_quantize_with_noise_bands_saves_each_bands_codebooks(bundle: Path, tmp_path: Path) -> None:
+    argv = ["quantize", str(bundle), str(tmp_path / "q"), "--bits", "2", "--calibrate", "--num-samples", "2",
+            "--calibration-steps", "3", "--refine-steps", "3", "--noise-bands", "2"]  # fmt: skip
+    assert main(argv) == 0
+    pipe = FlowMatchPipeline.from_pretrained(tmp_path / "q")
+    config = pipe.transformer.config["quantization_config"]
+    assert len(config.noise_band_edges) == 1 and config.provenance["refinement"]["noise_bands"] == 2
+    assert config.provenance["refinement"]["steps"] == 2 * 3  # --refine-steps per band
+    assert config.provenance["calibration"]["sequential"] is False  # bands train the whole model at once
+    layers = [m for m in pipe.transformer.modules() if hasattr(m, "noise_bands")]
+    assert layers and {m.noise_bands for m in layers} == {2}
+    from diffusers_otq.hub import model_card
+
+    assert "2 sets of codebooks, one per noise-level band" in str(model_card(pipe, tmp_path / "q", "me/fm-otq2"))
 
 
 def test_quantize_refuses_to_overwrite_its_source_or_a_non_model_class(

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..config import OTQConfig
 from ..convert import PlannedLayer, matches_module_name, plan_layers
-from ..functional.allocation import allocate
+from ..functional.allocation import Allocation, allocate
 from ..options import VECTOR_METHODS, LayerSpec, setting_label
 from ..quantized_tensor import resolve_codebook_dtype, storage_layout
 from ..structure import structure_nbytes
@@ -229,6 +229,19 @@ def spec_nbytes(weight: torch.Tensor, spec: LayerSpec) -> int:
     return codes + structure_nbytes(tuple(weight.shape), spec.rank, spec.rotation_block, weight.dtype)
 
 
+def _band_bytes(layer: PlannedLayer, spec: LayerSpec) -> int:
+    """Bytes of the codebooks (and int8 codebook scales) of every noise band of ``layer`` with ``spec`` but the
+    first: what ``spec.noise_bands - 1`` more sets add to one."""
+    if spec.noise_bands == 1:
+        return 0
+    weight = layer.module.weight
+    dtype = resolve_codebook_dtype(spec.codebook_dtype, weight.dtype, spec.granularity)
+    layout = storage_layout(tuple(weight.shape), spec, dtype)
+    stacked = sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+                  for name, (shape, dt) in layout.items() if name in ("codebook", "codebook_scale"))  # fmt: skip
+    return stacked * (spec.noise_bands - 1) // spec.noise_bands
+
+
 @dataclass(frozen=True)
 class CandidateTable:
     """Every candidate setting of every layer with its exact size and predicted distortion: what a bits budget is
@@ -308,7 +321,7 @@ class CandidateTable:
                 f"at least {math.ceil(floor * 800 / numel) / 100:.2f}, or keep small layers in float "
                 "(modules_to_not_convert)."
             )
-        solution = allocate([list(s) for s in self.sizes], [list(d) for d in self.distortions], budget_bytes)
+        solution = self._solve(budget_bytes)
         choices = tuple(
             LayerChoice(
                 name=layer.name,
@@ -327,6 +340,30 @@ class CandidateTable:
         result = BitsPlan(bits_per_weight, choices, self.sensitivity)
         logger.info("OTQ bits plan:\n%s", result.table())
         return result
+
+    def _solve(self, budget_bytes: int) -> Allocation:
+        """The knapsack for ``budget_bytes``. With codebooks per noise band (``noise_bands > 1``), the plan is chosen
+        on the cost of one set of codebooks, under a budget lowered by the other sets' bytes until the plan with
+        every set fits (at most 8 rounds; else the plan on the full cost): the errors are those of one set, and
+        charging a plan for sets that refinement per band then improves steers it away from the large (vector)
+        codebooks that gain most from them (results/two-bit.md section 3e)."""
+        sizes, distortions = [list(s) for s in self.sizes], [list(d) for d in self.distortions]
+        extra = [[_band_bytes(layer, spec) for spec in specs] for layer, specs in zip(self.layers, self.options,
+                                                                                    strict=True)]  # fmt: skip
+        if not any(any(row) for row in extra):
+            return allocate(sizes, distortions, budget_bytes)
+        one_set = [[size - e for size, e in zip(row, extra_row, strict=True)] for row, extra_row in zip(sizes, extra,
+                                                                                                      strict=True)]  # fmt: skip
+        target, floor = budget_bytes, sum(min(row) for row in one_set)
+        for _ in range(8):
+            if target < floor:
+                break
+            solution = allocate(one_set, distortions, target)
+            total = sum(row[i] for row, i in zip(sizes, solution.choices, strict=True))
+            if total <= budget_bytes:
+                return solution
+            target -= total - budget_bytes
+        return allocate(sizes, distortions, budget_bytes)
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a table measured on another model (its layers by name and shape).

@@ -17,6 +17,7 @@ from torch import nn
 from ..api import quantize_model as _convert_model
 from ..config import OTQConfig
 from ..convert import LayerReport
+from ..noise_bands import band_edges, call_timesteps, install_noise_band_router
 from .allocation import CandidateTable, plan_bits
 from .config import CalibrationConfig
 from .fit import calibrated_quantizer
@@ -106,6 +107,7 @@ def quantize_model(
         statistics = collect_statistics(model, config, calibration)
     calibration = calibration or CalibrationConfig(progress=progress)
     started = time.perf_counter()
+    config = _with_band_edges(config, calibration, teacher)
     provenance = dict(config.provenance or {})
     if statistics is not None:
         provenance["calibration"] = {**statistics.info, **_fit_record(calibration, statistics)}
@@ -122,11 +124,40 @@ def quantize_model(
         require_teacher(teacher)  # before any fitting
     quantizer = calibrated_quantizer(statistics, calibration) if statistics is not None else None
     reports = _convert_model(model, config, progress=progress, compute_metrics=compute_metrics, quantizer=quantizer)
+    if config.noise_band_edges is not None:  # from here on each call decodes its band's codebooks
+        install_noise_band_router(model, config.noise_band_edges)
     if calibration.refine_steps:
         report = refine_model(model, teacher, calibration)
         _record_refinement(model, report, calibration)
     logger.info("Quantized %s in %.1f s", type(model).__name__, time.perf_counter() - started)
     return reports
+
+
+def _with_band_edges(config: OTQConfig, calibration: CalibrationConfig, teacher: TeacherCalls | None) -> OTQConfig:
+    """``config`` with the edges of ``calibration.noise_bands`` bands of the teacher's call timesteps (equal counts of
+    distinct timesteps per band, :func:`~diffusers_otq.noise_bands.band_edges`); ``config`` itself with one band.
+
+    Raises:
+        ValueError: ``config`` already has edges (they are calibration's output), or a teacher call has no timestep.
+        CalibrationError: bands without a teacher.
+    """
+    if config.noise_band_edges is not None:
+        raise ValueError(
+            f"OTQConfig(noise_band_edges={config.noise_band_edges}) is written by calibration, not an input: pass "
+            "CalibrationConfig(noise_bands=B) instead (the edges then split the teacher's timesteps), or drop it."
+        )
+    if calibration.noise_bands == 1:
+        return config
+    teacher = require_teacher(teacher)
+    timesteps = [call_timesteps(args, kwargs) for args, kwargs in teacher.inputs.calls]
+    if any(t is None for t in timesteps):
+        raise ValueError(
+            f"noise_bands={calibration.noise_bands} splits the teacher's calls by timestep, but some calls carry no "
+            "'timestep' argument; bands need a denoiser called with its timestep."
+        )
+    edges = band_edges([float(v) for t in timesteps for v in t.unique()], calibration.noise_bands)
+    logger.info("%d noise bands: timestep edges %s", calibration.noise_bands, [round(e, 4) for e in edges])
+    return OTQConfig.from_dict({**config.to_dict(), "noise_band_edges": edges})
 
 
 def _check_candidates(candidates: CandidateTable, model: nn.Module, statistics: CalibrationStatistics | None) -> None:
@@ -147,7 +178,8 @@ def _record_refinement(model: nn.Module, report: RefineReport, calibration: Cali
     if not isinstance(config, OTQConfig):
         return
     record = {**report.describe(), "lr": calibration.refine_lr, "batch_size": calibration.refine_batch_size,
-              "samples": calibration.refine_samples, "float_params": calibration.refine_float_params}  # fmt: skip
+              "samples": calibration.refine_samples, "float_params": calibration.refine_float_params,
+              "noise_bands": calibration.noise_bands}  # fmt: skip
     config.provenance = {**(config.provenance or {}), "refinement": record}
 
 

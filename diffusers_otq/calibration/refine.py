@@ -28,6 +28,11 @@ teacher), for ``refine_steps`` steps per block. The loss it reports is measured 
 ``refine_eval_every`` steps) and after training; the parameters with the lowest reported loss are kept, so
 refinement never makes it worse. A NaN/Inf loss or gradient stops training at that step, keeps the last good
 parameters and says which step.
+
+With codebooks per noise-level band (``CalibrationConfig(noise_bands=B)``, :mod:`diffusers_otq.noise_bands`), every
+layer holds ``B`` sets of codebooks over its codes and the model's router decodes each call with the set of its
+timestep's band, so a step trains the codebooks of its call's band (biases, scale maxima and low-rank factors are
+shared by all bands); the whole model then trains ``B * refine_steps`` steps, ``refine_steps`` per band on average.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -46,7 +51,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from ..functional.codebook_storage import store_codebook
+from ..functional.codebook_storage import decode_scaled_codebook, store_codebook
 from ..functional.error_feedback import sort_codebook
 from ..functional.packing import pack_codes
 from ..layers import OTQLayerMixin
@@ -188,7 +193,7 @@ def _trainable(layers: list[OTQLayerMixin], floats: list[nn.Parameter]) -> Itera
     params: list[torch.Tensor] = []
     for layer in layers:
         if layer._buffers.get("codebook_scale") is not None:  # int8: train the decoded codewords themselves
-            layer._buffers["codebook"] = layer.quantized_weight().flat_codebook.reshape(layer.codebook.shape)
+            layer._buffers["codebook"] = decode_scaled_codebook(layer.codebook, layer.codebook_scale)  # every band
             layer._buffers["codebook_scale"] = None
         for name in _TRAINABLE_BUFFERS:
             buffer = layer._buffers.get(name)
@@ -213,11 +218,13 @@ def _trainable(layers: list[OTQLayerMixin], floats: list[nn.Parameter]) -> Itera
 
 def _store(layer: OTQLayerMixin, dtypes: dict[str, torch.dtype]) -> None:
     """Write refined float32 buffers back in their storage dtypes (an int8 codebook encoded with a new
-    ``codebook_scale``); scalar codebook rows re-sorted with their codes (vector codewords have no order)."""
+    ``codebook_scale``); scalar codebook rows re-sorted with their codes (vector codewords have no order); with noise
+    bands, the first band's rows are sorted and the other bands' follow (their codes are the same)."""
     codebook, scale = store_codebook(layer._buffers["codebook"], dtypes["codebook"])
-    scalar = codebook.dim() == 2
-    if scalar and bool((codebook[:, 1:] < codebook[:, :-1]).any()):  # refinement moved codewords past each other
-        codebook, codes = sort_codebook(codebook, layer.quantized_weight().codes().to(torch.int64))
+    scalar, first = codebook.dim() == 2, codebook[: codebook.shape[0] // layer.noise_bands]
+    if scalar and bool((first[:, 1:] < first[:, :-1]).any()):  # refinement moved codewords past each other
+        codes = layer.quantized_weight().codes().to(torch.int64)
+        codebook, codes = sort_codebook(codebook, codes, layer.noise_bands)
         layer.set_stored("weight", pack_codes(codes.reshape(-1).to(torch.uint8), layer.bits))
     layer._buffers["codebook"] = codebook.contiguous()
     if scale is not None:
@@ -300,7 +307,9 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
         teacher: the full-precision model's recorded calls and outputs (with its blocks' calls for
             ``refine_scope="blocks"``).
         calibration: ``refine_steps``, ``refine_lr``, ``refine_batch_size``, ``refine_eval_every``,
-            ``refine_scope``, ``seed``.
+            ``refine_scope``, ``seed``. With codebooks per noise band (:mod:`diffusers_otq.noise_bands`; the model's
+            router picks each call's band) the whole model trains ``refine_steps * bands`` steps, so that every
+            band's codebooks get about ``refine_steps`` steps of their own.
 
     Returns:
         A :class:`RefineReport`; the model holds the parameters with the lowest reported loss.
@@ -330,6 +339,8 @@ def refine_model(model: nn.Module, teacher: TeacherCalls | None, calibration: Ca
             steps, best_step, stopped, blocks = _refine_blocks(model, teacher, calibration)
         else:
             device = next(model.parameters(), layers[0].packed).device
+            bands = max(layer.noise_bands for layer in layers)  # each band's codebooks get refine_steps of its own
+            calibration = replace(calibration, refine_steps=calibration.refine_steps * bands)
             fit = _train(layers, floats, _model_step(model, teacher, calibration, device),
                          lambda: _loss(model, teacher), calibration, "OTQ refine", first=before)  # fmt: skip
             steps, best_step, stopped, blocks = fit.ran, fit.best_step, fit.stopped, 0

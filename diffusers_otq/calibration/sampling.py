@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..config import OTQConfig
 from ..convert import plan_layers
+from ..noise_bands import call_timesteps
 from .config import CalibrationConfig, CalibrationError
 from .probes import ProbeInputs, eval_mode
 from .processes import add_flat, gather_in_order, rank_and_world
@@ -493,12 +494,8 @@ def sampler_guidance(target: Any, calibration: CalibrationConfig) -> float | Non
 
 
 def _sigma(args: tuple, kwargs: dict, scale: float) -> float | None:
-    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    if isinstance(timestep, torch.Tensor) and timestep.numel():
-        return float(timestep.reshape(-1)[0]) / scale
-    if isinstance(timestep, int | float):
-        return float(timestep) / scale
-    return None
+    timesteps = call_timesteps(args, kwargs)
+    return None if timesteps is None else float(timesteps[0]) / scale
 
 
 def _timestep_weight(calibration: CalibrationConfig, sigma: float | None) -> float:

@@ -74,6 +74,7 @@ class CalibratedFit:
     bias_correction: bool
     refine: bool = False  # then train against the fp velocity (base.refine_steps, or REFINE_STEPS)
     refit_codebooks: bool = True  # False: the stage-1 codebook (a uniform grid for GPTQ) is never refitted
+    noise_bands: int = 1  # sets of codebooks per noise-level band, refined apart (CalibrationConfig.noise_bands)
 
     def calibration(self, base: CalibrationConfig) -> CalibrationConfig:
         """``base`` (sampling sizes, seed, damping, ...) with this method's fit switches."""
@@ -84,6 +85,8 @@ class CalibratedFit:
             bias_correction=self.bias_correction,
             refine_steps=steps,
             refit_codebooks=self.refit_codebooks,
+            noise_bands=self.noise_bands,
+            sequential=base.sequential and self.noise_bands == 1,  # bands train the whole model at once
         )
 
 
@@ -98,6 +101,8 @@ CALIBRATED: dict[str, CalibratedFit] = {
     "ot-vp+ef": CalibratedFit("ot-vp", error_feedback=True, bias_correction=False),
     "ot-vp+cal": CalibratedFit("ot-vp", error_feedback=True, bias_correction=True),  # CalibrationConfig() defaults
     "ot-vp+ref": CalibratedFit("ot-vp", error_feedback=True, bias_correction=True, refine=True),
+    # + two sets of codebooks over the same codes, one per half of the teacher's timesteps (diffusers_otq.noise_bands)
+    "ot-vp+bands": CalibratedFit("ot-vp", error_feedback=True, bias_correction=True, refine=True, noise_bands=2),
 }
 CALIBRATED_PEERS: dict[str, CalibratedFit] = {
     # GPTQ (Frantar et al. 2210.17323) on the same statistics: a min-max uniform grid per output channel (or per

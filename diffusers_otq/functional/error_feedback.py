@@ -574,18 +574,23 @@ def refit_codebook(
     return CodebookRefit(solved, start_errors, errors)
 
 
-def sort_codebook(codebook: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_codebook(codebook: torch.Tensor, codes: torch.Tensor, bands: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort each codebook row ascending and renumber the codes to match.
 
     Args:
-        codebook: (C, K) codewords, C = 1 (shared) or one row per code row.
+        codebook: (C, K) codewords, C = 1 (shared) or one row per code row; with ``bands`` sets of codebooks over
+            the same codes, (bands * C, K): the first set is sorted and every set permuted as it is.
         codes: (R, n) int64 codes into them.
+        bands: sets of codebooks stacked in ``codebook`` (:mod:`diffusers_otq.noise_bands`).
 
     Returns:
-        ``(sorted codebook (C, K), renumbered codes (R, n))``; the dequantized values are unchanged.
+        ``(sorted codebook, renumbered codes (R, n))``; the dequantized values of every set are unchanged.
     """
-    order = codebook.argsort(dim=1)
+    per_band = codebook.shape[0] // bands
+    order = codebook[:per_band].argsort(dim=1)  # (C, K)
     inverse = order.argsort(dim=1)  # old index -> new position
-    if codebook.shape[0] == 1:
-        return codebook.gather(1, order), inverse[0][codes]
-    return codebook.gather(1, order), inverse.gather(1, codes)
+    stacked = codebook.reshape(bands, per_band, -1)
+    books = stacked.gather(2, order.expand(bands, -1, -1)).reshape(codebook.shape)
+    if per_band == 1:
+        return books, inverse[0][codes]
+    return books, inverse.gather(1, codes)

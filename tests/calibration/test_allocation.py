@@ -126,6 +126,35 @@ def test_one_candidate_table_serves_every_budget_with_the_same_plans_and_codes(c
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
 
 
+def test_with_noise_bands_the_plan_of_one_set_is_kept_and_every_set_fits_the_budget(calibrated) -> None:
+    """The knapsack chooses on one set of codebooks' cost and lowers the budget by the other sets' bytes: the
+    plan is a one-set plan at a lower budget, and with every set counted it fits the budget."""
+    pipe, stats = calibrated
+    banded = measure_candidates(pipe.transformer, OTQConfig(bits=3, noise_band_edges=[500.0]), stats, quick(),
+                                progress=False)  # fmt: skip
+    one_set = replace(banded, options=tuple(tuple(replace(s, noise_bands=1) for s in row) for row in banded.options))
+    one_set = replace(one_set, sizes=tuple(
+        tuple(allocation.spec_nbytes(layer.module.weight, s) for s in row)
+        for layer, row in zip(one_set.layers, one_set.options, strict=True)))  # fmt: skip
+    for budget in (2.0, 3.0):
+        plan = banded.allocate(budget)
+        assert plan.bits_per_weight <= budget and {c.spec.noise_bands for c in plan.choices} == {2}
+        extra = sum(
+            allocation._band_bytes(layer, c.spec) for layer, c in zip(banded.layers, plan.choices, strict=True)
+        )
+        assert plan.bits_per_weight == pytest.approx(one_set_bits(plan, one_set) + extra * 8 / banded.numel)
+        # a one-set optimum: the one-set knapsack at the plan's own one-set size picks the same settings
+        same = one_set.allocate(one_set_bits(plan, one_set) + 1e-9)
+        assert [replace(c.spec, noise_bands=2) for c in same.choices] == [c.spec for c in plan.choices]
+
+
+def one_set_bits(plan, table: CandidateTable) -> float:
+    """Bits per weight of ``plan``'s settings with one set of codebooks each."""
+    sizes = {layer.name: dict(zip(row, size, strict=True)) for layer, row, size in
+             zip(table.layers, table.options, table.sizes, strict=True)}  # fmt: skip
+    return sum(sizes[c.name][replace(c.spec, noise_bands=1)] for c in plan.choices) * 8 / table.numel
+
+
 def test_a_candidate_table_of_another_model_or_other_statistics_is_refused(calibrated) -> None:
     pipe, stats = calibrated
     data_free = measure_candidates(pipe.transformer, OTQConfig(bits=3), progress=False)

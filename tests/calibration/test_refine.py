@@ -148,6 +148,62 @@ def test_bad_refinement_settings(kwargs: dict, match: str) -> None:
         CalibrationConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"noise_bands": 0}, "noise_bands=0 must be an int from 1"), ({"noise_bands": 2.0}, "noise_bands=2.0"),
+     ({"noise_bands": 2, "sequential": False}, "needs refine_steps > 0"),
+     ({"noise_bands": 2, "refine_steps": 5}, "needs sequential=False"),
+     ({"noise_bands": 2, "refine_steps": 5, "sequential": False, "refine_scope": "blocks"}, "refine_scope='model'")],
+)  # fmt: skip
+def test_bad_noise_band_settings(kwargs: dict, match: str) -> None:
+    with pytest.raises(CalibrationError, match=match):
+        CalibrationConfig(**kwargs)
+
+
+def _bands(pipe, config: OTQConfig, bands: int, **overrides) -> list[OTQLayerMixin]:
+    calibration = whole_model(refine_steps=12, refine_samples=4, refine_batch_size=4, refine_eval_every=4,
+                              refine_lr=1e-3, noise_bands=bands, **overrides)  # fmt: skip
+    quantize_pipeline(pipe, config, calibration, progress=False, compute_metrics=False)
+    return [m for m in pipe.transformer.modules() if isinstance(m, OTQLayerMixin)]
+
+
+@pytest.mark.parametrize("codebook_dtype", [None, "int8"])
+def test_noise_bands_refine_each_bands_codebooks_over_the_same_codes(codebook_dtype: str | None) -> None:
+    config = OTQConfig(bits=2, codebook_dtype=codebook_dtype)
+    one, two = _bands(unet_pipeline(), config, 1), _bands(pipe := unet_pipeline(), config, 2)
+    saved = pipe.transformer.config["quantization_config"]
+    record = saved.provenance["refinement"]
+    assert record["noise_bands"] == 2 and record["loss_after"] < record["loss_before"]
+    assert record["steps"] == 2 * 12  # refine_steps per band
+    calls = record_teacher_calls(unet_pipeline(), whole_model(refine_samples=4))
+    timesteps = sorted({float(args[1].reshape(-1)[0]) for args, _ in calls.calls})
+    assert len(saved.noise_band_edges) == 1 and timesteps[0] < saved.noise_band_edges[0] < timesteps[-1]
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a.packed, b.packed)  # the codes are the fit's, shared by both bands
+        rows = a.codebook.shape[0]
+        assert b.codebook.shape == (2 * rows, *a.codebook.shape[1:]) and b.codebook.dtype == a.codebook.dtype
+        assert b.nbytes - a.nbytes == a.codebook.numel() * a.codebook.element_size() + (
+            4 * rows if codebook_dtype else 0
+        )
+        assert bool((b.codebook[:rows, 1:] >= b.codebook[:rows, :-1]).all())  # band 0 ascending, as stored before
+    assert any(not torch.equal(b.codebook[: a.codebook.shape[0]], b.codebook[a.codebook.shape[0] :])
+               for a, b in zip(one, two, strict=True))  # fmt: skip
+
+
+def test_a_bits_budget_counts_every_bands_codebooks() -> None:
+    pipe = dit_pipeline()
+    layers = _bands(pipe, OTQConfig(bits_per_weight=2.5), 2)
+    stored = sum(m.nbytes * 8 for m in layers) / sum(m.weight_shape.numel() for m in layers)
+    assert all(m.noise_bands == 2 for m in layers) and 2.3 < stored <= 2.5
+    saved = pipe.transformer.config["quantization_config"]
+    assert saved.provenance["bits_per_weight"]["reached"] == pytest.approx(stored, abs=1e-3)
+
+
+def test_noise_band_edges_are_calibrations_output_not_its_input() -> None:
+    with pytest.raises(ValueError, match="is written by calibration, not an input"):
+        _bands(unet_pipeline(), OTQConfig(bits=2, noise_band_edges=[500.0]), 2)
+
+
 @pytest.mark.parametrize("pipeline", [unet_pipeline, dit_pipeline])
 def test_block_by_block_refinement_trains_every_block_and_never_raises_the_loss(pipeline, tmp_path: Path) -> None:
     pipe = pipeline()

@@ -264,6 +264,20 @@ def test_the_calibration_sections_refinement_reaches_the_refined_method_only(tin
     assert "refine_steps" not in data_free and data_free["bits_per_weight"] <= 3.01
 
 
+def test_the_banded_method_refines_two_sets_of_codebooks_within_its_budget(tiny_evaluator):
+    from diffusers_otq.evaluation.variants import MIXED
+
+    statistics = tiny_evaluator.calibration_statistics("tiny")
+    model = copy.deepcopy(tiny_evaluator.pipeline("tiny").transformer)
+    calibration = CalibrationConfig(refine_steps=3, refine_eval_every=2, progress=False)  # sequential, as the base
+    metrics = quantize_variant(model, Variant("ot-vp+bands", MIXED, 3.0), statistics=statistics,
+                               calibration=calibration, teacher=tiny_evaluator.teacher("tiny"))  # fmt: skip
+    layers = [m for m in model.modules() if isinstance(m, OTQLayerMixin)]
+    assert {m.noise_bands for m in layers} == {2} and metrics["refine_steps"] == 2 * 3  # 3 per band
+    assert metrics["bits_per_weight"] <= 3.0 + 1e-9  # every band's codebooks inside the budget
+    assert len(model.config["quantization_config"].noise_band_edges) == 1
+
+
 def test_gptq_uniform_is_a_uniform_grid_with_error_feedback_counted_in_its_own_format(tiny_evaluator):
     statistics = tiny_evaluator.calibration_statistics("tiny")
     base = tiny_evaluator.pipeline("tiny").transformer

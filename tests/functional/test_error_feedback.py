@@ -18,6 +18,7 @@ from diffusers_otq.functional.error_feedback import (
     refit_codebook,
     ridge_gram,
     row_chunks,
+    sort_codebook,
     sweep_factor,
 )
 from diffusers_otq.quantized_tensor import quantize_tensor
@@ -245,3 +246,19 @@ def test_results_are_the_same_bits_for_one_and_two_threads(monkeypatch: pytest.M
     assert len(row_chunks(96, 280)) == 3
     for one, two in zip(*results, strict=True):
         assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_sort_codebook_sorts_the_first_band_and_permutes_every_band_alike(rows: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    book = torch.randn(2 * rows, 4, generator=g)  # two bands of `rows` codebooks over the same codes
+    codes = torch.randint(0, 4, (3, 5), generator=g)
+    book_rows = (lambda c, b: b[0][c]) if rows == 1 else (lambda c, b: b.gather(1, c))
+
+    def values(b: torch.Tensor, c: torch.Tensor) -> list[torch.Tensor]:
+        return [book_rows(c, b[band * rows : (band + 1) * rows]) for band in range(2)]
+
+    sorted_book, renumbered = sort_codebook(book, codes, bands=2)
+    assert bool((sorted_book[:rows, 1:] >= sorted_book[:rows, :-1]).all())
+    for before, after in zip(values(book, codes), values(sorted_book, renumbered), strict=True):
+        assert torch.equal(before, after)  # every band decodes the same values as before
