@@ -12,7 +12,9 @@ calls with ``edges[b - 1] <= t < edges[b]``, so band 0 holds the smallest timest
 ``OTQConfig.noise_band_edges`` stores them (format version 7); :func:`install_noise_band_router` registers the
 forward pre-hook that reads each call's timestep and sets :attr:`~diffusers_otq.OTQLinear.noise_band` on every OTQ
 layer with bands (loading a checkpoint with edges installs it). All rows of one call must fall in one band (a
-sampler calls its denoiser with one timestep per step).
+sampler calls its denoiser with one timestep per step). What reads a layer's weight outside a call
+(``layer.weight``, ``dequantize()``, merging a LoRA) sees the band the layer last decoded (band 0 at first);
+:func:`set_noise_band` picks one.
 
 Example:
     >>> band_edges([1000.0, 750.0, 500.0, 250.0], bands=2)
@@ -146,6 +148,9 @@ class _Router:
         self.edges = edges
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        layers = _banded_layers(module)
+        if not layers:  # dequantized since (model.dequantize()): nothing to route
+            return
         timesteps = call_timesteps(args, kwargs)
         if timesteps is None:
             raise ValueError(
@@ -153,7 +158,9 @@ class _Router:
                 "call's timestep, but this call passes none (no 'timestep' keyword or second positional argument). "
                 "Pass the timestep, or remove_noise_band_router(model) and set_noise_band(model, band) yourself."
             )
-        set_noise_band(module, band_index(timesteps, self.edges))
+        band = band_index(timesteps, self.edges)
+        for layer in layers:
+            layer.set_noise_band(band)
 
 
 def install_noise_band_router(model: nn.Module, edges: Sequence[float]) -> None:

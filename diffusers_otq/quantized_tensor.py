@@ -201,7 +201,7 @@ class QuantizedTensor:
     def flat_codebook(self) -> torch.Tensor:
         """(C, K * d) the codewords with each row's vectors laid end to end (the codebook itself when d = 1):
         value ``i`` of vector ``k`` is entry ``k * d + i``, where :func:`scalar_view_codes` points. An int8
-        codebook is decoded (float32 ``codebook * codebook_scale``)."""
+        codebook is decoded (float32 ``codebook * codebook_scale``); with noise bands, those of :attr:`noise_band`."""
         book, scale = self.codebook, self.codebook_scale
         if self.noise_bands > 1:
             if not 0 <= self.noise_band < self.noise_bands:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
+from torch import nn
 
 from diffusers_otq import OTQConfig, quantize_tensor
 from diffusers_otq.convert import plan_layers, replace_with_empty_layers, set_submodule
@@ -193,3 +194,21 @@ def test_quantize_on_load_refuses_band_edges(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="only refinement .* CalibrationConfig\\(noise_bands=2"):
         DiTTransformer2DModel.from_pretrained(tmp_path / "float", quantization_config=OTQConfig(
             bits=2, noise_band_edges=[500.0]))  # fmt: skip
+
+
+@torch.no_grad()
+def test_a_dequantized_model_keeps_the_active_bands_weights_and_runs_without_a_timestep() -> None:
+    from diffusers_otq.convert import dequantize_model
+
+    model = _banded_dit([500.0])
+    routed = model(**_dit_inputs(900.0)).sample  # band 1 is now active
+    dequantize_model(model)
+    assert not any(isinstance(m, OTQLayerMixin) for m in model.modules())
+    assert torch.allclose(model(**_dit_inputs(900.0)).sample, routed, atol=1e-5)
+    weight = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    banded = nn.Sequential(OTQLinear(quantize_tensor(weight, bits=2).with_noise_bands(2)))
+    install_noise_band_router(banded, [500.0])
+    with pytest.raises(ValueError, match="passes none"):
+        banded(torch.randn(2, 8))
+    dequantize_model(banded)  # the router stays registered, with nothing left to route
+    assert banded(torch.randn(2, 8)).shape == (2, 4)

@@ -346,7 +346,7 @@ class CandidateTable:
         on the cost of one set of codebooks, under a budget lowered by the other sets' bytes until the plan with
         every set fits (at most 8 rounds; else the plan on the full cost): the errors are those of one set, and
         charging a plan for sets that refinement per band then improves steers it away from the large (vector)
-        codebooks that gain most from them (results/two-bit.md section 3e)."""
+        codebooks that gain most from them (results/two-bit.md section 3f: -1.2 dB on the bundled DiT)."""
         sizes, distortions = [list(s) for s in self.sizes], [list(d) for d in self.distortions]
         extra = [[_band_bytes(layer, spec) for spec in specs] for layer, specs in zip(self.layers, self.options,
                                                                                     strict=True)]  # fmt: skip

@@ -272,6 +272,7 @@ def _quantize_sequentially(
             f"{type(model).__name__} is already quantized ({getattr(model, 'quantization_method', 'unknown')}); "
             "quantize the original float model instead (or call model.dequantize() first)."
         )
+    _with_band_edges(config, calibration, None)  # refuses edges given as input (bands need sequential=False)
     batches = calibration_batches(target, calibration)
     provenance = dict(config.provenance or {})
     provenance["calibration"] = {**batches.resolved, "num_batches": batches.num_batches, "model": type(model).__name__}

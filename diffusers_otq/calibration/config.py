@@ -125,8 +125,9 @@ class CalibrationConfig:
             into ``B`` bands of timesteps of (nearly) equal count, each layer gets ``B`` copies of its fitted
             codebooks, and refinement trains each band's copy on the calls of its band (biases, scales and
             low-rank factors stay shared); the edges go into ``OTQConfig.noise_band_edges`` and a bits budget
-            counts every set. Needs ``refine_steps > 0``, ``refine_scope="model"`` and ``sequential=False``. On
-            the bundled DiT at 2.0 bits/weight 2 bands cost 0.08 bits/weight (results/two-bit.md).
+            counts every set. Each band gets ``refine_steps`` steps (refinement takes ``B`` times as long). Needs
+            ``refine_steps > 0``, ``refine_scope="model"`` and ``sequential=False``. On the bundled DiT under a 2.1
+            bits/weight budget 2 bands gave 27.25 dB against 26.85 for one set (results/two-bit.md section 3f).
         sequential: calibrate block by block (default for :func:`~diffusers_otq.quantize_model` with a
             ``forward_fn`` and for :func:`~diffusers_otq.quantize_pipeline`): the float model runs its trajectories
             once, then each block in turn gets its statistics, bits plan, fits and refinement from its cached

@@ -332,3 +332,8 @@ def test_a_refinement_that_storage_undoes_puts_every_parameter_back(monkeypatch)
     assert report.loss_after == report.loss_before and report.best_step == 0
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # codebooks, biases and embedding tables
+
+
+def test_the_block_by_block_path_refuses_band_edges_too() -> None:
+    with pytest.raises(ValueError, match="is written by calibration, not an input"):
+        quantize_pipeline(unet_pipeline(), OTQConfig(bits=2, noise_band_edges=[500.0]), quick(), progress=False)
