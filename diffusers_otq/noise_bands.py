@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .layers import OTQLayerMixin
-from .options import check_noise_bands
+from .options import MAX_NOISE_BANDS, check_noise_bands
 
 
 __all__ = [
@@ -63,27 +63,22 @@ def call_timesteps(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def check_band_edges(edges: object, what: str = "noise_band_edges") -> list[float]:
-    """``edges`` as a list of floats if it is a strictly ascending list of 1 to 15 finite numbers; else raise.
+    """``edges`` as a list of floats if it is a strictly ascending list of 1 to ``MAX_NOISE_BANDS - 1`` finite
+    numbers; else raise.
 
     Raises:
         ValueError: naming the value and what is expected.
     """
-    ok = isinstance(edges, list | tuple) and all(
+    numbers = isinstance(edges, list | tuple) and all(
         isinstance(e, int | float) and not isinstance(e, bool) and math.isfinite(e) for e in edges
     )
-    if ok:
-        values = [float(e) for e in edges]
-        ok = all(a < b for a, b in zip(values, values[1:], strict=False))
-        if ok:
-            try:
-                check_noise_bands(len(values) + 1)
-            except ValueError:
-                ok = False
-            if ok and values:
-                return values
+    values = [float(e) for e in edges] if numbers else []  # type: ignore[union-attr]
+    if 0 < len(values) < MAX_NOISE_BANDS and all(a < b for a, b in zip(values, values[1:], strict=False)):
+        return values
     raise ValueError(
-        f"{what}={edges!r} must be a strictly ascending list of 1 to 15 finite timesteps separating the noise bands "
-        "(e.g. [500.0]); calibration writes it (CalibrationConfig(noise_bands=2)), so leave it unset otherwise."
+        f"{what}={edges!r} must be a strictly ascending list of 1 to {MAX_NOISE_BANDS - 1} finite timesteps "
+        "separating the noise bands (e.g. [500.0]); calibration writes it (CalibrationConfig(noise_bands=2)), so "
+        "leave it unset otherwise."
     )
 
 
