@@ -127,7 +127,8 @@ class CalibrationConfig:
             low-rank factors stay shared); the edges go into ``OTQConfig.noise_band_edges`` and a bits budget
             counts every set. Each band gets ``refine_steps`` steps (refinement takes ``B`` times as long). Needs
             ``refine_steps > 0``, ``refine_scope="model"`` and ``sequential=False``. On the bundled DiT under a 2.1
-            bits/weight budget 2 bands gave 27.25 dB against 26.85 for one set (results/two-bit.md section 3f).
+            bits/weight budget 2 bands gave 26.51 dB of sample PSNR against 25.75 for one set (evaluation protocol,
+            results/two-bit.md sections 3f and 4); below 2 bits/weight the second set costs more than it gives.
         sequential: calibrate block by block (default for :func:`~diffusers_otq.quantize_model` with a
             ``forward_fn`` and for :func:`~diffusers_otq.quantize_pipeline`): the float model runs its trajectories
             once, then each block in turn gets its statistics, bits plan, fits and refinement from its cached
