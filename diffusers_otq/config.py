@@ -61,9 +61,10 @@ fields (:mod:`diffusers_otq.config_checksums`), compared with config.json on loa
 (``vector_dim``: ``(C, K, d)`` codebooks, one ``bits * d``-bit code per ``d`` consecutive inputs). 6: int8
 codebooks (``codebook_dtype="int8"``: integer codewords plus one float32 ``codebook_scale`` per codebook). 7:
 codebooks per noise-level band (``noise_band_edges``: ``B`` sets of codebooks stacked in ``codebook``, ``(B * C, K)``,
-over the same codes; :mod:`diffusers_otq.noise_bands`). Checkpoints of versions 1-6 load unchanged (their ``packed`` entries are read as ``weight``; versions 1-3 have no
-config checksums to compare; without ``vector_dim`` a layer is scalar; without ``codebook_scale`` its codebook
-holds the codewords themselves; without ``noise_band_edges`` it has one set of codebooks)."""
+over the same codes; :mod:`diffusers_otq.noise_bands`). Checkpoints of versions 1-6 load unchanged (their ``packed``
+entries are read as ``weight``; versions 1-3 have no config checksums to compare; without ``vector_dim`` a layer is
+scalar; without ``codebook_scale`` its codebook holds the codewords themselves; without ``noise_band_edges`` it has
+one set of codebooks)."""
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d for d in CODEBOOK_DTYPES + SCALED_CODEBOOK_DTYPES

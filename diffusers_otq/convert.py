@@ -196,8 +196,8 @@ def quantize_layer(
     else:
         result = quantizer(layer, weight)
         fit = result if isinstance(result, LayerFit) else LayerFit(result)
-    codes = fit.quantized.with_noise_bands(layer.spec.noise_bands)  # every band starts from the fitted codebooks
-    quantized = layer.target.from_quantized(codes, layer.module, fit.lowrank, fit.rotation)
+    banded = fit.quantized.with_noise_bands(layer.spec.noise_bands)  # every band starts from the fitted codebooks
+    quantized = layer.target.from_quantized(banded, layer.module, fit.lowrank, fit.rotation)
     if fit.bias is not None:
         if quantized.bias is None or quantized.bias.shape != fit.bias.shape:
             raise ValueError(

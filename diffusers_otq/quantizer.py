@@ -90,7 +90,8 @@ class OTQQuantizer(DiffusersQuantizer):
                     f"OTQConfig(noise_band_edges={self.quantization_config.noise_band_edges}) describes codebooks per "
                     "noise band, which only refinement on the pipeline's own trajectories makes differ; quantizing on "
                     "load would store identical copies. Use diffusers_otq.quantize_pipeline(pipe, OTQConfig(...), "
-                    "CalibrationConfig(noise_bands=2, refine_steps=600)) and save that, or drop noise_band_edges."
+                    "CalibrationConfig(noise_bands=2, refine_steps=600, sequential=False)) and save that, or drop "
+                    "noise_band_edges."
                 )
         device_map = kwargs.get("device_map")
         self._disk_map = None
