@@ -230,16 +230,11 @@ def spec_nbytes(weight: torch.Tensor, spec: LayerSpec) -> int:
 
 
 def _band_bytes(layer: PlannedLayer, spec: LayerSpec) -> int:
-    """Bytes of the codebooks (and int8 codebook scales) of every noise band of ``layer`` with ``spec`` but the
-    first: what ``spec.noise_bands - 1`` more sets add to one."""
+    """Bytes that ``spec.noise_bands - 1`` more sets of codebooks (and int8 codebook scales) add to one."""
     if spec.noise_bands == 1:
         return 0
     weight = layer.module.weight
-    dtype = resolve_codebook_dtype(spec.codebook_dtype, weight.dtype, spec.granularity)
-    layout = storage_layout(tuple(weight.shape), spec, dtype)
-    stacked = sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size()
-                  for name, (shape, dt) in layout.items() if name in ("codebook", "codebook_scale"))  # fmt: skip
-    return stacked * (spec.noise_bands - 1) // spec.noise_bands
+    return spec_nbytes(weight, spec) - spec_nbytes(weight, replace(spec, noise_bands=1))
 
 
 @dataclass(frozen=True)

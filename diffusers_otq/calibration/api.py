@@ -133,6 +133,15 @@ def quantize_model(
     return reports
 
 
+def _refuse_band_edges(config: OTQConfig) -> None:
+    """Raise ``ValueError`` if ``config`` has noise-band edges: they are calibration's output, never its input."""
+    if config.noise_band_edges is not None:
+        raise ValueError(
+            f"OTQConfig(noise_band_edges={config.noise_band_edges}) is written by calibration, not an input: pass "
+            "CalibrationConfig(noise_bands=B) instead (the edges then split the teacher's timesteps), or drop it."
+        )
+
+
 def _with_band_edges(config: OTQConfig, calibration: CalibrationConfig, teacher: TeacherCalls | None) -> OTQConfig:
     """``config`` with the edges of ``calibration.noise_bands`` bands of the teacher's call timesteps (equal counts of
     distinct timesteps per band, :func:`~diffusers_otq.noise_bands.band_edges`); ``config`` itself with one band.
@@ -141,11 +150,7 @@ def _with_band_edges(config: OTQConfig, calibration: CalibrationConfig, teacher:
         ValueError: ``config`` already has edges (they are calibration's output), or a teacher call has no timestep.
         CalibrationError: bands without a teacher.
     """
-    if config.noise_band_edges is not None:
-        raise ValueError(
-            f"OTQConfig(noise_band_edges={config.noise_band_edges}) is written by calibration, not an input: pass "
-            "CalibrationConfig(noise_bands=B) instead (the edges then split the teacher's timesteps), or drop it."
-        )
+    _refuse_band_edges(config)
     if calibration.noise_bands == 1:
         return config
     teacher = require_teacher(teacher)
@@ -272,7 +277,7 @@ def _quantize_sequentially(
             f"{type(model).__name__} is already quantized ({getattr(model, 'quantization_method', 'unknown')}); "
             "quantize the original float model instead (or call model.dequantize() first)."
         )
-    _with_band_edges(config, calibration, None)  # refuses edges given as input (bands need sequential=False)
+    _refuse_band_edges(config)  # (bands themselves need sequential=False)
     batches = calibration_batches(target, calibration)
     provenance = dict(config.provenance or {})
     provenance["calibration"] = {**batches.resolved, "num_batches": batches.num_batches, "model": type(model).__name__}
