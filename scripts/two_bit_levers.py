@@ -15,6 +15,8 @@ noise, and the quantization time.
     python scripts/two_bit_levers.py --protocol --refine-steps 300 --refine-batch-size 16 --refine-lr 1e-4 --per-branch
                                                                           # the defaults before (each branch's velocity)
     python scripts/two_bit_levers.py --protocol --refine-steps 600 --bands 2      # codebooks per noise band
+    python scripts/two_bit_levers.py --protocol --refine-steps 1200 --refine-samples 128 --refine-eval-every 600
+                                                                          # a teacher of 128 trajectories
 
 ``--bands N`` is ``CalibrationConfig(noise_bands=N)``: codebooks per noise-level band over shared codes
 (:mod:`diffusers_otq.noise_bands`), every band's codebooks counted in the bits and in the budget. (The simulated
@@ -68,6 +70,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--bands", type=int, default=1, help="codebooks per noise-level band (see above)")
+    parser.add_argument(
+        "--refine-samples", type=int, default=None, help="teacher trajectories (default: the config's)"
+    )
     args = parser.parse_args()
     if args.bands > 1 and not args.refine_steps:
         parser.error(f"--bands {args.bands} refines one codebook set per band: it needs --refine-steps > 0.")
@@ -105,6 +110,8 @@ def main() -> None:
                           refine_batch_size=args.refine_batch_size,
                           refine_lr=args.refine_lr, refine_eval_every=args.refine_eval_every,
                           noise_bands=args.bands)  # fmt: skip
+    if args.refine_samples is not None:
+        calibration = replace(calibration, refine_samples=args.refine_samples)
     statistics = calibrate(pipe, OTQConfig(bits=4), calibration)
     work = copy.deepcopy(fp)
     config = OTQConfig(bits_per_weight=args.budget, module_overrides=json.loads(args.overrides or "null"))
@@ -124,7 +131,7 @@ def main() -> None:
     print(json.dumps({
         "model": args.model, "budget": args.budget, "refine_steps": args.refine_steps, "vectors": not args.no_vectors,
         "refine_batch_size": args.refine_batch_size, "refine_lr": args.refine_lr, "guided": not args.per_branch,
-        "protocol": args.protocol, "bands": args.bands,
+        "protocol": args.protocol, "bands": args.bands, "refine_samples": calibration.refine_samples,
         "overrides": config.module_overrides, "bits_per_weight": round(stored / sum(m.weight_shape.numel() for m in layers), 4),
         "psnr": round(psnr(images, reference).mean().item(), 2), "agreement": agreement, "quantize_s": round(seconds, 1),
         "settings": dict(settings),

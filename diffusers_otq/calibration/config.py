@@ -108,7 +108,10 @@ class CalibrationConfig:
             the bundled DiT (2 b/w, guidance 2) 600 steps of 8 rows at ``refine_lr=2e-4`` gave 24.79 dB of
             sample PSNR where 300 steps of 16 rows at 1e-4 (the earlier defaults, the same compute) gave 23.90
             (results/two-bit.md).
-        refine_samples: samples of the teacher batch whose denoiser calls (every step) refinement trains on.
+        refine_samples: samples of the teacher batch whose denoiser calls (every step) refinement trains on. More
+            trajectories pay only with more steps: on the bundled DiT at 2.0 bits/weight, 128 with 1200 steps gave
+            27.88 dB of sample PSNR where 32 with 1200 steps or 128 with 600 gave 26.86-26.92 (results/two-bit.md
+            section 3g); the reported loss then runs over 4 times the calls (raise ``refine_eval_every``).
         refine_eval_every: steps between measurements of the reported teacher loss (the best is kept).
         refine_float_params: refinement also trains the model's float parameters outside the quantized layers
             (embedding tables, norm affines, layers left in full precision; stored in full precision either way,

@@ -70,7 +70,15 @@ MIXED = "mixed"  # per-layer bits under a bits/weight budget; the row's bits is 
 FAMILY_ORDER = {"otq": 0, "paper": 1, "calibrated-peer": 2, "peer": 3, "reference": 4}
 GRANULARITY_ORDER = {"channel": 0, "group": 1, MIXED: 2, "tensor": 3, "native": 4, "none": 5}
 # The calibration ablation in order: data-free ot-vp, then its calibrated fits (evaluation.variants.CALIBRATED).
-ABLATION_METHODS: tuple[str, ...] = ("ot-vp", "ot-vp+aw", "ot-vp+ef", "ot-vp+cal", "ot-vp+ref", "ot-vp+bands")
+ABLATION_METHODS: tuple[str, ...] = (
+    "ot-vp",
+    "ot-vp+aw",
+    "ot-vp+ef",
+    "ot-vp+cal",
+    "ot-vp+ref",
+    "ot-vp+bands",
+    "ot-vp+ref+t128",
+)
 
 
 @dataclass(frozen=True)

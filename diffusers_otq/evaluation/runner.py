@@ -127,7 +127,7 @@ class Evaluator:
         self._pipes: dict = {}
         self._probe_reference: dict = {}
         self._statistics: dict[str, CalibrationStatistics] = {}
-        self._teachers: dict[str, TeacherCalls] = {}
+        self._teachers: dict[tuple[str, int], TeacherCalls] = {}
         self._inception = None
 
     # ------------------------------------------------------------------------------------------ shared state
@@ -231,16 +231,17 @@ class Evaluator:
         self._statistics[model] = statistics
         return statistics
 
-    def teacher(self, model: str) -> TeacherCalls:
-        """The full-precision denoiser's calls and outputs along ``refine_samples`` trajectories of its own
-        (:meth:`~diffusers_otq.calibration.refine.TeacherCalls.from_pipeline`, noise of its own), once per process;
-        deterministic, so every process and rerun refines against the same teacher."""
-        if model not in self._teachers:
+    def teacher(self, model: str, method: str) -> TeacherCalls:
+        """The full-precision denoiser's calls and outputs along the ``refine_samples`` trajectories of ``method``'s
+        calibration (:meth:`~diffusers_otq.calibration.refine.TeacherCalls.from_pipeline`, noise of its own), once
+        per process and trajectory count; deterministic, so every process and rerun refines against the same
+        teacher."""
+        calibration = CALIBRATED[method].calibration(self.config.calibration_config())
+        key = (model, calibration.refine_samples)
+        if key not in self._teachers:
             fp = self.pipeline(model)
-            self._teachers[model] = TeacherCalls.from_pipeline(
-                fp, self.config.calibration_config(), model=fp.transformer
-            )
-        return self._teachers[model]
+            self._teachers[key] = TeacherCalls.from_pipeline(fp, calibration, model=fp.transformer)
+        return self._teachers[key]
 
     def _calibrate(self, model: str, calibration: CalibrationConfig, path: Path) -> CalibrationStatistics:
         from ..calibration import calibrate
@@ -388,7 +389,7 @@ class Evaluator:
             try:
                 statistics = self.calibration_statistics(unit.model) if unit.calibrated else None
                 refined = unit.method in CALIBRATED and CALIBRATED[unit.method].refine  # GGUF peers: statistics only
-                teacher = self.teacher(unit.model) if refined else None
+                teacher = self.teacher(unit.model, unit.method) if refined else None
                 start = time.perf_counter()  # the weights row's time is the quantization's, not the calibration's
                 weights_metrics = quantize_variant(
                     pipe.transformer,

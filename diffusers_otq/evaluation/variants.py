@@ -75,12 +75,17 @@ class CalibratedFit:
     refine: bool = False  # then train against the fp velocity (base.refine_steps, or REFINE_STEPS)
     refit_codebooks: bool = True  # False: the stage-1 codebook (a uniform grid for GPTQ) is never refitted
     noise_bands: int = 1  # sets of codebooks per noise-level band, refined apart (CalibrationConfig.noise_bands)
+    refine_steps: int | None = None  # refinement steps; None: base.refine_steps, or REFINE_STEPS
+    refine_samples: int | None = None  # teacher trajectories (CalibrationConfig.refine_samples); None: the base's
+    refine_eval_every: int | None = None  # steps between teacher-loss measurements; None: the base's
 
     def calibration(self, base: CalibrationConfig) -> CalibrationConfig:
         """``base`` (sampling sizes, seed, damping, ...) with this method's fit switches."""
-        steps = (base.refine_steps or REFINE_STEPS) if self.refine else 0
+        steps = (self.refine_steps or base.refine_steps or REFINE_STEPS) if self.refine else 0
         return replace(
             base,
+            refine_samples=self.refine_samples or base.refine_samples,
+            refine_eval_every=self.refine_eval_every or base.refine_eval_every,
             error_feedback=self.error_feedback,
             bias_correction=self.bias_correction,
             refine_steps=steps,
@@ -103,6 +108,17 @@ CALIBRATED: dict[str, CalibratedFit] = {
     "ot-vp+ref": CalibratedFit("ot-vp", error_feedback=True, bias_correction=True, refine=True),
     # + two sets of codebooks over the same codes, one per half of the teacher's timesteps (diffusers_otq.noise_bands)
     "ot-vp+bands": CalibratedFit("ot-vp", error_feedback=True, bias_correction=True, refine=True, noise_bands=2),
+    # + a teacher of 128 trajectories instead of 32 and twice the steps (results/two-bit.md section 3g: neither pays
+    # alone); its loss, over 4 times the calls, measured every 600 steps instead of 100
+    "ot-vp+ref+t128": CalibratedFit(
+        "ot-vp",
+        error_feedback=True,
+        bias_correction=True,
+        refine=True,
+        refine_steps=1200,
+        refine_samples=128,
+        refine_eval_every=600,
+    ),
 }
 CALIBRATED_PEERS: dict[str, CalibratedFit] = {
     # GPTQ (Frantar et al. 2210.17323) on the same statistics: a min-max uniform grid per output channel (or per

@@ -246,7 +246,7 @@ def test_refined_unit_records_the_refinement_and_never_raises_its_loss(tiny_eval
     assert row["status"] == "ok" and row["family"] == "otq", row.get("error")
     before, after = metrics["refine_loss"]
     assert after <= before and 0 < metrics["refine_s"] <= metrics["quantize_s"]
-    assert tiny_evaluator.teacher("tiny") is tiny_evaluator.teacher("tiny")  # recorded once per process
+    assert tiny_evaluator.teacher("tiny", "ot-vp+ref") is tiny_evaluator.teacher("tiny", "ot-vp+ref")  # once
 
 
 def test_the_calibration_sections_refinement_reaches_the_refined_method_only(tiny_evaluator):
@@ -258,7 +258,7 @@ def test_the_calibration_sections_refinement_reaches_the_refined_method_only(tin
     base = tiny_evaluator.pipeline("tiny").transformer
     calibration = CalibrationConfig(refine_steps=3, refine_eval_every=2, progress=False)
     refined = quantize_variant(copy.deepcopy(base), Variant("ot-vp+ref", MIXED, 3.0), statistics=statistics,
-                               calibration=calibration, teacher=tiny_evaluator.teacher("tiny"))  # fmt: skip
+                               calibration=calibration, teacher=tiny_evaluator.teacher("tiny", "ot-vp+ref"))  # fmt: skip
     assert refined["refine_steps"] == 3 and refined["refine_loss"][1] <= refined["refine_loss"][0]
     data_free = quantize_variant(copy.deepcopy(base), Variant("ot-vp", MIXED, 3.0), calibration=calibration)
     assert "refine_steps" not in data_free and data_free["bits_per_weight"] <= 3.01
@@ -271,11 +271,23 @@ def test_the_banded_method_refines_two_sets_of_codebooks_within_its_budget(tiny_
     model = copy.deepcopy(tiny_evaluator.pipeline("tiny").transformer)
     calibration = CalibrationConfig(refine_steps=3, refine_eval_every=2, progress=False)  # sequential, as the base
     metrics = quantize_variant(model, Variant("ot-vp+bands", MIXED, 3.0), statistics=statistics,
-                               calibration=calibration, teacher=tiny_evaluator.teacher("tiny"))  # fmt: skip
+                               calibration=calibration, teacher=tiny_evaluator.teacher("tiny", "ot-vp+ref"))  # fmt: skip
     layers = [m for m in model.modules() if isinstance(m, OTQLayerMixin)]
     assert {m.noise_bands for m in layers} == {2} and metrics["refine_steps"] == 2 * 3  # 3 per band
     assert metrics["bits_per_weight"] <= 3.0 + 1e-9  # every band's codebooks inside the budget
     assert len(model.config["quantization_config"].noise_band_edges) == 1
+
+
+def test_the_larger_teacher_method_records_its_own_trajectories(tiny_evaluator):
+    """``ot-vp+ref+t128`` refines 1200 steps against 128 teacher trajectories (4 times the default's calls' rows),
+    measured every 600 steps; the other refined methods share the base's teacher."""
+    base = tiny_evaluator.config.calibration_config()
+    fit = CALIBRATED["ot-vp+ref+t128"].calibration(base)
+    assert (fit.refine_steps, fit.refine_samples, fit.refine_eval_every, fit.noise_bands) == (1200, 128, 600, 1)
+    assert CALIBRATED["ot-vp+bands"].calibration(base).refine_samples == base.refine_samples == 32
+    large, small = tiny_evaluator.teacher("tiny", "ot-vp+ref+t128"), tiny_evaluator.teacher("tiny", "ot-vp+bands")
+    assert small is tiny_evaluator.teacher("tiny", "ot-vp+ref")
+    assert len(large.outputs) == len(small.outputs) and large.outputs[0].shape[0] == 4 * small.outputs[0].shape[0]
 
 
 def test_gptq_uniform_is_a_uniform_grid_with_error_feedback_counted_in_its_own_format(tiny_evaluator):
